@@ -1,0 +1,172 @@
+"""`fashion-search <command>`: a thin face over the library; heavy imports happen per command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fashion_search.errors import FashionSearchError
+
+EXIT_USAGE = 2
+
+
+def _add_model_args(p: argparse.ArgumentParser, fusion: bool = False) -> None:
+    p.add_argument("--checkpoint", help="a training run directory or its checkpoint.pt")
+    p.add_argument(
+        "--model", help="OpenCLIP architecture (ViT-B-32, ...) or a compact one (fs-tiny, fs-micro)"
+    )
+    p.add_argument(
+        "--pretrained", default=None, help="OpenCLIP tag (openai, laion2b_s34b_b79k, ...), a file, or none"
+    )
+    if fusion:
+        p.add_argument("--fusion", default="sum", help="sum | combiner (without --checkpoint)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+
+
+def _load_model(args, fusion: str = "sum"):
+    from fashion_search.models.checkpoint import create_model, load_checkpoint, resolve_checkpoint_path
+
+    if args.checkpoint:
+        if args.model:
+            raise FashionSearchError("give either --checkpoint or --model, not both")
+        path = resolve_checkpoint_path(args.checkpoint)
+        source = {"checkpoint": str(path.resolve())}
+        model = load_checkpoint(path, device=args.device)
+    else:
+        if not args.model:
+            raise FashionSearchError(
+                "give --checkpoint RUN or --model NAME (with --pretrained TAG|FILE|none)"
+            )
+        pretrained = args.pretrained or "none"
+        model = create_model(args.model, pretrained, fusion=fusion, device=args.device)
+        source = {"checkpoint": None}
+    source.update(
+        model=model.backbone.spec.model, pretrained=model.backbone.spec.pretrained, fusion=model.fusion.name
+    )
+    return model, source
+
+
+def cmd_index(args) -> int:
+    from fashion_search.index.build import build_index
+    from fashion_search.index.store import index_exists, read_manifest
+
+    if not Path(args.images).is_dir():
+        raise FashionSearchError(f"image folder not found: {args.images}")
+    if not args.checkpoint and not args.model and index_exists(Path(args.out)):
+        # Re-running on an existing index: reuse the model it records.
+        src = read_manifest(Path(args.out))["source"]
+        args.checkpoint, args.model, args.pretrained = src.get("checkpoint"), None, None
+        if not args.checkpoint:
+            args.model, args.pretrained = src["model"], src["pretrained"]
+    model, source = _load_model(args)
+    report = build_index(
+        args.images,
+        args.out,
+        model,
+        source,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        index_kind=args.index_type,
+        progress=not args.quiet,
+    )
+    print(report.summary())
+    return 0
+
+
+def cmd_info(args) -> int:
+    from fashion_search.service.engine import SearchEngine
+
+    info = SearchEngine.open(args.index, device=args.device).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:18s} {value}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from fashion_search.service.engine import SearchEngine
+
+    if args.image is None and not args.text:
+        raise FashionSearchError("give --image, --text, or both")
+    if args.image is not None and not Path(args.image).is_file():
+        raise FashionSearchError(f"query image not found: {args.image}")
+    engine = SearchEngine.open(args.index, checkpoint=args.checkpoint, device=args.device)
+    results = engine.search(
+        image=args.image, text=args.text, text_weight=args.text_weight, k=args.k, category=args.category
+    )
+    if args.json:
+        print(json.dumps({"results": [r.to_dict() for r in results]}, indent=2))
+    else:
+        for rank, r in enumerate(results, 1):
+            print(f"{rank:3d}  {r.score:+.4f}  {r.id}")
+    return 0
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fashion_search import __version__
+
+    parser = argparse.ArgumentParser(prog="fashion-search", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fashion-search {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("index", help="embed every image under a folder into an index (incremental)")
+    p.add_argument("images", help="folder of catalog images (searched recursively)")
+    p.add_argument("--out", required=True, help="index directory to create or update")
+    _add_model_args(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1)")
+    p.add_argument("--index-type", default="auto", help="auto | exact | flat | hnsw | ivf")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("info", help="describe an index")
+    p.add_argument("--index", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("search", help="search an index by image, text, or both")
+    p.add_argument("--index", required=True)
+    p.add_argument("--image", help="reference image file")
+    p.add_argument("--text", help="text query, or the change to apply to the image")
+    p.add_argument("--text-weight", type=_probability, default=None, help="0 = image only, 1 = text only")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--category", default=None, help="only items under this top-level folder")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--checkpoint", default=None, help="override the model recorded in the index (must match)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_search)
+
+    from fashion_search import cli_data, cli_learning
+
+    cli_data.add_commands(sub)
+    cli_learning.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FashionSearchError as exc:
+        print(f"fashion-search: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fashion-search: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

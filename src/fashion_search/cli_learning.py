@@ -1,0 +1,140 @@
+"""CLI commands for the learning loop: `train`, `eval`, `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fashion_search.errors import FashionSearchError
+
+_TRAIN_FLAGS = {
+    "model": str,
+    "pretrained": str,
+    "fusion": str,
+    "epochs": int,
+    "batch_size": int,
+    "lr": float,
+    "lr_fusion": float,
+    "layer_decay": float,
+    "weight_decay": float,
+    "clip_loss_weight": float,
+    "hard_negatives": int,
+    "patience": int,
+    "seed": int,
+    "workers": int,
+    "device": str,
+    "max_steps_per_epoch": int,
+}
+
+
+def cmd_train(args) -> int:
+    from fashion_search.config import TrainConfig
+    from fashion_search.training.loop import train
+
+    overrides = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    overrides.update(data=args.data, out=args.out)
+    if args.categories:
+        overrides["categories"] = args.categories
+    if args.no_augment:
+        overrides["augment"] = False
+    if args.config:
+        cfg = TrainConfig.load(args.config, **overrides)
+    elif args.resume and (Path(args.out) / "config.yaml").exists():
+        cfg = TrainConfig.load(Path(args.out) / "config.yaml", **overrides)
+    else:
+        cfg = TrainConfig.from_dict(overrides)
+    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    print(
+        f"best epoch {result.best_epoch} (mean R@10/R@50 {result.best_score:.2f}); checkpoint: {result.run_dir / 'checkpoint.pt'}"
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from fashion_search.cli import _load_model
+    from fashion_search.evaluation.fashioniq import evaluate, format_table
+
+    model, _ = _load_model(args, fusion=args.fusion)
+    categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    result = evaluate(
+        model,
+        args.data,
+        args.split,
+        categories,
+        joining=args.joining,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from fashion_search.demo import run_demo
+
+    return run_demo(Path(args.dir), serve=not args.no_serve, port=args.port)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from fashion_search.cli import _add_model_args
+
+    p = sub.add_parser("train", help="fine-tune on Fashion-IQ-style triplets")
+    p.add_argument("--data", required=True, help="dataset root in the Fashion-IQ layout")
+    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, last.pt, history.json)")
+    p.add_argument("--config", help="YAML file of training options (flags override it)")
+    p.add_argument("--categories", help="comma-separated subset of dress,shirt,toptee")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    for name, typ in _TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="Fashion-IQ protocol Recall@1/5/10/50")
+    p.add_argument("--data", required=True)
+    _add_model_args(p, fusion=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--categories", default=None, help="comma-separated subset")
+    p.add_argument(
+        "--joining", default="standard", help="standard ('Cap1 and cap2') | both (orders averaged)"
+    )
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="offline end to end: synth -> train -> eval -> index -> web UI")
+    p.add_argument("--dir", default="demo", help="where the demo's data, run and index live")
+    p.add_argument("--no-serve", action="store_true", help="stop after indexing instead of launching the UI")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(func=cmd_demo)
+
+    for face in ("serve", "ui"):
+        _add_face(sub, face)
+
+
+def _add_face(sub: argparse._SubParsersAction, face: str) -> None:
+    def run(args) -> int:
+        if face == "serve":
+            from fashion_search.service.api import serve
+        else:
+            from fashion_search.service.ui_launch import serve
+        return serve(args)
+
+    p = sub.add_parser(
+        face, help="HTTP API over an index" if face == "serve" else "Streamlit web UI over an index"
+    )
+    p.add_argument("--index", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000 if face == "serve" else 8501)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run)
+
+
+__all__ = ["add_commands", "FashionSearchError"]

@@ -1,0 +1,1 @@
+"""Datasets: safe image loading, the Fashion-IQ layout, the synthetic generator, downloads."""

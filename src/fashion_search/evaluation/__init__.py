@@ -1,0 +1,1 @@
+"""Recall@K metrics and the Fashion-IQ evaluation protocol."""

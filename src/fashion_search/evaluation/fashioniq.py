@@ -1,0 +1,155 @@
+"""The Fashion-IQ evaluation protocol (CLIP4Cir's validate.py), for any fusion, on real or synthetic data.
+
+Per category: the gallery is every present image of `image_splits/split.{cat}.{split}.json`; the query
+text joins the two captions as "Cap1 and cap2"; the reference stays in the gallery; one target per
+query. The reported average is the plain mean over categories. Missing or undecodable images skip
+their triplets, which are counted, never fatal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fashion_search.data.fashioniq import FashionIQ, join_captions, join_captions_reversed
+from fashion_search.data.loading import embed_paths
+from fashion_search.errors import FashionSearchError
+from fashion_search.evaluation.metrics import (
+    DEFAULT_KS,
+    average_metrics,
+    recalls,
+    selection_score,
+    target_ranks,
+)
+from fashion_search.models.fusion import SumFusion
+from fashion_search.models.retrieval import RetrievalModel
+
+JOININGS = ("standard", "both")
+KEYS = tuple(f"R@{k}" for k in DEFAULT_KS)
+
+
+def _queries(
+    model: RetrievalModel, ref: torch.Tensor, texts: list[str], texts_rev: list[str] | None, joining: str
+):
+    """Query embeddings for every mode; `both` averages the two caption orders (used by some papers)."""
+    txt = model.encode_texts(texts)
+    modes = {"image_only": ref, "text_only": txt}
+    composed = model.compose(ref, txt)
+    summed = SumFusion(model.dim)(ref, txt)
+    if joining == "both" and texts_rev is not None:
+        txt_rev = model.encode_texts(texts_rev)
+        composed = F.normalize(composed + model.compose(ref, txt_rev), dim=-1)
+        summed = F.normalize(summed + SumFusion(model.dim)(ref, txt_rev), dim=-1)
+        modes["text_only"] = F.normalize(txt + txt_rev, dim=-1)
+    modes["composed"] = composed
+    if model.fusion.name != "sum":
+        modes["sum"] = summed
+    return modes
+
+
+def evaluate_category(
+    model: RetrievalModel,
+    data: FashionIQ,
+    category: str,
+    split: str = "val",
+    joining: str = "standard",
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Recall@K per mode for one category: {mode: {"R@1".., "queries", "gallery", "skipped"}}."""
+    present, _missing = data.gallery(category, split)
+    paths = [data.image_path(i) for i in present]
+    ok, gallery_emb, _failed = embed_paths(
+        model, paths, batch_size=batch_size, workers=workers, progress=progress, desc=f"{category} gallery"
+    )
+    gallery_ids = [present[i] for i in ok]
+    position = {image_id: n for n, image_id in enumerate(gallery_ids)}
+    triplets, skipped = data.usable_triplets(category, split)
+    # A triplet whose reference or target did not decode, or whose target is outside the split's
+    # gallery, cannot be scored; it is skipped and counted like a missing image.
+    usable = [t for t in triplets if t.target in position and t.reference in position]
+    skipped += len(triplets) - len(usable)
+    counts = {"queries": len(usable), "gallery": len(gallery_ids), "skipped": skipped}
+    if not usable:
+        return {mode: {**{k: 0.0 for k in KEYS}, **counts} for mode in _mode_names(model)}
+    ref = gallery_emb[[position[t.reference] for t in usable]]
+    texts = [join_captions(*t.captions) for t in usable]
+    texts_rev = [join_captions_reversed(*t.captions) for t in usable] if joining == "both" else None
+    targets = np.array([position[t.target] for t in usable])
+    results = {}
+    for mode, queries in _queries(model, ref, texts, texts_rev, joining).items():
+        ranks = target_ranks((queries @ gallery_emb.T).numpy(), targets)
+        results[mode] = {**recalls(ranks), **counts}
+    return results
+
+
+def _mode_names(model: RetrievalModel) -> list[str]:
+    names = ["composed", "image_only", "text_only"]
+    return names + (["sum"] if model.fusion.name != "sum" else [])
+
+
+def evaluate(
+    model: RetrievalModel,
+    data_root: str | Path,
+    split: str = "val",
+    categories: Sequence[str] | None = None,
+    joining: str = "standard",
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """The full protocol; returns the `eval --json` document (recalls in percent)."""
+    if joining not in JOININGS:
+        raise FashionSearchError(f"unknown caption joining {joining!r} (known: {', '.join(JOININGS)})")
+    if split == "test":
+        raise FashionSearchError(
+            "test captions have no targets: use --submission to write a ranked file instead"
+        )
+    data = FashionIQ(data_root)
+    available = data.categories(split)
+    cats = list(categories) if categories else available
+    unknown = [c for c in cats if c not in available]
+    if unknown:
+        raise FashionSearchError(f"no {split} captions for {', '.join(unknown)} in {data_root}")
+    per_cat = {
+        c: evaluate_category(model, data, c, split, joining, batch_size, workers, progress) for c in cats
+    }
+    modes: dict[str, dict] = {}
+    for mode in _mode_names(model):
+        rows = {c: per_cat[c][mode] for c in cats}
+        avg = average_metrics(list(rows.values()), KEYS)
+        for key in ("queries", "gallery", "skipped"):
+            avg[key] = int(sum(r[key] for r in rows.values()))
+        modes[mode] = {**rows, "average": avg}
+    return {
+        "split": split,
+        "categories": cats,
+        "protocol": {
+            "joining": joining,
+            "reference_in_gallery": True,
+            "gallery": "full split",
+            "average": "mean",
+        },
+        "model": model.identity(),
+        "modes": modes,
+        "selection_score": selection_score(modes["composed"]["average"]),
+    }
+
+
+def format_table(result: dict) -> str:
+    """A terminal table: one row per mode and category, recalls in percent."""
+    cats = result["categories"] + ["average"]
+    lines = [
+        f"{'mode':11s} {'category':9s} " + " ".join(f"{k:>6s}" for k in KEYS) + "  queries gallery skipped"
+    ]
+    for mode, rows in result["modes"].items():
+        for c in cats:
+            r = rows[c]
+            vals = " ".join(f"{r[k]:6.2f}" for k in KEYS)
+            lines.append(f"{mode:11s} {c:9s} {vals}  {r['queries']:7d} {r['gallery']:7d} {r['skipped']:7d}")
+    return "\n".join(lines)

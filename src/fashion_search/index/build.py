@@ -1,0 +1,164 @@
+"""Catalog index build: reader (folder walk + decode in workers) -> encoder (batched) -> writer (atomic).
+
+Re-running on the same folder embeds only new or changed files and drops deleted ones. Progress is
+saved every `save_every` images, so a killed build resumes where its last save left off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from fashion_search.data.images import iter_image_files, relative_id
+from fashion_search.data.loading import iter_embedded
+from fashion_search.errors import FashionSearchError, IndexMismatchError
+from fashion_search.index.base import choose_index_kind, create_index
+from fashion_search.index.store import index_exists, load_index_dir, save_index_dir
+from fashion_search.models.retrieval import RetrievalModel
+
+REPORT_NAME = "report.json"
+IDENTITY_KEYS = ("model", "pretrained", "fusion", "checkpoint_sha256", "dim")
+
+
+@dataclass
+class CatalogFile:
+    id: str
+    path: Path
+    signature: list[int]  # [size, mtime_ns]: a cheap "changed?" test that needs no read
+
+
+@dataclass
+class BuildReport:
+    items: int = 0
+    added: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (
+            f"indexed {self.items} items: {self.added} added, {self.removed} removed, {self.unchanged} unchanged, "
+            f"{len(self.skipped)} skipped (unreadable; see {REPORT_NAME}) in {self.seconds:.1f}s"
+        )
+
+
+def scan_catalog(root: Path) -> list[CatalogFile]:
+    files = []
+    for path in iter_image_files(root):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        files.append(CatalogFile(relative_id(path, root), path, [st.st_size, st.st_mtime_ns]))
+    return files
+
+
+def check_identity(manifest_identity: dict, model: RetrievalModel, where: str) -> None:
+    """Refuse to mix embeddings of two different models in one index or one query."""
+    mine = model.identity()
+    diffs = [k for k in IDENTITY_KEYS if manifest_identity.get(k) != mine.get(k)]
+    if diffs:
+        built = {k: manifest_identity.get(k) for k in diffs}
+        now = {k: mine.get(k) for k in diffs}
+        raise IndexMismatchError(f"{where} was built with {built}, but the model given is {now}")
+
+
+def _write_report(out: Path, report: BuildReport) -> None:
+    tmp = out / f".{REPORT_NAME}.tmp"
+    tmp.write_text(json.dumps({**report.__dict__, "seconds": round(report.seconds, 3)}, indent=2))
+    os.replace(tmp, out / REPORT_NAME)
+
+
+def build_index(
+    images_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model: RetrievalModel,
+    source: dict,
+    *,
+    batch_size: int = 32,
+    workers: int | None = None,
+    index_kind: str = "auto",
+    save_every: int = 4096,
+    progress: bool = True,
+) -> BuildReport:
+    """Embed every image under `images_dir` into the index at `out_dir` (incrementally)."""
+    started = time.perf_counter()
+    root, out = Path(images_dir).resolve(), Path(out_dir)
+    if not root.is_dir():
+        raise FashionSearchError(f"image folder not found: {images_dir}")
+    catalog = scan_catalog(root)
+
+    if index_exists(out):
+        index, manifest = load_index_dir(out)
+        check_identity(manifest["model"], model, f"index {out}")
+        known, known_bad = manifest.get("files", {}), manifest.get("skipped", {})
+    else:
+        kind = choose_index_kind(len(catalog)) if index_kind == "auto" else index_kind
+        index, manifest, known, known_bad = create_index(kind, model.dim), {}, {}, {}
+
+    current = {f.id: f for f in catalog}
+    stale = [i for i in index.ids() if i not in current or known.get(i) != current[i].signature]
+    todo = [
+        f
+        for f in catalog
+        if known.get(f.id) != f.signature and known_bad.get(f.id, {}).get("sig") != f.signature
+    ]
+    report = BuildReport(removed=len(stale))
+    todo_ids = {f.id for f in todo}
+    # Files that failed before and have not changed since are not decoded again, only reported.
+    report.skipped = [
+        {"id": i, "reason": v["reason"]} for i, v in known_bad.items() if i in current and i not in todo_ids
+    ]
+    index.remove(stale)
+    files = {i: known[i] for i in index.ids()}
+    bad = {s["id"]: known_bad[s["id"]] for s in report.skipped}
+
+    def save() -> None:
+        now = datetime.now(timezone.utc).isoformat()
+        save_index_dir(
+            out,
+            index,
+            {
+                "format": "fashion-search-index/1",
+                "model": model.identity(),
+                "source": source,
+                "catalog_root": str(root),
+                "created": manifest.get("created", now),
+                "updated": now,
+                "files": files,
+                "skipped": bad,
+            },
+        )
+
+    since_save = 0
+    batches = iter_embedded(
+        model, [f.path for f in todo], batch_size=batch_size, workers=workers, progress=False
+    )
+    with tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress) as bar:
+        for indices, emb, failed in batches:
+            for i, reason in failed:
+                report.skipped.append({"id": todo[i].id, "reason": reason})
+                bad[todo[i].id] = {"sig": todo[i].signature, "reason": reason}
+            if emb is not None:
+                index.add([todo[i].id for i in indices], emb.numpy().astype(np.float32))
+                files.update({todo[i].id: todo[i].signature for i in indices})
+                report.added += len(indices)
+            since_save += len(indices) + len(failed)
+            bar.update(len(indices) + len(failed))
+            if since_save >= save_every:
+                save()
+                since_save = 0
+    save()
+    report.items = len(index)
+    report.unchanged = report.items - report.added
+    report.seconds = time.perf_counter() - started
+    _write_report(out, report)
+    return report

@@ -1,0 +1,1 @@
+"""Models: the OpenCLIP backbone, fusion modules and checkpoints."""

@@ -1,0 +1,222 @@
+"""A thin wrapper over OpenCLIP: any architecture, pretrained tag / local file / none, offline fail-fast."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fashion_search.errors import FashionSearchError, PretrainedUnavailableError
+
+# The project's own compact architectures (CPU training, the demo and tests) are plain OpenCLIP
+# model configs: data, not code branches.
+CONFIG_DIR = Path(__file__).parent / "configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+COMPACT_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+HUB_HOST = "huggingface.co"
+NO_PRETRAINED = ("none", "", "random")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What it takes to rebuild a backbone: the architecture and where its initial weights came from."""
+
+    model: str
+    pretrained: str = "none"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def list_models() -> list[str]:
+    """Every architecture name `--model` accepts (OpenCLIP's plus the project's compact ones)."""
+    return open_clip.list_models()
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """An explicit device wins; otherwise CUDA, then Apple's MPS, then the CPU."""
+    if device not in (None, "", "auto"):
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise FashionSearchError(f"unknown device {device!r} ({exc})") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise FashionSearchError(f"device {device!r} requested but CUDA is not available")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device):
+    """Mixed precision on GPU (bf16 where supported, else fp16); a no-op context on the CPU."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    # DNS lookups ignore socket timeouts, so the whole probe runs in a thread with a deadline.
+    def probe() -> bool:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(probe).result(timeout=timeout + 0.5)
+    except Exception:
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _cached_weights(model: str, tag: str, cache_dir: str | None) -> str | None:
+    """The local file of a pretrained tag when a previous download left it in the HF cache."""
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    repo = (cfg.get("hf_hub") or "").rstrip("/")
+    if not repo:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _resolve_pretrained(model: str, pretrained: str, cache_dir: str | None) -> tuple[str | None, dict]:
+    """Map `--pretrained` to what open_clip should load, plus preprocessing overrides for a cached tag."""
+    if pretrained.lower() in NO_PRETRAINED:
+        return None, {}
+    if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        if not os.path.isfile(pretrained):
+            raise FashionSearchError(f"pretrained weights file not found: {pretrained}")
+        return pretrained, {}
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained not in tags:
+        known = ", ".join(tags) if tags else "none published"
+        raise FashionSearchError(
+            f"unknown pretrained tag {pretrained!r} for {model} (known: {known}; or a local file, or 'none')"
+        )
+    if _hub_reachable():
+        return pretrained, {}
+    cached = _cached_weights(model, pretrained, cache_dir)
+    if cached is None:
+        raise PretrainedUnavailableError(
+            f"cannot download pretrained weights {model}/{pretrained}: {HUB_HOST} is unreachable and they are "
+            "not in the local cache; pass a local weights file with --pretrained /path/to/open_clip_model.safetensors, "
+            "point HF_HOME at a cache that holds them, or use --pretrained none"
+        )
+    # Loading the file by path keeps open_clip offline; the tag's own normalisation must come along.
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    return cached, {k: cfg[k] for k in keys if k in cfg}
+
+
+@contextlib.contextmanager
+def _logging_disabled(level: int):
+    previous = logging.root.manager.disable
+    logging.disable(level)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def normalise_preprocess_cfg(cfg: dict) -> dict:
+    """JSON turns tuples into lists; open_clip's transforms expect tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+
+
+class ClipBackbone(nn.Module):
+    """An OpenCLIP model with its tokenizer and preprocessing config; returns L2-normalised features."""
+
+    def __init__(self, clip: nn.Module, tokenizer, preprocess_cfg: dict, spec: BackboneSpec):
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.preprocess_cfg = normalise_preprocess_cfg(preprocess_cfg)
+        self.spec = spec
+
+    @property
+    def dim(self) -> int:
+        return (
+            int(self.clip.text_projection.shape[1])
+            if hasattr(self.clip, "text_projection")
+            else int(self.clip.visual.output_dim)
+        )
+
+    @property
+    def image_size(self) -> int:
+        size = self.preprocess_cfg.get("size", 224)
+        return int(size[0] if isinstance(size, list | tuple) else size)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokenizer.context_length)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids; over-long texts are truncated to the context length, empty ones refused."""
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise FashionSearchError("text query is empty")
+        return self.tokenizer(list(texts))
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(pixels).float(), dim=-1)
+
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+
+
+def create_backbone(
+    model: str,
+    pretrained: str = "none",
+    device: torch.device | str | None = None,
+    cache_dir: str | None = None,
+) -> ClipBackbone:
+    """Build an OpenCLIP backbone by architecture name and weight source."""
+    if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
+        compact = ", ".join(COMPACT_MODELS)
+        raise FashionSearchError(
+            f"unknown model {model!r}: use an OpenCLIP architecture (e.g. ViT-B-32) or a compact one ({compact})"
+        )
+    weights, preprocess_overrides = _resolve_pretrained(model, pretrained, cache_dir)
+    # open_clip logs a root-level warning for random init, which is what `none` asks for.
+    quiet = contextlib.nullcontext() if weights else _logging_disabled(logging.WARNING)
+    try:
+        with quiet:
+            clip = open_clip.create_model(
+                model,
+                pretrained=weights,
+                device=resolve_device(device),
+                cache_dir=cache_dir,
+                force_preprocess_cfg=preprocess_overrides or None,
+            )
+    except FashionSearchError:
+        raise
+    except (RuntimeError, OSError, KeyError, ValueError) as exc:
+        raise FashionSearchError(f"cannot create model {model} with weights {pretrained!r}: {exc}") from None
+    tokenizer = open_clip.get_tokenizer(model)
+    preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
+    return ClipBackbone(clip, tokenizer, preprocess_cfg, BackboneSpec(model, pretrained))

@@ -1,0 +1,114 @@
+"""Building retrieval models from a name or a checkpoint, and saving checkpoints atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fashion_search.errors import FashionSearchError
+from fashion_search.models.backbone import create_backbone, normalise_preprocess_cfg, resolve_device
+from fashion_search.models.fusion import create_fusion
+from fashion_search.models.retrieval import RetrievalModel
+
+FORMAT = "fashion-search-checkpoint/1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def create_model(
+    model: str = "ViT-B-32",
+    pretrained: str = "none",
+    fusion: str = "sum",
+    device: str | torch.device | None = None,
+    cache_dir: str | None = None,
+    fusion_config: dict | None = None,
+) -> RetrievalModel:
+    """A retrieval model from an OpenCLIP architecture name and weight source (see `create_backbone`)."""
+    dev = resolve_device(device)
+    backbone = create_backbone(model, pretrained, device=dev, cache_dir=cache_dir)
+    config = dict(fusion_config or {})
+    config.pop("dim", None)
+    return RetrievalModel(backbone, create_fusion(fusion, backbone.dim, **config)).to(dev)
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """Accept a run directory (RUN/checkpoint.pt inside) or a checkpoint file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.is_file():
+        raise FashionSearchError(
+            f"no checkpoint at {path} (expected a run directory or a {CHECKPOINT_NAME} file)"
+        )
+    return p
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The raw checkpoint dict (weights, configs, training state), validated."""
+    p = resolve_checkpoint_path(path)
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file; all mean the same to a user
+        raise FashionSearchError(f"cannot read checkpoint {p}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FashionSearchError(f"{p} is not a fashion-search checkpoint")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None) -> RetrievalModel:
+    """Rebuild the trained model; no download happens: the weights come from the checkpoint itself."""
+    p = resolve_checkpoint_path(path)
+    payload = read_checkpoint(p)
+    model = create_model(
+        payload["backbone"]["model"],
+        "none",
+        fusion=payload["fusion"]["name"],
+        device=device,
+        fusion_config=payload["fusion"]["config"],
+    )
+    model.backbone.spec = type(model.backbone.spec)(**payload["backbone"])
+    model.backbone.preprocess_cfg = normalise_preprocess_cfg(payload["preprocess"])
+    model.load_state_dict(payload["state_dict"])
+    model.checkpoint_sha256 = file_sha256(p)
+    return model
+
+
+def model_payload(model: RetrievalModel, **extra) -> dict:
+    """Everything needed to rebuild `model`, plus any extra (training state, config, metrics)."""
+    return {
+        "format": FORMAT,
+        "backbone": model.backbone.spec.to_dict(),
+        "preprocess": model.backbone.preprocess_cfg,
+        "fusion": {"name": model.fusion.name, "config": model.fusion.config()},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+
+
+def atomic_torch_save(payload: dict, path: str | os.PathLike) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

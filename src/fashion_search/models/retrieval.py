@@ -1,0 +1,83 @@
+"""The retrieval model: backbone + fusion, batched encoders, and the identity an index records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+from torch import nn
+
+from fashion_search.models.backbone import ClipBackbone, autocast
+from fashion_search.models.fusion import Fusion
+
+
+class RetrievalModel(nn.Module):
+    """Encodes images and texts into one normalised space and composes queries from them."""
+
+    def __init__(self, backbone: ClipBackbone, fusion: Fusion, checkpoint_sha256: str | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.fusion = fusion
+        self.checkpoint_sha256 = checkpoint_sha256
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.dim
+
+    def identity(self) -> dict:
+        """What an index records so that a query is never embedded by a different model."""
+        return {
+            "model": self.backbone.spec.model,
+            "pretrained": self.backbone.spec.pretrained,
+            "fusion": self.fusion.name,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "dim": self.dim,
+            "preprocess": self.backbone.preprocess_cfg,
+        }
+
+    def image_transform(self):
+        """PIL image -> normalised tensor, exactly as the model was configured (no augmentation)."""
+        return image_transform_v2(PreprocessCfg(**self.backbone.preprocess_cfg), is_train=False)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A ready batch of preprocessed images -> (n, dim) float32 on the CPU."""
+        self.eval()
+        with autocast(self.device):
+            feats = self.backbone.image_features(pixels.to(self.device, non_blocking=True))
+        return feats.float().cpu()
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
+        transform = self.image_transform()
+        out = [
+            self.encode_pixels(torch.stack([transform(im) for im in images[i : i + batch_size]]))
+            for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat(out) if out else torch.empty(0, self.dim)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Texts -> (n, dim) float32; over-long texts are truncated to the model's context."""
+        self.eval()
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.backbone.tokenize(list(texts[i : i + batch_size])).to(self.device)
+            with autocast(self.device):
+                out.append(self.backbone.text_features(tokens).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.dim)
+
+    @torch.inference_mode()
+    def compose(
+        self, image_emb: torch.Tensor, text_emb: torch.Tensor, text_weight: float | None = None
+    ) -> torch.Tensor:
+        """Fuse image and text embeddings into query embeddings (w=0 image only, w=1 text only)."""
+        self.eval()
+        dev = self.device
+        return self.fusion(image_emb.to(dev), text_emb.to(dev), text_weight).float().cpu()

@@ -1,0 +1,1 @@
+"""The SearchEngine and its faces: HTTP API and Streamlit UI."""

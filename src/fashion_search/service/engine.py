@@ -1,0 +1,205 @@
+"""The one SearchEngine: query encoding (cached), fusion and the vector index. CLI, API and UI call it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fashion_search.data.images import DEFAULT_MAX_PIXELS, load_image
+from fashion_search.errors import FashionSearchError
+from fashion_search.index.build import check_identity
+from fashion_search.index.store import load_index_dir, read_manifest
+from fashion_search.models.checkpoint import create_model, load_checkpoint
+from fashion_search.models.fusion import check_text_weight
+from fashion_search.models.retrieval import RetrievalModel
+
+MAX_K = 1000
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    id: str
+    score: float
+    path: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _LRU:
+    """A small thread-safe LRU cache of query embeddings."""
+
+    def __init__(self, size: int):
+        self.size, self.data, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.data:
+                self.data.move_to_end(key)
+                return self.data[key]
+        return None
+
+    def put(self, key, value) -> None:
+        with self.lock:
+            self.data[key] = value
+            self.data.move_to_end(key)
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+
+
+def _model_for(manifest: dict, checkpoint, model_name, pretrained, device) -> RetrievalModel:
+    source = manifest.get("source", {})
+    if checkpoint:
+        return load_checkpoint(checkpoint, device=device)
+    if model_name:
+        return create_model(
+            model_name, pretrained or "none", fusion=manifest["model"].get("fusion", "sum"), device=device
+        )
+    if source.get("checkpoint"):
+        return load_checkpoint(source["checkpoint"], device=device)
+    return create_model(
+        source["model"], source.get("pretrained", "none"), fusion=source.get("fusion", "sum"), device=device
+    )
+
+
+class SearchEngine:
+    """Search a catalog index by image, by text, or both, with an adjustable text weight."""
+
+    def __init__(self, model: RetrievalModel, index, manifest: dict, index_dir: Path | None = None):
+        check_identity(manifest["model"], model, f"index {index_dir or ''}".strip())
+        self.model, self.index, self.manifest = model, index, manifest
+        self.index_dir = Path(index_dir) if index_dir else None
+        self.catalog_root = Path(manifest.get("catalog_root", "."))
+        self._model_lock = threading.Lock()  # one forward at a time: predictable latency, bounded memory
+        self._image_cache, self._text_cache = _LRU(256), _LRU(1024)
+        self._ids = set(index.ids())
+
+    @classmethod
+    def open(
+        cls,
+        index_dir: str | os.PathLike,
+        checkpoint: str | None = None,
+        model: str | None = None,
+        pretrained: str | None = None,
+        device: str | None = None,
+    ) -> SearchEngine:
+        """Load an index and the model that built it (or check that the given one matches)."""
+        manifest = read_manifest(Path(index_dir))
+        encoder = _model_for(manifest, checkpoint, model, pretrained, device)
+        index, manifest = load_index_dir(Path(index_dir))
+        return cls(encoder, index, manifest, Path(index_dir))
+
+    # -- catalog -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def ids(self) -> list[str]:
+        return self.index.ids()
+
+    def categories(self) -> list[str]:
+        """Top-level sub-folders of the catalog, when the catalog has them."""
+        return sorted({i.split("/", 1)[0] for i in self._ids if "/" in i})
+
+    def item_path(self, item_id: str) -> Path:
+        """The file of an indexed item; only ids in the index resolve, never a path outside the catalog."""
+        if item_id not in self._ids:
+            raise FashionSearchError(f"no item {item_id!r} in the index")
+        path = (self.catalog_root / item_id).resolve()
+        root = self.catalog_root.resolve()
+        if root not in path.parents:
+            raise FashionSearchError(f"item {item_id!r} resolves outside the catalog")
+        return path
+
+    def info(self) -> dict:
+        ident = self.manifest["model"]
+        return {
+            "items": len(self.index),
+            "dim": ident["dim"],
+            "model": ident["model"],
+            "pretrained": ident["pretrained"],
+            "fusion": ident["fusion"],
+            "checkpoint_sha256": ident.get("checkpoint_sha256"),
+            "index_kind": self.index.kind,
+            "categories": self.categories(),
+            "catalog_root": str(self.catalog_root),
+            "created": self.manifest.get("created"),
+            "updated": self.manifest.get("updated"),
+            "skipped": len(self.manifest.get("skipped", {})),
+        }
+
+    # -- query encoding (cached) ---------------------------------------------------------------
+    def image_embedding(self, image, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """Embed a query image (bytes, path or PIL image); cached by content hash."""
+        if isinstance(image, Image.Image):
+            raw = image.tobytes() + repr((image.mode, image.size)).encode()
+        elif isinstance(image, bytes | bytearray):
+            raw = bytes(image)
+        else:
+            try:
+                raw = Path(image).read_bytes()
+            except OSError as exc:
+                raise FashionSearchError(f"cannot read query image {image}: {exc.strerror or exc}") from None
+        key = hashlib.sha256(raw).hexdigest()
+        cached = self._image_cache.get(key)
+        if cached is not None:
+            return cached
+        pil = image if isinstance(image, Image.Image) else load_image(io.BytesIO(raw), max_pixels=max_pixels)
+        with self._model_lock:
+            emb = self.model.encode_images([pil])
+        self._image_cache.put(key, emb)
+        return emb
+
+    def text_embedding(self, text: str) -> torch.Tensor:
+        if not isinstance(text, str) or not text.strip():
+            raise FashionSearchError("text query is empty")
+        cached = self._text_cache.get(text)
+        if cached is not None:
+            return cached
+        with self._model_lock:
+            emb = self.model.encode_texts([text])
+        self._text_cache.put(text, emb)
+        return emb
+
+    def query_embedding(
+        self, image=None, text: str | None = None, text_weight: float | None = None
+    ) -> torch.Tensor:
+        if image is None and not (text and text.strip()):
+            raise FashionSearchError("give a query image, a text, or both")
+        w = check_text_weight(text_weight)
+        if image is not None and text and text.strip():
+            return self.model.compose(self.image_embedding(image), self.text_embedding(text), w)
+        return self.image_embedding(image) if image is not None else self.text_embedding(text)
+
+    # -- search --------------------------------------------------------------------------------
+    def search(
+        self,
+        image=None,
+        text: str | None = None,
+        text_weight: float | None = None,
+        k: int = 10,
+        category: str | None = None,
+    ) -> list[SearchResult]:
+        """Best-first results; w=0 ranks by the image alone, w=1 by the text alone."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise FashionSearchError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
+        if category is not None and category not in self.categories():
+            raise FashionSearchError(
+                f"unknown category {category!r} (known: {', '.join(self.categories()) or 'none'})"
+            )
+        query = self.query_embedding(image, text, text_weight)
+        if len(self.index) == 0:
+            return []
+        allowed = (lambda i: i.startswith(category + "/")) if category else None
+        scores, ids = self.index.search(query.numpy(), min(k, len(self.index)), allowed=allowed)
+        return [
+            SearchResult(id=i, score=float(s), path=str(self.catalog_root / i))
+            for s, i in zip(scores[0], ids[0])
+        ]

@@ -1,0 +1,169 @@
+"""Training triplets: a dataset with caption-safe paired augmentation and a hard-negative batch sampler."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from fashion_search.data.fashioniq import FashionIQ, Triplet, training_caption
+from fashion_search.data.images import load_image
+from fashion_search.errors import FashionSearchError, ImageDecodeError
+
+
+class PairAugment:
+    """The same random flip, small affine and brightness/contrast change for reference and target.
+
+    Applied identically to both images, so relative captions ("darker", "longer") stay true; no hue or
+    saturation jitter, because a hue shift would make "is red" false.
+    """
+
+    def __init__(
+        self, translate: float = 0.04, scale: tuple[float, float] = (0.95, 1.05), jitter: float = 0.1
+    ):
+        self.translate, self.scale, self.jitter = translate, scale, jitter
+
+    def __call__(self, images: Sequence[Image.Image], rng: random.Random) -> list[Image.Image]:
+        flip = rng.random() < 0.5
+        scale = rng.uniform(*self.scale)
+        brightness = rng.uniform(1 - self.jitter, 1 + self.jitter)
+        contrast = rng.uniform(1 - self.jitter, 1 + self.jitter)
+        tx, ty = rng.uniform(-self.translate, self.translate), rng.uniform(-self.translate, self.translate)
+        out = []
+        for im in images:
+            w, h = im.size
+            im = TF.hflip(im) if flip else im
+            fill = im.getpixel((0, 0))  # extend the background, not a black border
+            im = TF.affine(
+                im, angle=0.0, translate=[int(tx * w), int(ty * h)], scale=scale, shear=[0.0], fill=fill
+            )
+            im = TF.adjust_contrast(TF.adjust_brightness(im, brightness), contrast)
+            out.append(im)
+        return out
+
+
+class TripletDataset(Dataset):
+    """Item i -> dict(reference, target pixels, caption, target id, group), or None if an image is bad."""
+
+    def __init__(
+        self,
+        data: FashionIQ,
+        split: str,
+        categories: Sequence[str],
+        transform,
+        augment: PairAugment | None = None,
+        seed: int = 0,
+    ):
+        self.data, self.transform, self.augment, self.seed = data, transform, augment, seed
+        self.triplets: list[Triplet] = []
+        self.skipped = 0
+        for cat in categories:
+            usable, skipped = data.usable_triplets(cat, split)
+            self.triplets.extend(usable)
+            self.skipped += skipped
+        if not self.triplets:
+            raise FashionSearchError(f"no usable {split} triplets for {', '.join(categories)} in {data.root}")
+        self.groups = related_groups(self.triplets)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def __getitem__(self, i: int):
+        t = self.triplets[i]
+        # Seeded by (seed, epoch, item): identical across worker counts and after --resume.
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        try:
+            ref = load_image(self.data.image_path(t.reference))
+            tgt = load_image(self.data.image_path(t.target))
+        except (ImageDecodeError, OSError):
+            return None
+        if self.augment is not None:
+            ref, tgt = self.augment([ref, tgt], rng)
+        return {
+            "reference": self.transform(ref),
+            "target": self.transform(tgt),
+            "text": training_caption(*t.captions, rng),
+            "target_id": t.target,
+        }
+
+
+def collate_triplets(batch: list[dict | None]) -> dict | None:
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    return {
+        "reference": torch.stack([b["reference"] for b in batch]),
+        "target": torch.stack([b["target"] for b in batch]),
+        "text": [b["text"] for b in batch],
+        "target_id": [b["target_id"] for b in batch],
+    }
+
+
+def related_groups(triplets: Sequence[Triplet]) -> list[int]:
+    """Connected components of the image graph (reference-target edges): near-duplicate looks."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for t in triplets:
+        parent[find(t.reference)] = find(t.target)
+    roots: dict[str, int] = {}
+    return [roots.setdefault(find(t.reference), len(roots)) for t in triplets]
+
+
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Batches built from chunks of `per_group` triplets of one related group: hard negatives in-batch.
+
+    Each epoch shuffles groups and items deterministically from (seed, epoch); every triplet is seen
+    once per epoch.
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[int],
+        batch_size: int,
+        per_group: int = 4,
+        seed: int = 0,
+        drop_last: bool = True,
+    ):
+        self.groups, self.batch_size, self.per_group = list(groups), batch_size, max(1, per_group)
+        self.seed, self.drop_last, self.epoch = seed, drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(f"sampler:{self.seed}:{self.epoch}")
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(self.groups):
+            members.setdefault(g, []).append(i)
+        chunks = []
+        for items in members.values():
+            rng.shuffle(items)
+            chunks.extend(items[j : j + self.per_group] for j in range(0, len(items), self.per_group))
+        rng.shuffle(chunks)
+        flat = [i for chunk in chunks for i in chunk]
+        batches = [flat[j : j + self.batch_size] for j in range(0, len(flat), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        n = len(self.groups) // self.batch_size
+        return n if self.drop_last else -(-len(self.groups) // self.batch_size)

@@ -1,0 +1,208 @@
+"""The only training loop: composed + CLIP loss, per-epoch validation, best checkpoint, --resume.
+
+RUN/checkpoint.pt  the best model by mean(R@10, R@50) on val (what eval/index/serve load)
+RUN/last.pt        the full training state after the last finished epoch (what --resume loads)
+RUN/history.json   loss, lr and val recalls per epoch;  RUN/config.yaml  the resolved config
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from fashion_search.config import TrainConfig
+from fashion_search.data.fashioniq import FashionIQ
+from fashion_search.errors import FashionSearchError
+from fashion_search.evaluation.fashioniq import evaluate
+from fashion_search.models.backbone import resolve_device
+from fashion_search.models.checkpoint import atomic_torch_save, create_model, model_payload, read_checkpoint
+from fashion_search.models.retrieval import RetrievalModel
+from fashion_search.training.data import GroupedBatchSampler, PairAugment, TripletDataset, collate_triplets
+from fashion_search.training.losses import clip_loss, composed_loss
+from fashion_search.training.optim import build_optimizer, cosine_with_warmup
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_score: float
+    best_epoch: int
+    epochs_run: int
+    history: list[dict]
+
+
+def _write_json(path: Path, payload) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_step(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """One forward: fuse(reference, text) must find its target; the text must also match its target."""
+    backbone = model.backbone
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if cfg.amp and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    with amp:
+        images = backbone.image_features(torch.cat([batch["reference"], batch["target"]]).to(device))
+        ref, tgt = images.chunk(2)
+        txt = backbone.text_features(backbone.tokenize(batch["text"]).to(device))
+        query = model.fusion(ref, txt)
+        scale = backbone.logit_scale.exp().clamp(max=100.0)
+        loss = composed_loss(query.float(), tgt.float(), scale, batch["target_id"])
+        if cfg.clip_loss_weight > 0:
+            loss = loss + cfg.clip_loss_weight * clip_loss(
+                tgt.float(), txt.float(), scale, batch["target_id"]
+            )
+    return loss
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
+    run = Path(cfg.out)
+    if run.exists() and (run / "last.pt").exists() and not resume:
+        raise FashionSearchError(
+            f"{run} already holds a training run: pass --resume to continue it, or a new --out"
+        )
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Fine-tune on the train split, validate each epoch, keep the best checkpoint."""
+    if not cfg.out:
+        raise FashionSearchError("--out RUN is required")
+    run = _prepare_run_dir(cfg, resume)
+    data = FashionIQ(cfg.data)
+    device = resolve_device(cfg.device)
+    _seed_everything(cfg.seed)
+    model = create_model(cfg.model, cfg.pretrained, fusion=cfg.fusion, device=device)
+    dataset = TripletDataset(
+        data,
+        "train",
+        cfg.categories,
+        model.image_transform(),
+        PairAugment() if cfg.augment else None,
+        cfg.seed,
+    )
+    sampler = GroupedBatchSampler(
+        dataset.groups, cfg.batch_size, cfg.hard_negatives, cfg.seed, drop_last=True
+    )
+    if len(sampler) == 0:
+        raise FashionSearchError(
+            f"only {len(dataset)} training triplets: fewer than one batch of {cfg.batch_size}"
+        )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.workers,
+        collate_fn=collate_triplets,
+        persistent_workers=False,
+    )
+    steps_per_epoch = min(len(sampler), cfg.max_steps_per_epoch or len(sampler))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = cosine_with_warmup(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio)
+    history: list[dict] = []
+    start_epoch, best_score, best_epoch, stale = 0, -1.0, -1, 0
+    if resume and (run / "last.pt").exists():
+        state = read_checkpoint(run / "last.pt")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history = state["epoch"] + 1, list(state["history"])
+        best_score, best_epoch, stale = state["best_score"], state["best_epoch"], state["stale"]
+    cfg.dump(run / "config.yaml")
+    categories = [c for c in cfg.categories if c in data.categories("val")]
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if stale >= cfg.patience:
+            break
+        started = time.perf_counter()
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        model.train()
+        losses = []
+        bar = tqdm(
+            loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress
+        )
+        for step, batch in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            if batch is None:
+                continue
+            loss = train_step(model, batch, cfg, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        bar.close()
+        record = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)) if losses else None,
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        if categories:
+            result = evaluate(
+                model, cfg.data, "val", categories, batch_size=cfg.eval_batch_size, workers=0, progress=False
+            )
+            record["val"] = {mode: rows["average"] for mode, rows in result["modes"].items()}
+            record["score"] = result["selection_score"]
+        else:  # no val captions: keep the last epoch
+            record["score"] = float(epoch)
+        history.append(record)
+        if record["score"] > best_score:
+            best_score, best_epoch, stale = record["score"], epoch + 1, 0
+            atomic_torch_save(
+                model_payload(model, config=cfg.to_dict(), epoch=epoch + 1, metrics=record),
+                run / "checkpoint.pt",
+            )
+        else:
+            stale += 1
+        atomic_torch_save(
+            model_payload(
+                model,
+                config=cfg.to_dict(),
+                epoch=epoch,
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                torch_rng=torch.get_rng_state(),
+                history=history,
+                best_score=best_score,
+                best_epoch=best_epoch,
+                stale=stale,
+            ),
+            run / "last.pt",
+        )
+        _write_json(
+            run / "history.json", {"config": cfg.to_dict(), "best_epoch": best_epoch, "epochs": history}
+        )
+        if progress:
+            val = record.get("val", {}).get("composed", {})
+            print(
+                f"epoch {epoch + 1}: loss {record['loss']:.4f}  val composed R@10 {val.get('R@10', 0):.2f} "
+                f"R@50 {val.get('R@50', 0):.2f}  ({record['seconds']:.0f}s)",
+                flush=True,
+            )
+    return TrainResult(run, best_score, best_epoch, len(history), history)

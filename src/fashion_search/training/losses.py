@@ -1,0 +1,37 @@
+"""Contrastive losses: the composed loss (fused query vs. batch targets) and the CLIP image-text loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _positives(row_keys: list[str], col_keys: list[str], device: torch.device) -> torch.Tensor:
+    # The same target image can appear twice in a batch: both columns are positives, never negatives.
+    index = {k: n for n, k in enumerate(sorted(set(row_keys) | set(col_keys)))}
+    rows = torch.tensor([index[k] for k in row_keys], device=device)
+    cols = torch.tensor([index[k] for k in col_keys], device=device)
+    return (rows[:, None] == cols[None, :]).float()
+
+
+def multi_positive_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a uniform distribution over each row's positives."""
+    target = positives / positives.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def composed_loss(
+    queries: torch.Tensor, targets: torch.Tensor, logit_scale: torch.Tensor, target_ids: list[str]
+) -> torch.Tensor:
+    """Each fused query must pick its own target among the batch's targets (temperature = 1/scale)."""
+    logits = logit_scale * queries @ targets.T
+    return multi_positive_cross_entropy(logits, _positives(target_ids, target_ids, queries.device))
+
+
+def clip_loss(
+    images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor, image_ids: list[str]
+) -> torch.Tensor:
+    """The symmetric CLIP loss between images and the texts paired with them."""
+    logits = logit_scale * images @ texts.T
+    pos = _positives(image_ids, image_ids, images.device)
+    return 0.5 * (multi_positive_cross_entropy(logits, pos) + multi_positive_cross_entropy(logits.T, pos.T))

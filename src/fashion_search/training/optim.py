@@ -1,0 +1,62 @@
+"""Optimiser set-up: AdamW with layer-wise learning rates, no decay on gains/biases, cosine schedule."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from fashion_search.config import TrainConfig
+from fashion_search.models.retrieval import RetrievalModel
+
+_BLOCK = re.compile(r"resblocks\.(\d+)\.")
+_EMBEDDINGS = ("conv1", "class_embedding", "positional_embedding", "token_embedding", "ln_pre", "patch_embed")
+
+
+def _depth_scale(name: str, n_layers: int, decay: float) -> float:
+    """lr multiplier: the output heads get 1, block i gets decay^(L - i), the embeddings decay^(L + 1)."""
+    match = _BLOCK.search(name)
+    if match:
+        return decay ** (n_layers - int(match.group(1)))
+    if any(part in name for part in _EMBEDDINGS):
+        return decay ** (n_layers + 1)
+    return 1.0
+
+
+def _count_blocks(model: RetrievalModel) -> int:
+    found = [int(m.group(1)) for n, _ in model.backbone.named_parameters() if (m := _BLOCK.search(n))]
+    return max(found) + 1 if found else 0
+
+
+def param_groups(model: RetrievalModel, cfg: TrainConfig) -> list[dict]:
+    n_layers = _count_blocks(model)
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("fusion."):
+            lr = cfg.lr_fusion
+        else:
+            lr = cfg.lr * _depth_scale(name, n_layers, cfg.layer_decay)
+        # Gains, biases, embeddings and the temperature are not weight-decayed (the usual CLIP practice).
+        no_decay = p.ndim < 2 or "embedding" in name or "logit_scale" in name
+        groups.setdefault((lr, 0.0 if no_decay else cfg.weight_decay), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def build_optimizer(model: RetrievalModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98), eps=1e-6)
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warmup, then cosine decay to zero over the run."""
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,63 @@
+"""The OpenCLIP wrapper: compact configs, encoders, offline fail-fast, device choice."""
+
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from fashion_search.errors import FashionSearchError, PretrainedUnavailableError
+from fashion_search.models import backbone
+from fashion_search.models.backbone import list_models, resolve_device
+from fashion_search.models.checkpoint import create_model
+
+
+def test_compact_models_registered():
+    assert {"fs-micro", "fs-tiny", "ViT-B-32"} <= set(list_models())
+
+
+def test_encoders_are_normalised_and_batched(micro_model):
+    imgs = [Image.new("RGB", (50 + i, 40), (i * 40, 10, 200)) for i in range(5)]
+    emb = micro_model.encode_images(imgs, batch_size=2)
+    assert emb.shape == (5, micro_model.dim)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-4)
+    txt = micro_model.encode_texts(["is red", "has long sleeves", "darker"], batch_size=2)
+    assert txt.shape == (3, micro_model.dim)
+    assert torch.allclose(txt.norm(dim=-1), torch.ones(3), atol=1e-4)
+
+
+def test_long_text_is_truncated_not_refused(micro_model):
+    emb = micro_model.encode_texts(["very long description " * 300])
+    assert emb.shape == (1, micro_model.dim)
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_empty_text_is_a_clear_error(micro_model, text):
+    with pytest.raises(FashionSearchError, match="empty"):
+        micro_model.encode_texts([text])
+
+
+def test_offline_pretrained_tag_fails_fast(monkeypatch):
+    monkeypatch.setattr(backbone, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(backbone, "_cached_weights", lambda *a: None)
+    t0 = time.perf_counter()
+    with pytest.raises(PretrainedUnavailableError, match="--pretrained"):
+        create_model("ViT-B-32", "openai")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_unknown_names_are_clear_errors(tmp_path):
+    with pytest.raises(FashionSearchError, match="unknown model"):
+        create_model("ViT-Z-99", "none")
+    with pytest.raises(FashionSearchError, match="unknown pretrained tag"):
+        create_model("fs-micro", "openai")
+    with pytest.raises(FashionSearchError, match="not found"):
+        create_model("fs-micro", str(tmp_path / "missing.pt"))
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else None
+    assert resolve_device(None).type in {expected, "mps", "cpu"}
+    with pytest.raises(FashionSearchError):
+        resolve_device("not-a-device")

@@ -1,0 +1,392 @@
+"""Vector indexes: agreement with exact search, mutation, filtering, persistence and crash-safe storage."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from fashion_search.errors import FashionSearchError
+from fashion_search.index.base import (
+    FLAT_MAX_ITEMS,
+    HNSW_MAX_ITEMS,
+    INDEX_KINDS,
+    choose_index_kind,
+    create_index,
+    load_index,
+)
+from fashion_search.index.exact import ExactIndex
+from fashion_search.index.faiss_index import FaissIndex
+from fashion_search.index.store import index_exists, load_index_dir, read_manifest, save_index_dir
+
+N, DIM, K = 2000, 64, 10
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[list[str], np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    ids = [f"item-{i:05d}" for i in range(N)]
+    return ids, _normalise(rng.standard_normal((N, DIM))), _normalise(rng.standard_normal((40, DIM)))
+
+
+@pytest.fixture(scope="module")
+def clustered() -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Catalog embeddings cluster (by category, style); IVF's recall is judged on data shaped like that."""
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((40, DIM))
+    items = _normalise(centres[rng.integers(0, 40, N)] + 1.5 * rng.standard_normal((N, DIM)))
+    queries = _normalise(centres[rng.integers(0, 40, 40)] + 1.5 * rng.standard_normal((40, DIM)))
+    return [f"c{i}" for i in range(N)], items, queries
+
+
+def _build(kind: str, ids: list[str], vectors: np.ndarray, **params) -> object:
+    index = create_index(kind, vectors.shape[1], **params)
+    index.add(ids, vectors)
+    return index
+
+
+def _recall(truth: list[list[str]], got: list[list[str]]) -> float:
+    return float(np.mean([len(set(t) & set(g)) / len(t) for t, g in zip(truth, got, strict=True)]))
+
+
+# ---------------------------------------------------------------- agreement with exact search
+
+
+def test_flat_matches_exact(data):
+    ids, vectors, queries = data
+    exact_scores, exact_ids = _build("exact", ids, vectors).search(queries, K)
+    scores, got = _build("flat", ids, vectors).search(queries, K)
+    assert got == exact_ids
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+    assert scores.dtype == np.float32 and scores.shape == (len(queries), K)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+
+
+@pytest.mark.parametrize("kind, dataset", [("hnsw", "data"), ("ivf", "clustered")])
+def test_approximate_recall_with_default_params(kind, dataset, request):
+    ids, vectors, queries = request.getfixturevalue(dataset)
+    _, truth = _build("exact", ids, vectors).search(queries, K)
+    index = _build(kind, ids, vectors)
+    scores, got = index.search(queries, K)
+    assert _recall(truth, got) >= 0.9
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    if kind == "ivf":
+        assert isinstance(index._index, faiss.IndexIVF)  # trained for real, not the small-catalog fallback
+
+
+def test_ivf_probing_every_list_is_exact(data):
+    ids, vectors, queries = data
+    _, truth = _build("exact", ids, vectors).search(queries, K)
+    _, got = _build("ivf", ids, vectors, nlist=16, nprobe=16).search(queries, K)
+    assert got == truth
+
+
+def test_ivf_too_small_to_train_falls_back_to_flat(data):
+    ids, vectors, queries = data
+    index = _build("ivf", ids[:100], vectors[:100])
+    assert isinstance(index._index, faiss.IndexFlat)
+    _, truth = _build("exact", ids[:100], vectors[:100]).search(queries, K)
+    assert index.search(queries, K)[1] == truth
+    index.add(ids[100:], vectors[100:])  # now large enough: trains
+    assert isinstance(index._index, faiss.IndexIVF) and len(index) == N
+
+
+# ---------------------------------------------------------------- add / remove / ids
+
+
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+def test_add_remove_ids_and_len(kind, data):
+    ids, vectors, queries = data
+    index = create_index(kind, DIM)
+    assert len(index) == 0 and index.ids() == []
+    scores, empty = index.search(queries[:2], K)
+    assert scores.shape == (2, 0) and empty == [[], []]
+    index.add(ids[:1500], vectors[:1500])
+    index.add(ids[1500:], vectors[1500:])
+    assert len(index) == N and index.ids() == ids
+    np.testing.assert_array_equal(index.vectors(), vectors)
+
+    with pytest.raises(FashionSearchError, match="duplicate"):
+        index.add([ids[3], "new"], vectors[:2])
+    with pytest.raises(FashionSearchError, match="duplicate"):
+        index.add(["x", "x"], vectors[:2])
+    with pytest.raises(FashionSearchError, match="shape"):
+        index.add(["y"], np.zeros((1, DIM + 1), np.float32))
+    assert len(index) == N and index.ids() == ids  # refused adds change nothing
+
+    _, before = index.search(queries, K)
+    removed = {i for line in before for i in line[:3]} | set(ids[::7])
+    assert index.remove([*removed, "unknown-id"]) == len(removed)
+    assert index.remove(["unknown-id"]) == 0
+    kept = [i for i in ids if i not in removed]
+    assert index.ids() == kept and len(index) == len(kept)
+    np.testing.assert_array_equal(index.vectors(), vectors[[i not in removed for i in ids]])
+    _, after = index.search(queries, K)
+    assert all(len(line) == K and not set(line) & removed for line in after)
+
+    _, truth = _build("exact", kept, index.vectors()).search(queries, K)
+    assert _recall(truth, after) >= (1.0 if kind in ("exact", "flat") else 0.9)
+    index.add([ids[0]], vectors[0])  # a removed id may come back; a 1-d vector counts as one row
+    assert index.ids()[-1] == ids[0] and index.search(vectors[0], 1)[1] == [[ids[0]]]
+
+
+def test_bad_queries_and_parameters(data):
+    ids, vectors, _ = data
+    index = _build("flat", ids[:50], vectors[:50])
+    with pytest.raises(FashionSearchError, match="expected"):
+        index.search(np.zeros((1, DIM + 1), np.float32), K)
+    with pytest.raises(FashionSearchError, match="k must"):
+        index.search(vectors[:1], 0)
+    with pytest.raises(FashionSearchError, match="NaN"):
+        index.search(np.full(DIM, np.nan, np.float32), K)
+    scores, got = index.search(vectors[:2], 500)  # k larger than the catalog: everything, ranked
+    assert scores.shape == (2, 50) and sorted(got[0]) == sorted(ids[:50])
+    with pytest.raises(FashionSearchError, match="unknown index kind"):
+        create_index("annoy", DIM)
+    with pytest.raises(FashionSearchError, match="unknown parameter 'nprobe'"):
+        create_index("hnsw", DIM, nprobe=4)
+    with pytest.raises(FashionSearchError, match="positive integer"):
+        create_index("hnsw", DIM, M=0)
+    with pytest.raises(TypeError):
+        index.add("abc", vectors[:3])
+
+
+# ---------------------------------------------------------------- filtered search
+
+
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+def test_allowed_filter(kind, data):
+    ids, vectors, queries = data
+    index = _build(kind, ids, vectors)
+    exact = _build("exact", ids, vectors)
+    for share in (2, 40, 400):  # from half the catalog down to 5 items: over-fetch, then the exact fallback
+        allowed_set = set(ids[::share])
+
+        def allowed(i: str, allowed_set=allowed_set) -> bool:
+            return i in allowed_set
+
+        scores, got = index.search(queries, K, allowed=allowed)
+        want = min(K, len(allowed_set))
+        assert scores.shape == (len(queries), want)
+        assert all(len(line) == want and set(line) <= allowed_set for line in got)
+        _, truth = exact.search(queries, K, allowed=allowed)
+        assert _recall(truth, got) >= (1.0 if kind in ("exact", "flat") else 0.9)
+    scores, got = index.search(queries[:3], K, allowed=lambda i: False)
+    assert scores.shape == (3, 0) and got == [[], [], []]
+
+
+# ---------------------------------------------------------------- persistence of one index
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+def test_save_load_roundtrip(kind, mmap, data, tmp_path):
+    ids, vectors, queries = data
+    index = _build(kind, ids, vectors)
+    index.remove(ids[:10])  # IVF labels are no longer row numbers: must survive the roundtrip
+    index.save(tmp_path)
+    assert json.loads((tmp_path / "index.json").read_text())["kind"] == kind
+    loaded = load_index(tmp_path, mmap=mmap)
+    assert type(loaded) is type(index) and loaded.kind == kind and loaded.dim == DIM
+    assert loaded.ids() == index.ids()
+    assert isinstance(loaded.vectors(), np.memmap) == mmap
+    s0, ids0 = index.search(queries, K)
+    s1, ids1 = loaded.search(queries, K)
+    assert ids1 == ids0
+    np.testing.assert_allclose(s1, s0, atol=1e-6)
+    assert loaded.search(queries, K, allowed=lambda i: i.endswith("7"))[1] == index.search(
+        queries, K, allowed=lambda i: i.endswith("7")
+    )[1]
+    # A memory-mapped index stays usable for writes: it copies itself into memory first.
+    assert loaded.remove(ids[10:20]) == 10
+    loaded.add(ids[:10], vectors[:10])
+    assert len(loaded) == N - 10 and loaded.search(vectors[0], 1)[1] == [[ids[0]]]
+
+
+def test_load_index_reports_corrupt_files(data, tmp_path):
+    ids, vectors, _ = data
+    _build("flat", ids[:20], vectors[:20]).save(tmp_path)
+    np.save(tmp_path / "vectors.npy", vectors[:19])
+    with pytest.raises(FashionSearchError, match=str(tmp_path)):
+        load_index(tmp_path)
+    (tmp_path / "index.json").write_text("{not json")
+    with pytest.raises(FashionSearchError, match="corrupt"):
+        load_index(tmp_path)
+
+
+# ---------------------------------------------------------------- crash-safe index directories
+
+
+@pytest.fixture()
+def small(data) -> tuple[ExactIndex, FaissIndex]:
+    ids, vectors, _ = data
+    return _build("exact", ids[:30], vectors[:30]), _build("flat", ids[30:80], vectors[30:80])
+
+
+def test_versions_current_and_manifest(small, tmp_path):
+    old, new = small
+    index_dir = tmp_path / "deep" / "idx"
+    assert not index_exists(index_dir)
+    first = save_index_dir(index_dir, old, {"model": "m1"})
+    assert first == index_dir / "versions" / "000001" and index_exists(index_dir)
+    assert (index_dir / "CURRENT").read_text().strip() == "000001"
+    loaded, manifest = load_index_dir(index_dir)
+    assert loaded.ids() == old.ids() and manifest["model"] == "m1" and manifest["version"] == 1
+    assert manifest["index"] == {"kind": "exact", "dim": DIM, "count": 30}
+    save_index_dir(index_dir, new, {"model": "m2"})
+    save_index_dir(index_dir, old, {"model": "m3"})
+    assert sorted(p.name for p in (index_dir / "versions").iterdir()) == ["000002", "000003"]
+    assert read_manifest(index_dir)["model"] == "m3"
+    loaded, _ = load_index_dir(index_dir, mmap=True)
+    assert loaded.ids() == old.ids()
+
+
+def _assert_still_old(index_dir: Path, old) -> None:
+    loaded, manifest = load_index_dir(index_dir)
+    assert loaded.ids() == old.ids() and manifest["model"] == "old"
+    assert sorted(p.name for p in (index_dir / "versions").iterdir()) == ["000001"]
+
+
+def test_exception_mid_save_keeps_previous_version(small, tmp_path, monkeypatch):
+    old, new = small
+    save_index_dir(tmp_path, old, {"model": "old"})
+
+    def broken_save(directory: Path) -> None:
+        (directory / "ids.json").write_text("[")  # half-written files must never become visible
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(new, "save", broken_save)
+    with pytest.raises(RuntimeError, match="boom"):
+        save_index_dir(tmp_path, new, {"model": "new"})
+    _assert_still_old(tmp_path, old)
+
+
+@pytest.mark.parametrize("where", ["index-save", "fsync", "replace"])
+def test_disk_full_gives_user_error_and_keeps_previous_version(where, small, tmp_path, monkeypatch):
+    old, new = small
+    save_index_dir(tmp_path, old, {"model": "old"})
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    target = {"index-save": (new, "save"), "fsync": (os, "fsync"), "replace": (os, "replace")}[where]
+    monkeypatch.setattr(*target, no_space)
+    with pytest.raises(FashionSearchError, match="No space left on device") as info:
+        save_index_dir(tmp_path, new, {"model": "new"})
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+    monkeypatch.undo()
+    _assert_still_old(tmp_path, old)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions (ENOSPC test covers it)")
+def test_read_only_directory(small, tmp_path):
+    old, new = small
+    save_index_dir(tmp_path, old, {"model": "old"})
+    for path in (tmp_path, tmp_path / "versions"):
+        path.chmod(0o555)
+    try:
+        with pytest.raises(FashionSearchError, match="cannot write"):
+            save_index_dir(tmp_path, new, {"model": "new"})
+    finally:
+        for path in (tmp_path, tmp_path / "versions"):
+            path.chmod(0o755)
+    _assert_still_old(tmp_path, old)
+
+
+_KILLER = """
+import os, signal, sys
+from pathlib import Path
+import numpy as np
+from fashion_search.index.base import create_index
+from fashion_search.index import store
+
+index = create_index("flat", 8)
+index.add(["a", "b"], np.eye(2, 8, dtype=np.float32))
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[2] == "replace":
+    store.os.replace = die          # dies with the new version complete, just before CURRENT switches
+else:
+    np.save = die                   # dies while the index writes its own files
+store.save_index_dir(Path(sys.argv[1]), index, {"model": "new"})
+"""
+
+
+@pytest.mark.parametrize("where", ["replace", "index-files"])
+def test_kill_9_mid_save_leaves_last_good_state(where, small, tmp_path):
+    old, new = small
+    save_index_dir(tmp_path, old, {"model": "old"})
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_KILLER), str(tmp_path), where], timeout=60)
+    assert proc.returncode == -9
+    leftovers = [p for p in [*tmp_path.iterdir(), *(tmp_path / "versions").iterdir()] if p.name != "CURRENT"]
+    assert len(leftovers) >= 3  # versions/, 000001 and the debris of the killed save
+    loaded, manifest = load_index_dir(tmp_path)
+    assert loaded.ids() == old.ids() and manifest["model"] == "old"
+    save_index_dir(tmp_path, new, {"model": "next"})  # the next save cleans the debris up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "versions"]
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["000001", "000003"]
+    assert load_index_dir(tmp_path)[1]["model"] == "next"
+
+
+def test_leftover_tmp_dir_ignored_then_cleaned(small, tmp_path):
+    old, new = small
+    save_index_dir(tmp_path, old, {"model": "old"})
+    debris = tmp_path / "versions" / ".tmp-000002-crashed"
+    debris.mkdir()
+    (debris / "ids.json").write_text("[garbage")
+    assert load_index_dir(tmp_path)[0].ids() == old.ids()
+    save_index_dir(tmp_path, new, {"model": "new"})
+    assert not debris.exists()
+
+
+def test_missing_or_corrupt_index_dir_errors(small, tmp_path):
+    old, _ = small
+    missing = tmp_path / "nope"
+    with pytest.raises(FashionSearchError, match=r"no index at .*nope: run `fashion-search index"):
+        load_index_dir(missing)
+    with pytest.raises(FashionSearchError, match="CURRENT file is missing"):
+        read_manifest(tmp_path)
+    save_index_dir(tmp_path, old, {"model": "old"})
+    (tmp_path / "CURRENT").write_text("../../etc")
+    with pytest.raises(FashionSearchError, match="CURRENT file is unreadable"):
+        load_index_dir(tmp_path)
+    (tmp_path / "CURRENT").write_text("000007\n")
+    with pytest.raises(FashionSearchError, match="000007, which is missing"):
+        load_index_dir(tmp_path)
+    assert not index_exists(tmp_path)
+    (tmp_path / "CURRENT").write_text("000001\n")
+    manifest_path = tmp_path / "versions" / "000001" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "index": {**manifest["index"], "count": 5}}))
+    with pytest.raises(FashionSearchError, match="corrupt index"):
+        load_index_dir(tmp_path)
+    (tmp_path / "versions" / "000001" / "vectors.npy").write_bytes(b"\x93NUMPY truncated")
+    with pytest.raises(FashionSearchError, match="000001"):
+        load_index_dir(tmp_path)
+
+
+# ---------------------------------------------------------------- automatic kind
+
+
+def test_choose_index_kind_thresholds():
+    assert choose_index_kind(0) == "flat"
+    assert choose_index_kind(FLAT_MAX_ITEMS) == "flat"
+    assert choose_index_kind(FLAT_MAX_ITEMS + 1) == "hnsw"
+    assert choose_index_kind(HNSW_MAX_ITEMS) == "hnsw"
+    assert choose_index_kind(HNSW_MAX_ITEMS + 1) == "ivf"
+    assert {choose_index_kind(n) for n in (10, 10**6, 10**8)} <= set(INDEX_KINDS)
+    with pytest.raises(ValueError):
+        choose_index_kind(-1)

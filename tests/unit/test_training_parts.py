@@ -1,0 +1,65 @@
+"""Losses, the hard-negative sampler and caption-safe augmentation."""
+
+import random
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fashion_search.data.fashioniq import Triplet
+from fashion_search.training.data import GroupedBatchSampler, PairAugment, related_groups
+from fashion_search.training.losses import clip_loss, composed_loss
+
+
+def test_composed_loss_prefers_matching_targets():
+    torch.manual_seed(0)
+    targets = F.normalize(torch.randn(8, 16), dim=-1)
+    ids = [str(i) for i in range(8)]
+    good = composed_loss(targets, targets, torch.tensor(20.0), ids)
+    bad = composed_loss(targets.roll(1, 0), targets, torch.tensor(20.0), ids)
+    assert good < 0.1 < bad
+
+
+def test_duplicate_targets_are_not_negatives():
+    t = F.normalize(torch.randn(1, 16), dim=-1).repeat(2, 1)
+    # Two queries with the same target image: both columns are correct, so loss can reach ~log(1).
+    loss = composed_loss(t, t, torch.tensor(50.0), ["a", "a"])
+    assert loss < 0.7  # log(2) would be the floor if the twin counted as a negative
+
+
+def test_clip_loss_symmetric_and_finite():
+    x = F.normalize(torch.randn(4, 8), dim=-1)
+    assert torch.isfinite(clip_loss(x, x, torch.tensor(10.0), list("abcd")))
+
+
+def test_related_groups_are_connected_components():
+    ts = [
+        Triplet("dress", "a", "b", ("", "")),
+        Triplet("dress", "b", "c", ("", "")),
+        Triplet("dress", "x", "y", ("", "")),
+    ]
+    g = related_groups(ts)
+    assert g[0] == g[1] != g[2]
+
+
+def test_sampler_covers_each_item_once_with_groups_together():
+    groups = [i // 8 for i in range(64)]
+    sampler = GroupedBatchSampler(groups, batch_size=16, per_group=4, seed=1)
+    batches = list(sampler)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(64)) and len(batches) == len(sampler) == 4
+    # each batch holds chunks of 4 from the same group
+    for b in batches:
+        assert all(len({groups[i] for i in b[j : j + 4]}) == 1 for j in range(0, 16, 4))
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # reshuffled per epoch, deterministically
+    sampler.set_epoch(0)
+    assert list(sampler) == batches
+
+
+def test_pair_augment_is_identical_for_both_images_and_keeps_hue():
+    red = Image.new("RGB", (32, 32), (200, 20, 20))
+    a, b = PairAugment()([red, red.copy()], random.Random(3))
+    assert a.tobytes() == b.tobytes()
+    r, g, bl = a.getpixel((16, 16))
+    assert r > 3 * max(g, bl)  # still red
