@@ -61,3 +61,15 @@ def test_device_resolution():
     assert resolve_device(None).type in {expected, "mps", "cpu"}
     with pytest.raises(FashionSearchError):
         resolve_device("not-a-device")
+
+
+def test_random_weights_are_the_same_in_every_process():
+    # An index built with --pretrained none is queried by a later process: both must embed alike.
+    torch.manual_seed(123)
+    a = create_model("fs-micro", "none")
+    after_a = torch.rand(1)
+    torch.manual_seed(123)
+    b = create_model("fs-micro", "none")
+    assert torch.rand(1) == after_a  # the caller's random stream is untouched
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), name

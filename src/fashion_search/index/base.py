@@ -182,8 +182,9 @@ def as_queries(queries: np.ndarray, dim: int) -> np.ndarray:
 
 
 def check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise FashionSearchError(f"k must be a positive integer, got {k!r}")
+    # k=0 is allowed (empty answer) so callers can pass min(k, len(index)) for an empty index.
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise FashionSearchError(f"k must be a non-negative integer, got {k!r}")
     return int(k)
 
 

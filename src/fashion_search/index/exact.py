@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -42,6 +43,62 @@ def exact_topk(
     if rows is not None:
         found = rows[found]
     return scores, found
+
+
+def filtered_topk(
+    ann: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    store: RowStore,
+    q: np.ndarray,
+    k: int,
+    allowed: Callable[[str], bool],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k among allowed ids: over-fetch from `ann` (queries, k) -> (scores, rows, -1 for holes) and
+    filter; queries still short of k fall back to an exact scan of the allowed subset.
+    """
+    n, ids = len(store), store.ids
+    cache: dict[str, bool] = {}
+
+    def ok(row: int) -> bool:
+        verdict = cache.get(ids[row])
+        if verdict is None:
+            verdict = cache[ids[row]] = bool(allowed(ids[row]))
+        return verdict
+
+    results: list[list[tuple[float, int]]] = [[] for _ in range(q.shape[0])]
+    pending = np.arange(q.shape[0])
+    fetch = min(n, max(4 * k, k + 32))
+    while True:
+        scores, rows = ann(q[pending], fetch)
+        still = []
+        for qi, line_s, line_r in zip(pending.tolist(), scores.tolist(), rows.tolist(), strict=True):
+            picked = []
+            for s, r in zip(line_s, line_r, strict=True):
+                if r >= 0 and ok(r):
+                    picked.append((s, r))
+                    if len(picked) == k:
+                        break
+            if len(picked) == k:
+                results[qi] = picked
+            else:
+                still.append(qi)
+        pending = np.array(still, dtype=np.int64)
+        if not pending.size or fetch >= n:
+            break
+        # Size the next fetch from the pass rate seen so far, at least 4x the last one; an ANN search
+        # over more than 1/8 of the catalog costs more than an exact scan of the allowed subset.
+        rate = max(sum(cache.values()), 1) / max(len(cache), 1)
+        fetch = min(n, max(4 * fetch, math.ceil(2 * k / rate)))
+        if fetch > n // 8:
+            break
+    if pending.size:
+        scores, rows = exact_topk(store.matrix, q[pending], k, store.allowed_rows(allowed, cache))
+        for qi, line_s, line_r in zip(pending.tolist(), scores.tolist(), rows.tolist(), strict=True):
+            results[qi] = list(zip(line_s, line_r, strict=True))
+    # Every query has min(k, eligible) results: reaching k proves at least k ids are eligible.
+    kk = min(len(r) for r in results)
+    out_s = np.array([[s for s, _ in r[:kk]] for r in results], dtype=np.float32)
+    out_r = np.array([[r for _, r in res[:kk]] for res in results], dtype=np.int64)
+    return out_s.reshape(len(results), kk), out_r.reshape(len(results), kk)
 
 
 class ExactIndex(VectorIndex):

@@ -126,8 +126,9 @@ def save_index_dir(index_dir: Path, index: VectorIndex, manifest: dict[str, Any]
                 if path.is_file():
                     _fsync(path)
             _fsync(tmp)
-            final = versions / f"{number:06d}"
-            os.rename(tmp, final)
+            target = versions / f"{number:06d}"
+            os.rename(tmp, target)  # fails rather than merge if the name exists
+            final = target
             _fsync(versions)
             _atomic_write_text(index_dir / CURRENT, final.name + "\n")
         except BaseException:
@@ -138,7 +139,7 @@ def save_index_dir(index_dir: Path, index: VectorIndex, manifest: dict[str, Any]
     except OSError as exc:
         reason = exc.strerror or one_line(exc)
         raise FashionSearchError(
-            f"cannot write the index to {index_dir}: {reason}; the previous index is unchanged"
+            f"cannot write the index to {index_dir}: {reason}; any previous index is unchanged"
         ) from exc
     _cleanup(index_dir, keep={final.name, previous or ""}, newest=number)
     return final

@@ -205,7 +205,11 @@ def create_backbone(
     # open_clip logs a root-level warning for random init, which is what `none` asks for.
     quiet = contextlib.nullcontext() if weights else _logging_disabled(logging.WARNING)
     try:
-        with quiet:
+        # `--pretrained none` must mean the same weights in every process (an index built with them
+        # is queried later by another process), so random initialisation is seeded, without touching
+        # the caller's random state.
+        with quiet, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             clip = open_clip.create_model(
                 model,
                 pretrained=weights,

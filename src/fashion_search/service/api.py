@@ -1,0 +1,234 @@
+"""HTTP API over one SearchEngine: /health, /info, POST /search (multipart) and /items/{id}/image."""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import time
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fashion_search.errors import FashionSearchError
+from fashion_search.service.engine import MAX_K, SearchEngine
+
+log = logging.getLogger("fashion_search.api")
+
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+# 40 Mpx covers any phone or studio photo while bounding one decode to ~120 MB of RGB; Pillow's own
+# bomb guard (~89 Mpx) is too generous for a server decoding uploads from strangers.
+DEFAULT_MAX_PIXELS = 40_000_000
+MAX_TEXT_CHARS = 10_000
+# Room in the request body for the text fields and multipart framing around the image itself.
+_FORM_OVERHEAD = 64 * 1024
+
+
+class SearchHit(BaseModel):
+    id: str
+    score: float
+    image_url: str
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+    took_ms: float
+
+
+class Health(BaseModel):
+    status: str
+    items: int
+
+
+def _json_error(status: int, detail) -> dict:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return {"start": {"type": "http.response.start", "status": status, "headers": headers}, "body": body}
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `limit` bytes before they are parsed or spooled.
+
+    The Content-Length header is checked first (cheap, honest clients), then bytes are counted as
+    they arrive, because the header may be absent (chunked) and nothing else in the stack stops a
+    multi-gigabyte upload from being written to a temporary file.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.limit
+            except ValueError:
+                return await self._reply(send, 400, "invalid Content-Length header")
+            if too_big:
+                return await self._reply(send, 413, self._message())
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # FastAPI re-raises HTTPExceptions from body parsing, so this becomes a JSON 413.
+                    raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _message(self) -> str:
+        return f"request body too large (limit {self.limit - _FORM_OVERHEAD:,} bytes for the image)"
+
+    async def _reply(self, send, status: int, detail: str) -> None:
+        reply = _json_error(status, detail)
+        await send(reply["start"])
+        await send({"type": "http.response.body", "body": reply["body"]})
+
+
+def _public(message: str, engine: SearchEngine) -> str:
+    """An error message without server paths: the catalog and index folders are nobody's business."""
+    for secret in {str(engine.catalog_root.resolve()), str(engine.catalog_root), str(engine.index_dir or "")}:
+        if len(secret) > 1:
+            message = message.replace(secret, "<catalog>")
+    return message
+
+
+def _install_error_handlers(app: FastAPI, engine: SearchEngine) -> None:
+    @app.exception_handler(FashionSearchError)
+    async def user_error(request: Request, exc: FashionSearchError) -> JSONResponse:
+        # ImageDecodeError (not an image, truncated, too many pixels) is the client's bad input too.
+        return JSONResponse({"detail": _public(str(exc), engine)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the offending input back (up to 10 kB of text); loc + msg suffice.
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def create_app(
+    engine: SearchEngine,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    cors_origins: tuple[str, ...] | list[str] = (),
+) -> FastAPI:
+    """The API over an opened engine; the engine's own locks make the threadpool endpoints safe."""
+    app = FastAPI(
+        title="fashion-search",
+        summary="Composed image retrieval for fashion: a reference photo plus a change in words.",
+        version="1",
+    )
+    app.state.engine = engine
+    _install_error_handlers(app, engine)
+
+    @app.get("/health", response_model=Health)
+    def health() -> Health:
+        return Health(status="ok", items=len(engine))
+
+    @app.get("/info")
+    def info() -> dict:
+        return engine.info()
+
+    @app.post("/search", response_model=SearchResponse)
+    def search(
+        image: Annotated[UploadFile | None, File(description="reference garment photo")] = None,
+        text: Annotated[
+            str | None, Form(max_length=MAX_TEXT_CHARS, description="the change, in words")
+        ] = None,
+        text_weight: Annotated[
+            float | None, Form(ge=0.0, le=1.0, description="0 = image only, 1 = text only")
+        ] = None,
+        k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
+        category: Annotated[str | None, Form(description="top-level catalog folder")] = None,
+    ) -> SearchResponse:
+        data = _read_upload(image, max_upload_bytes)
+        started = time.perf_counter()
+        if data is not None:
+            # Decoding here (not in engine.search) applies the API's stricter pixel limit.
+            engine.image_embedding(data, max_pixels=max_pixels)
+        results = engine.search(
+            image=data, text=text or None, text_weight=text_weight, k=k, category=category or None
+        )
+        took = (time.perf_counter() - started) * 1000.0
+        hits = [SearchHit(id=r.id, score=r.score, image_url=f"/items/{quote(r.id)}/image") for r in results]
+        return SearchResponse(results=hits, took_ms=round(took, 3))
+
+    @app.get("/items/{item_id:path}/image", response_class=FileResponse)
+    def item_image(item_id: str, request: Request) -> FileResponse:
+        # Canonical URLs (quote(id)) never encode "/"; an encoded slash is someone probing for traversal.
+        raw = request.scope.get("raw_path", b"").lower()
+        if b"%2f" in raw or b"%5c" in raw or ".." in item_id.split("/") or "\x00" in item_id:
+            raise HTTPException(404, "item not found")
+        try:
+            path = engine.item_path(item_id)
+        except FashionSearchError:
+            raise HTTPException(404, "item not found") from None
+        if not path.is_file():
+            raise HTTPException(404, "item image is no longer in the catalog")
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type, headers={"X-Content-Type-Options": "nosniff"})
+
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + _FORM_OVERHEAD)
+    return app
+
+
+def _read_upload(image: UploadFile | None, limit: int) -> bytes | None:
+    """The uploaded bytes, at most `limit` of them; None when the form's file field was left empty."""
+    if image is None:
+        return None
+    data = image.file.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"image too large (limit {limit:,} bytes)")
+    if not data and not image.filename:
+        return None  # browsers send an empty, unnamed part for a file input nobody used
+    if not data:
+        raise HTTPException(400, "uploaded image is empty")
+    return data
+
+
+def serve(args) -> int:
+    """`fashion-search serve`: open the engine once, then run uvicorn until interrupted."""
+    import uvicorn
+
+    engine = SearchEngine.open(
+        args.index,
+        checkpoint=getattr(args, "checkpoint", None),
+        device=getattr(args, "device", None),
+    )
+    app = create_app(engine, cors_origins=tuple(getattr(args, "cors_origins", None) or ()))
+    print(f"fashion-search API on http://{args.host}:{args.port} ({len(engine)} items; docs at /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,155 @@
+"""Through the CLI: index a folder, search it by image / text / both, info, incremental re-index, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_image
+from fashion_search.cli import main
+
+MODEL = ["--model", "fs-micro", "--pretrained", "none"]
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the CLI in-process (fast); `test_console_script` covers the real entry point once."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"exit {code}: {proc.stderr}")
+    return proc
+
+
+def test_console_script(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fashion_search.cli", "info", "--index", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("fashion-search: error:")
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    from conftest import write_image as w
+
+    root = tmp_path_factory.mktemp("cli") / "catalog"
+    colours = [(220, 20, 20), (20, 220, 20), (20, 20, 220), (230, 230, 30), (30, 30, 30), (240, 240, 240)]
+    for n, c in enumerate(colours):
+        w(root / ("dress" if n % 2 else "shirt") / f"item{n}.jpg", c)
+    (root / "shirt" / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    index = root.parent / "index"
+    cli("index", str(root), "--out", str(index), *MODEL, "--workers", "0", "--quiet")
+    return root, index
+
+
+def search(index: Path, *args: str) -> list[dict]:
+    return json.loads(cli("search", "--index", str(index), "--json", *args).stdout)["results"]
+
+
+def test_index_reports_skipped_and_info(indexed):
+    root, index = indexed
+    info = json.loads(cli("info", "--index", str(index), "--json").stdout)
+    assert info["items"] == 6 and info["dim"] == 64 and info["model"] == "fs-micro"
+    assert info["categories"] == ["dress", "shirt"]
+    report = json.loads((index / "report.json").read_text())
+    assert [s["id"] for s in report["skipped"]] == ["shirt/broken.jpg"]
+
+
+def test_image_search_finds_itself_first(indexed):
+    root, index = indexed
+    results = search(index, "--image", str(root / "dress" / "item3.jpg"), "-k", "3")
+    assert results[0]["id"] == "dress/item3.jpg"
+    assert results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert set(results[0]) >= {"id", "path", "score"}
+
+
+@pytest.mark.parametrize("extra", [["--text", "a red dress"], ["--text", "is darker", "--image", "IMG"]])
+def test_text_and_composed_return_k_sorted(indexed, extra):
+    root, index = indexed
+    extra = [str(root / "shirt" / "item0.jpg") if a == "IMG" else a for a in extra]
+    results = search(index, *extra, "-k", "4")
+    assert len(results) == 4
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_text_weight_limits_match_single_modalities(indexed):
+    root, index = indexed
+    img = str(root / "shirt" / "item2.jpg")
+    only_image = search(index, "--image", img, "-k", "6")
+    only_text = search(index, "--text", "striped", "-k", "6")
+    assert [
+        r["id"] for r in search(index, "--image", img, "--text", "striped", "--text-weight", "0", "-k", "6")
+    ] == [r["id"] for r in only_image]
+    assert [
+        r["id"] for r in search(index, "--image", img, "--text", "striped", "--text-weight", "1", "-k", "6")
+    ] == [r["id"] for r in only_text]
+
+
+def test_category_filter(indexed):
+    _, index = indexed
+    results = search(index, "--text", "anything", "--category", "dress", "-k", "10")
+    assert len(results) == 3 and all(r["id"].startswith("dress/") for r in results)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give --image, --text, or both"),
+        (["--image", "/nonexistent.jpg"], "not found"),
+        (["--text", "x", "-k", "0"], "k must be"),
+        (["--text", "x", "--category", "hats"], "unknown category"),
+    ],
+)
+def test_bad_search_exits_2_with_one_line(indexed, args, message):
+    _, index = indexed
+    proc = cli("search", "--index", str(index), *args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_index_and_folder(tmp_path):
+    proc = cli("info", "--index", str(tmp_path / "nope"), check=False)
+    assert proc.returncode == 2 and "index" in proc.stderr
+    proc = cli("index", str(tmp_path / "nope"), "--out", str(tmp_path / "i"), *MODEL, check=False)
+    assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def test_incremental_reindex_follows_adds_and_deletes(tmp_path):
+    root = tmp_path / "cat"
+    for n in range(4):
+        write_image(root / f"a{n}.jpg", (50 * n, 100, 200))
+    index = tmp_path / "idx"
+    cli("index", str(root), "--out", str(index), *MODEL, "--workers", "0", "--quiet")
+    (root / "a0.jpg").unlink()
+    write_image(root / "sub" / "new.png", (10, 200, 10), fmt="PNG")
+    write_image(root / "sub" / "new2.JPEG", (10, 20, 200), fmt="JPEG")
+    out = cli("index", str(root), "--out", str(index), "--workers", "0", "--quiet").stdout
+    assert "2 added, 1 removed" in out
+    info = json.loads(cli("info", "--index", str(index), "--json").stdout)
+    assert info["items"] == 5
+    ids = {r["id"] for r in search(index, "--text", "x", "-k", "10")}
+    assert ids == {"a1.jpg", "a2.jpg", "a3.jpg", "sub/new.png", "sub/new2.JPEG"}
+    # nothing changed: nothing re-embedded
+    assert "0 added, 0 removed" in cli("index", str(root), "--out", str(index), "--quiet").stdout
+
+
+def test_other_model_is_refused(tmp_path, indexed):
+    root, index = indexed
+    copy = tmp_path / "index"
+    shutil.copytree(index, copy)
+    proc = cli(
+        "index", str(root), "--out", str(copy), "--model", "fs-tiny", "--pretrained", "none", check=False
+    )
+    assert proc.returncode == 2 and "was built with" in proc.stderr

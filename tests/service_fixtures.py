@@ -1,0 +1,95 @@
+"""Fixtures for the API and UI tests: a small two-category catalog indexed with a saved random model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# Twelve visibly different garments: a colour and a stripe period each, so even a random model tells
+# them apart and a screenshot shows a varied grid.
+COLOURS = [
+    (214, 40, 57),
+    (38, 70, 160),
+    (46, 150, 90),
+    (240, 200, 60),
+    (30, 30, 36),
+    (236, 236, 230),
+    (150, 80, 180),
+    (250, 140, 40),
+    (90, 200, 210),
+    (120, 70, 40),
+    (240, 150, 180),
+    (110, 120, 60),
+]
+CATEGORIES = ("dress", "shirt")
+
+
+def garment_image(
+    colour: tuple[int, int, int], period: int, size: tuple[int, int] = (96, 128)
+) -> Image.Image:
+    """A plain garment-like silhouette (body + sleeves) with stripes, on a light background."""
+    w, h = size
+    arr = np.full((h, w, 3), 245, dtype=np.uint8)
+    body = np.array(colour, dtype=np.uint8)
+    arr[h // 5 : h - 8, w // 4 : w - w // 4] = body
+    arr[h // 5 : h // 2, 6 : w // 4] = body  # sleeves
+    arr[h // 5 : h // 2, w - w // 4 : w - 6] = body
+    stripes = (np.arange(h) // period) % 2 == 0
+    arr[stripes, w // 4 : w - w // 4] = (arr[stripes, w // 4 : w - w // 4] * 0.6).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def make_catalog(root: Path) -> Path:
+    """Write 12 JPEGs as `dress/itemN.jpg` and `shirt/itemN.jpg`; returns `root`."""
+    for n, colour in enumerate(COLOURS):
+        path = root / CATEGORIES[n % 2] / f"item{n:02d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        garment_image(colour, period=3 + n).save(path, quality=92)
+    return root
+
+
+def build_service_index(base: Path, catalog: Path | None = None) -> Path:
+    """Index `catalog` (default: a fresh `make_catalog`) under `base/index`.
+
+    The random fs-micro model is saved as a checkpoint first, so every process that opens the index
+    (the API, `streamlit run`, a CLI subprocess) rebuilds exactly the model that embedded the catalog.
+    """
+    from fashion_search.index.build import build_index
+    from fashion_search.models.checkpoint import (
+        atomic_torch_save,
+        create_model,
+        load_checkpoint,
+        model_payload,
+    )
+
+    catalog = catalog if catalog is not None else make_catalog(base / "catalog")
+    ckpt = base / "run" / "checkpoint.pt"
+    torch.manual_seed(0)
+    atomic_torch_save(model_payload(create_model("fs-micro", "none", fusion="sum", device="cpu")), ckpt)
+    model = load_checkpoint(ckpt, device="cpu")
+    source = {"model": "fs-micro", "pretrained": "none", "fusion": "sum", "checkpoint": str(ckpt)}
+    build_index(catalog, base / "index", model, source, workers=0, progress=False)
+    return base / "index"
+
+
+@pytest.fixture(scope="session")
+def service_index(tmp_path_factory) -> Path:
+    return build_service_index(tmp_path_factory.mktemp("service"))
+
+
+@pytest.fixture(scope="session")
+def empty_index(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("empty")
+    (base / "catalog").mkdir()
+    return build_service_index(base, base / "catalog")
+
+
+@pytest.fixture(scope="session")
+def service_engine(service_index):
+    from fashion_search.service.engine import SearchEngine
+
+    return SearchEngine.open(service_index, device="cpu")
