@@ -15,9 +15,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from service_fixtures import empty_index, service_engine, service_index  # noqa: F401  (fixtures)
 
 from fashion_search.service.api import create_app
+from service_fixtures import empty_index, service_engine, service_index  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,8 @@ def test_empty_index_answers_empty_results(empty_index):  # noqa: F811
 
 
 def test_ids_with_spaces_and_unicode_are_quoted(tmp_path):
-    from service_fixtures import build_service_index, garment_image
-
     from fashion_search.service.engine import SearchEngine
+    from service_fixtures import build_service_index, garment_image
 
     (tmp_path / "catalog").mkdir()
     garment_image((200, 50, 50), 4).save(tmp_path / "catalog" / "odd name ü#1.png", format="PNG")

@@ -1,7 +1,8 @@
 """Catalog index build: reader (folder walk + decode in workers) -> encoder (batched) -> writer (atomic).
 
 Re-running on the same folder embeds only new or changed files and drops deleted ones. Progress is
-saved every `save_every` images, so a killed build resumes where its last save left off.
+saved every `save_seconds`, so a killed build resumes where its last save left off (each save
+rewrites the index, so saves are spaced in time rather than per N images, which would be quadratic).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def build_index(
     batch_size: int = 32,
     workers: int | None = None,
     index_kind: str = "auto",
-    save_every: int = 4096,
+    save_seconds: float = 60.0,
     progress: bool = True,
 ) -> BuildReport:
     """Embed every image under `images_dir` into the index at `out_dir` (incrementally)."""
@@ -138,7 +139,7 @@ def build_index(
             },
         )
 
-    since_save = 0
+    last_save = time.monotonic()
     batches = iter_embedded(
         model, [f.path for f in todo], batch_size=batch_size, workers=workers, progress=False
     )
@@ -151,11 +152,10 @@ def build_index(
                 index.add([todo[i].id for i in indices], emb.numpy().astype(np.float32))
                 files.update({todo[i].id: todo[i].signature for i in indices})
                 report.added += len(indices)
-            since_save += len(indices) + len(failed)
             bar.update(len(indices) + len(failed))
-            if since_save >= save_every:
+            if time.monotonic() - last_save >= save_seconds:
                 save()
-                since_save = 0
+                last_save = time.monotonic()
     save()
     report.items = len(index)
     report.unchanged = report.items - report.added

@@ -1,0 +1,123 @@
+"""The offline end-to-end demo: synth -> train the compact model -> evaluate -> index -> web UI.
+
+Every stage leaves its artifact under DIR and is skipped on a second run when that artifact exists,
+so `make demo` is slow once and quick afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from fashion_search.config import DEMO_OVERRIDES, TrainConfig
+
+DEMO_IMAGES_PER_CATEGORY = 600
+DEMO_SEED = 0
+
+
+def _stage(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # Hard links keep the catalog free (no copies) and, unlike symlinks, stay inside the catalog root.
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def build_catalog(data_dir: Path, catalog: Path, split: str = "val") -> int:
+    """The demo's shop catalog: the split's gallery, one sub-folder per category (for the filter)."""
+    from fashion_search.data.fashioniq import FashionIQ
+
+    data = FashionIQ(data_dir)
+    count = 0
+    for category in data.categories(split):
+        present, _ = data.gallery(category, split)
+        for image_id in present:
+            src = data.image_path(image_id)
+            _link_or_copy(src, catalog / category / src.name)
+            count += 1
+    return count
+
+
+def demo_config(directory: Path) -> TrainConfig:
+    return TrainConfig(
+        data=str(directory / "data"), out=str(directory / "run"), fusion="combiner", **DEMO_OVERRIDES
+    )
+
+
+def run_demo(directory: Path, serve: bool = True, port: int = 8501) -> int:
+    started = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    data_dir, run_dir = directory / "data", directory / "run"
+    catalog, index_dir = directory / "catalog", directory / "index"
+
+    _stage("1/5 synthetic dataset")
+    if (data_dir / "attributes.json").exists():
+        print(f"reusing {data_dir}")
+    else:
+        from fashion_search.data.synthetic import generate
+
+        generate(data_dir, images_per_category=DEMO_IMAGES_PER_CATEGORY, seed=DEMO_SEED)
+
+    _stage("2/5 training the compact model (random init, CPU)")
+    from fashion_search.training.loop import train
+
+    cfg = demo_config(directory)
+    history = run_dir / "history.json"
+    if history.exists() and json.loads(history.read_text()).get("finished"):
+        print(f"reusing {run_dir / 'checkpoint.pt'}")
+    else:
+        train(cfg, resume=(run_dir / "last.pt").exists())
+
+    _stage("3/5 evaluation (Fashion-IQ protocol, val split)")
+    from fashion_search.evaluation.fashioniq import evaluate, format_table
+    from fashion_search.models.checkpoint import load_checkpoint
+
+    model = load_checkpoint(run_dir)
+    result = evaluate(model, data_dir, "val", workers=0)
+    (directory / "eval.json").write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    print(f"written to {directory / 'eval.json'}")
+
+    _stage("4/5 indexing the val gallery as a shop catalog")
+    from fashion_search.index.build import build_index
+
+    n = build_catalog(data_dir, catalog)
+    source = {"checkpoint": str((run_dir / "checkpoint.pt").resolve())}
+    source.update(
+        model=model.backbone.spec.model, pretrained=model.backbone.spec.pretrained, fusion=model.fusion.name
+    )
+    print(build_index(catalog, index_dir, model, source, workers=0).summary(), f"({n} catalog images)")
+    print(f"\ndemo ready in {time.perf_counter() - started:.0f}s")
+
+    _stage("5/5 search")
+    example = sorted((catalog / "dress").iterdir())[0]
+    print("try it from the command line:")
+    print(
+        f'  fashion-search search --index {index_dir} --image {example} --text "is red and sleeveless" -k 5'
+    )
+    print(f"  fashion-search serve --index {index_dir}   # HTTP API on http://127.0.0.1:8000/docs")
+    if not serve:
+        print(f"  fashion-search ui --index {index_dir}      # the web page")
+        return 0
+    from fashion_search.service.ui_launch import launch_ui, wait_until_up
+
+    url = f"http://127.0.0.1:{port}"
+    proc = launch_ui(index_dir, "127.0.0.1", port)
+    try:
+        wait_until_up(url, timeout=60)
+        print(f"\nweb UI: {url}   (Ctrl-C to stop)", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=10)
+        return 0
