@@ -53,10 +53,18 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from fashion_search.cli import _load_model
-    from fashion_search.evaluation.fashioniq import evaluate, format_table
+    from fashion_search.evaluation.fashioniq import evaluate, format_table, rank_submission
 
     model, _ = _load_model(args, fusion=args.fusion)
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    if args.submission:
+        ranked = rank_submission(
+            model, args.data, args.split, categories, workers=args.workers, progress=not args.quiet
+        )
+        _write_json(Path(args.submission), ranked)
+        n = sum(len(c["queries"]) for c in ranked["categories"].values())
+        print(f"wrote top-50 rankings for {n} {args.split} queries to {args.submission}")
+        return 0
     result = evaluate(
         model,
         args.data,
@@ -69,9 +77,15 @@ def cmd_eval(args) -> int:
     )
     print(format_table(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        _write_json(Path(args.json), result)
     return 0
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
 
 
 def cmd_demo(args) -> int:
@@ -104,6 +118,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--joining", default="standard", help="standard ('Cap1 and cap2') | both (orders averaged)"
     )
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument(
+        "--submission", default=None, metavar="FILE", help="write top-50 rankings (for --split test)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--quiet", action="store_true")

@@ -153,3 +153,53 @@ def format_table(result: dict) -> str:
             vals = " ".join(f"{r[k]:6.2f}" for k in KEYS)
             lines.append(f"{mode:11s} {c:9s} {vals}  {r['queries']:7d} {r['gallery']:7d} {r['skipped']:7d}")
     return "\n".join(lines)
+
+
+def rank_submission(
+    model: RetrievalModel,
+    data_root: str | Path,
+    split: str = "test",
+    categories: Sequence[str] | None = None,
+    top: int = 50,
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """For splits without targets (test): the top-ranked gallery ids of every composed query."""
+    data = FashionIQ(data_root)
+    cats = list(categories) if categories else data.categories(split)
+    out: dict = {"split": split, "model": model.identity(), "categories": {}}
+    for category in cats:
+        present, _ = data.gallery(category, split)
+        ok, gallery_emb, _ = embed_paths(
+            model,
+            [data.image_path(i) for i in present],
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            desc=f"{category} gallery",
+        )
+        gallery_ids = [present[i] for i in ok]
+        position = {image_id: n for n, image_id in enumerate(gallery_ids)}
+        triplets, skipped = data.usable_triplets(category, split)
+        usable = [t for t in triplets if t.reference in position]
+        rows = []
+        if usable:
+            ref = gallery_emb[[position[t.reference] for t in usable]]
+            queries = model.compose(ref, model.encode_texts([join_captions(*t.captions) for t in usable]))
+            scores = queries @ gallery_emb.T
+            best = torch.topk(scores, min(top, len(gallery_ids)), dim=1).indices.tolist()
+            rows = [
+                {
+                    "candidate": t.reference,
+                    "captions": list(t.captions),
+                    "ranking": [gallery_ids[j] for j in idx],
+                }
+                for t, idx in zip(usable, best)
+            ]
+        out["categories"][category] = {
+            "queries": rows,
+            "gallery": len(gallery_ids),
+            "skipped": skipped + len(triplets) - len(usable),
+        }
+    return out
