@@ -195,9 +195,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             ),
             run / "last.pt",
         )
-        _write_json(
-            run / "history.json", {"config": cfg.to_dict(), "best_epoch": best_epoch, "epochs": history}
-        )
+        _write_json(run / "history.json", _history_doc(cfg, best_epoch, history, finished=False))
         if progress:
             val = record.get("val", {}).get("composed", {})
             print(
@@ -205,4 +203,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                 f"R@50 {val.get('R@50', 0):.2f}  ({record['seconds']:.0f}s)",
                 flush=True,
             )
+    _write_json(run / "history.json", _history_doc(cfg, best_epoch, history, finished=True))
     return TrainResult(run, best_score, best_epoch, len(history), history)
+
+
+def _history_doc(cfg: TrainConfig, best_epoch: int, history: list[dict], finished: bool) -> dict:
+    return {"config": cfg.to_dict(), "best_epoch": best_epoch, "finished": finished, "epochs": history}
