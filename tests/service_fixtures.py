@@ -34,12 +34,14 @@ def garment_image(
     """A plain garment-like silhouette (body + sleeves) with stripes, on a light background."""
     w, h = size
     arr = np.full((h, w, 3), 245, dtype=np.uint8)
-    body = np.array(colour, dtype=np.uint8)
-    arr[h // 5 : h - 8, w // 4 : w - w // 4] = body
-    arr[h // 5 : h // 2, 6 : w // 4] = body  # sleeves
-    arr[h // 5 : h // 2, w - w // 4 : w - 6] = body
-    stripes = (np.arange(h) // period) % 2 == 0
-    arr[stripes, w // 4 : w - w // 4] = (arr[stripes, w // 4 : w - w // 4] * 0.6).astype(np.uint8)
+    top, bottom, left, right = h // 6, h - h // 10, w // 4, w - w // 4
+    mask = np.zeros((h, w), dtype=bool)
+    mask[top:bottom, left:right] = True  # body
+    mask[top : h // 2, w // 12 : w - w // 12] = True  # sleeves
+    mask[top : top + h // 12, w // 2 - w // 10 : w // 2 + w // 10] = False  # neckline
+    stripes = ((np.arange(h) // period) % 2 == 0)[:, None] & mask
+    arr[mask] = colour
+    arr[stripes] = (np.array(colour) * 0.65).astype(np.uint8)
     return Image.fromarray(arr, "RGB")
 
 

@@ -145,6 +145,12 @@ def test_bad_parameters(client, data, statuses):
     assert_client_error(client.post("/search", data=data), *statuses)
 
 
+def test_json_body_is_refused_with_a_hint(client):
+    r = client.post("/search", json={"text": "red dress"})
+    assert_client_error(r, 415)
+    assert "multipart/form-data" in r.json()["detail"]
+
+
 def test_long_text_below_the_cap_is_truncated_not_refused(client):
     r = client.post("/search", data={"text": "a very long description " * 400, "k": "3"})
     assert r.status_code == 200 and len(r.json()["results"]) == 3

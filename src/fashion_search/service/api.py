@@ -155,6 +155,7 @@ def create_app(
 
     @app.post("/search", response_model=SearchResponse)
     def search(
+        request: Request,
         image: Annotated[UploadFile | None, File(description="reference garment photo")] = None,
         text: Annotated[
             str | None, Form(max_length=MAX_TEXT_CHARS, description="the change, in words")
@@ -165,6 +166,13 @@ def create_app(
         k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
         category: Annotated[str | None, Form(description="top-level catalog folder")] = None,
     ) -> SearchResponse:
+        content_type = request.headers.get("content-type", "")
+        if content_type and not content_type.startswith(
+            ("multipart/form-data", "application/x-www-form-urlencoded")
+        ):
+            raise HTTPException(
+                415, "send the query as multipart/form-data: image, text, text_weight, k, category"
+            )
         data = _read_upload(image, max_upload_bytes)
         started = time.perf_counter()
         if data is not None:
@@ -181,7 +189,7 @@ def create_app(
     def item_image(item_id: str, request: Request) -> FileResponse:
         # Canonical URLs (quote(id)) never encode "/"; an encoded slash is someone probing for traversal.
         raw = request.scope.get("raw_path", b"").lower()
-        if b"%2f" in raw or b"%5c" in raw or ".." in item_id.split("/") or "\x00" in item_id:
+        if b"%2f" in raw or ".." in item_id.split("/") or "\x00" in item_id:
             raise HTTPException(404, "item not found")
         try:
             path = engine.item_path(item_id)

@@ -1,0 +1,132 @@
+"""A live `fashion-search ui` driven by headless Chromium: upload, modify, see results, refine, history."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fashion_search.service.ui_launch import wait_until_up
+from service_fixtures import build_service_index
+
+CHROMIUM = os.environ.get("FASHION_SEARCH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+pytestmark = pytest.mark.browser
+# Streamlit marks elements of the previous run stale until the new run replaces them.
+SETTLED = """() => !document.querySelector('[data-stale="true"]')
+    && !document.querySelector('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]')"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_ui(tmp_path):
+    """`fashion-search ui` on a free port, in its own process group so teardown stops Streamlit too."""
+    index = build_service_index(tmp_path)
+    port = free_port()
+    log = (tmp_path / "ui.log").open("w")
+    cmd = [sys.executable, "-m", "fashion_search.cli", "ui", "--index", str(index), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_until_up(url, timeout=45, proc=proc):
+            pytest.fail(f"the UI did not come up; log:\n{(tmp_path / 'ui.log').read_text()[-3000:]}")
+        yield url, tmp_path / "catalog"
+    finally:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            if proc.poll() is not None:
+                break
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        log.close()
+
+
+def test_upload_modify_refine(live_ui, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's `chromium` package (the Makefile does)")
+    from playwright.sync_api import expect, sync_playwright
+
+    url, catalog = live_ui
+    started = time.monotonic()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            # Tall enough for the whole page: Streamlit scrolls an inner pane, which full_page does not expand.
+            page = browser.new_page(viewport={"width": 1400, "height": 2000})
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            expect(page.get_by_text("Start with a reference photo")).to_be_visible(timeout=45_000)
+
+            # Fewer results: k drives the grid.
+            k_box = page.locator(".st-key-k input")
+            k_box.fill("8")
+            k_box.press("Enter")
+            expect(k_box).to_have_value("8")
+
+            # Upload a photo: an image-only search finds the same catalog item first, score 1.000.
+            page.locator(".st-key-upload input[type=file]").set_input_files(str(catalog / "dress/item06.jpg"))
+            expect(page.locator(".st-key-reference img")).to_be_visible()
+            expect(page.locator(".st-key-result_0")).to_contain_text("dress/item06.jpg")
+            expect(page.locator(".st-key-result_0")).to_contain_text("similarity 1.000")
+
+            # Type the change: composed search, k cards each with an image and a score.
+            text = page.get_by_label("What should be different?")
+            text.fill("is darker with long sleeves")
+            text.press("Enter")
+            expect(
+                page.get_by_text("Results for reference photo + “is darker with long sleeves”")
+            ).to_be_visible()
+            cards = page.locator("[class*='st-key-result_']")
+            expect(cards).to_have_count(8)
+            for i in range(8):
+                expect(cards.nth(i).locator("img")).to_be_visible()
+                expect(cards.nth(i)).to_contain_text("similarity")
+
+            # Refine: the second result becomes the reference and the conversation records the turn.
+            chosen = cards.nth(1).locator("code").inner_text()
+            page.locator(".st-key-use_1 button").click()
+            expect(page.locator(".st-key-turn_0")).to_contain_text("Turn 1")
+            expect(page.locator(".st-key-turn_0")).to_contain_text(f"picked {chosen}")
+            expect(page.locator(".st-key-reference")).to_contain_text(chosen)
+            expect(text).to_have_value("")
+            text.fill("in red")
+            text.press("Enter")
+            expect(page.get_by_text("Results for reference photo + “in red”")).to_be_visible()
+            page.locator(".st-key-use_2 button").click()
+            expect(page.locator(".st-key-turn_1")).to_contain_text("Turn 2")
+            expect(page.get_by_text("Conversation · 2 turns")).to_be_visible()
+            page.wait_for_function(SETTLED)
+            ids = cards.locator("code").all_inner_texts()
+            assert len(ids) == 8 and len(set(ids)) == 8, ids
+            shot = tmp_path / "ui.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 20_000
+
+            # Back one turn: the history shrinks and the text of that turn returns.
+            page.locator(".st-key-back button").click()
+            expect(page.locator(".st-key-turn_1")).to_have_count(0)
+            expect(text).to_have_value("in red")
+        finally:
+            browser.close()
+    assert time.monotonic() - started < 80

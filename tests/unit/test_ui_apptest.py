@@ -1,0 +1,136 @@
+"""The Streamlit page's logic under AppTest: messages, search, slider, refinement history, uploads."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import fashion_search.service.ui_launch as ui_launch
+from fashion_search.models.retrieval import RetrievalModel
+from service_fixtures import empty_index, garment_image, service_engine, service_index  # noqa: F401  (fixtures)
+
+UI = Path(ui_launch.__file__).with_name("ui.py")
+
+
+def page(monkeypatch, index: Path | str) -> AppTest:
+    monkeypatch.setenv("FASHION_SEARCH_INDEX", str(index))
+    at = AppTest.from_file(str(UI), default_timeout=30).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def result_ids(at: AppTest) -> list[str]:
+    # Each result card shows "**N.** `id`"; N is its rank.
+    return [m.value.split("`")[1] for m in at.markdown if m.value.startswith("**") and m.value[2:3].isdigit()]
+
+
+def scores(at: AppTest) -> list[float]:
+    return [float(c.value.split("**")[1]) for c in at.caption if c.value.startswith("similarity")]
+
+
+@pytest.fixture
+def app(monkeypatch, service_index):  # noqa: F811
+    return page(monkeypatch, service_index)
+
+
+def test_no_query_yet_says_what_to_do(app):
+    assert [i.value for i in app.info] == [
+        "Start with a reference photo, a description of what you want, or both."
+    ]
+    assert result_ids(app) == []
+    assert app.radio(key="mode").value == "Image + text" and app.slider(key="text_weight").value == 0.5
+    assert app.selectbox(key="category").options == ["All categories", "dress", "shirt"]
+
+
+def test_text_search_shows_k_results_best_first(app):
+    app.text_input(key="text").input("a red striped dress").run()
+    assert len(result_ids(app)) == 12 and scores(app) == sorted(scores(app), reverse=True)
+    app.number_input(key="k").set_value(5).run()
+    assert len(result_ids(app)) == 5
+    assert [b.key for b in app.button if b.key.startswith("use_")] == [f"use_{i}" for i in range(5)]
+    app.selectbox(key="category").set_value("shirt").run()
+    assert all(i.startswith("shirt/") for i in result_ids(app))
+
+
+def test_mode_specific_hints(app):
+    app.radio(key="mode").set_value("Image only").run()
+    assert "reference" in app.info[0].value
+    app.text_input(key="text").input("blue").run()
+    assert result_ids(app) == [] and app.info  # image-only ignores the words
+    app.radio(key="mode").set_value("Text only").run()
+    assert len(result_ids(app)) == 12 and app.slider(key="text_weight").disabled
+
+
+def test_slider_reruns_search_without_re_encoding(app, monkeypatch):
+    encoded = []
+    original = RetrievalModel.encode_images
+    monkeypatch.setattr(
+        RetrievalModel, "encode_images", lambda self, imgs: encoded.append(len(imgs)) or original(self, imgs)
+    )
+    buf = io.BytesIO()
+    garment_image((13, 57, 91), period=5).save(buf, format="PNG")  # never seen before: one encode
+    app.file_uploader(key="upload").upload("new.png", buf.getvalue(), "image/png").run()
+    app.text_input(key="text").input("is longer").run()
+    assert encoded == [1] and len(result_ids(app)) == 12
+    before = scores(app)
+    app.slider(key="text_weight").set_value(0.9).run()
+    assert scores(app) != before  # the search ran again with the new weight...
+    assert encoded == [1]  # ...from the cached image embedding
+
+
+def test_use_as_reference_builds_a_history_and_back_restores(app):
+    app.text_input(key="text").input("a red dress").run()
+    first = result_ids(app)[0]
+    app.button(key="use_0").click().run()
+    s = app.session_state
+    assert len(s.history) == 1 and s.ref == {"id": first} and app.text_input(key="text").value == ""
+    assert result_ids(app)[0] == first  # empty text: neighbours of the new reference, itself first
+    assert app.button(key="use_0").disabled and app.button(key="use_0").label == "Current reference"
+    app.text_input(key="text").input("is darker").run()
+    second = result_ids(app)[1]
+    app.button(key="use_1").click().run()
+    assert len(app.session_state.history) == 2 and app.session_state.ref == {"id": second}
+    turns = [m.value for m in app.markdown if m.value.startswith("**Turn")]
+    assert turns[0].startswith("**Turn 1** · no reference + “a red dress”") and f"`{second}`" in turns[1]
+
+    app.button(key="back").click().run()
+    assert len(app.session_state.history) == 1 and app.session_state.ref == {"id": first}
+    assert app.text_input(key="text").value == "is darker"
+    app.button(key="restore_0").click().run()
+    assert app.session_state.history == [] and app.session_state.ref is None
+    assert app.text_input(key="text").value == "a red dress"
+
+
+def test_upload_good_and_bad(app, service_engine):  # noqa: F811
+    app.file_uploader(key="upload").upload("broken.jpg", b"<html>not a photo</html>", "image/jpeg").run()
+    assert "Could not read 'broken.jpg' as an image" in app.error[0].value
+    assert app.session_state.ref is None
+    photo = service_engine.item_path("dress/item06.jpg").read_bytes()
+    app.file_uploader(key="upload").clear().upload("mine.jpg", photo, "image/jpeg").run()
+    assert not app.error and app.session_state.ref["name"] == "mine.jpg"
+    assert result_ids(app)[0] == "dress/item06.jpg" and scores(app)[0] == pytest.approx(1.0, abs=1e-3)
+    app.button(key="clear_ref").click().run()
+    assert app.session_state.ref is None and app.info
+
+
+def test_empty_index_warns(monkeypatch, empty_index):  # noqa: F811
+    at = page(monkeypatch, empty_index)
+    assert "The index is empty" in at.warning[0].value and not at.text_input
+
+
+def test_missing_index_is_an_error_not_a_crash(monkeypatch, tmp_path):
+    at = page(monkeypatch, tmp_path / "nowhere")
+    assert at.error[0].value.startswith("Cannot open the index")
+
+
+def test_launch_command_passes_the_index_after_the_separator(tmp_path):
+    cmd = ui_launch.ui_command(tmp_path, "127.0.0.1", 8600, device="cpu")
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(UI)
+    assert cmd[cmd.index("--") + 1 :] == ["--index", str(tmp_path.resolve()), "--device", "cpu"]
+    assert (
+        cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+        and cmd[cmd.index("--server.port") + 1] == "8600"
+    )
