@@ -1,14 +1,44 @@
-"""fashion-search: composed image retrieval for fashion (reference photo + text change -> catalog items)."""
+"""fashion-search: composed image retrieval for fashion (reference photo + text change -> catalog items).
+
+from fashion_search import load_engine, create_model
+engine = load_engine("INDEX")                       # the model recorded in the index comes along
+hits = engine.search(image="ref.jpg", text="is red and sleeveless", text_weight=0.5, k=10)
+
+model = create_model("ViT-B-32", pretrained="openai")   # or load_checkpoint("RUN")
+q = model.compose(model.encode_images([pil_image]), model.encode_texts(["same but in navy"]))
+"""
 
 from fashion_search.errors import FashionSearchError, ImageDecodeError, IndexMismatchError
 
 __version__ = "0.1.0"
 
-__all__ = ["FashionSearchError", "ImageDecodeError", "IndexMismatchError", "__version__", "load_engine"]
+__all__ = [
+    "FashionSearchError",
+    "ImageDecodeError",
+    "IndexMismatchError",
+    "SearchResult",
+    "__version__",
+    "create_model",
+    "load_checkpoint",
+    "load_engine",
+]
 
 
 def load_engine(index_dir, checkpoint=None, device=None):
-    """Open a search engine over an index directory built by `fashion-search index`."""
+    """Open a SearchEngine over an index directory built by `fashion-search index`."""
     from fashion_search.service.engine import SearchEngine
 
     return SearchEngine.open(index_dir, checkpoint=checkpoint, device=device)
+
+
+def __getattr__(name):
+    # Heavy modules (torch, open_clip) load on first use, so `import fashion_search` stays cheap.
+    if name in ("create_model", "load_checkpoint"):
+        from fashion_search.models import checkpoint
+
+        return getattr(checkpoint, name)
+    if name == "SearchResult":
+        from fashion_search.service.engine import SearchResult
+
+        return SearchResult
+    raise AttributeError(f"module 'fashion_search' has no attribute {name!r}")
