@@ -151,7 +151,41 @@ def _add_face(sub: argparse._SubParsersAction, face: str) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000 if face == "serve" else 8501)
     p.add_argument("--device", default=None)
+    if face == "serve":
+        _add_serve_limits(p)
     p.set_defaults(func=run)
+
+
+def _add_serve_limits(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits and operations")
+    g.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload (default 10)")
+    g.add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="largest decoded image (default 40,000,000)"
+    )
+    g.add_argument("--max-text-chars", type=int, default=10_000, help="longest text query (default 10,000)")
+    g.add_argument(
+        "--rate-limit", type=float, default=0.0, help="requests per second per client address (0: off)"
+    )
+    g.add_argument("--rate-burst", type=int, default=None, help="burst allowance (default: 2 s worth)")
+    g.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        default=None,
+        help="allow browser calls from this origin (repeatable; default: none)",
+    )
+    g.add_argument(
+        "--reload-interval",
+        type=float,
+        default=2.0,
+        help="seconds between checks for a rebuilt index, swapped in without downtime (0: off)",
+    )
+    g.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=10.0,
+        help="on SIGTERM/SIGINT, seconds to let requests in flight finish (default 10)",
+    )
 
 
 __all__ = ["add_commands", "FashionSearchError"]

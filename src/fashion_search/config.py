@@ -87,7 +87,9 @@ DEMO_OVERRIDES = dict(
     lr=1e-3,
     lr_fusion=1e-3,
     layer_decay=1.0,
+    clip_loss_weight=1.0,  # keeps image embeddings about attributes, so image-only search stays weak
     batch_size=64,
-    epochs=12,
+    epochs=10,
+    patience=4,
     workers=1,
 )

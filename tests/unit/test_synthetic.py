@@ -252,7 +252,10 @@ def test_oracle_semantics_on_a_hand_made_gallery(tmp_path):
 
 
 # Measured over seeds 0-4: text-only 0.22-0.28 at 600 (0.41-0.46 at 300), image-only 0, composed 1.
-@pytest.mark.parametrize(("per_category", "text_max", "image_max"), [(600, 0.30, 0.30), (300, 0.55, 0.30)])
+# A perfect text-only searcher still finds the target in the top 10 for only ~1/3 of the queries at the
+# demo's size (more at 300: a smaller gallery fits fewer items per caption); an attribute-matching
+# image-only searcher never does. Bounds measured over seeds 0-1 (val and test) with some margin.
+@pytest.mark.parametrize(("per_category", "text_max", "image_max"), [(600, 0.42, 0.30), (300, 0.65, 0.30)])
 def test_oracles_need_both_modalities(tmp_path, per_category, text_max, image_max):
     summary = generate(
         tmp_path / "ds", images_per_category=per_category, seed=0, image_size=32, progress=False

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
-import struct
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +22,28 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 # rather than a warning, so a gigapixel upload never reaches the decoder.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
+# A long thin strip is a memory bomb one step later: the model's transform scales the short side up to
+# its input size, so a 1x100,000 PNG of a few kB would become 224x22.4M pixels (15 GB) for ViT-B-32.
+# Centre-cropping the long side to MAX_ASPECT x the short one keeps every pixel that the transform's
+# centre crop uses, and bounds that step to 224x4,480.
+MAX_ASPECT = 20
+
 # A truncated JPEG must be reported, not half-decoded with grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 ImageSource = str | os.PathLike | bytes | BinaryIO
+
+# The only decoders that ever see untrusted bytes: what shops publish, plus TIFF for scans. Left to
+# itself Pillow tries ~40 plugins, among them EPS (which hands the file to Ghostscript when installed)
+# and rarely exercised decoders (FLI, PCX, SGI, ...) whose bugs are the usual attack surface.
+_WANTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
+
+
+@functools.cache
+def allowed_formats() -> tuple[str, ...]:
+    """The Pillow formats load_image decodes (those of _WANTED_FORMATS this Pillow build supports)."""
+    Image.init()
+    return tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
 
 
 def load_image(
@@ -41,15 +60,33 @@ def load_image(
     if isinstance(source, bytes | bytearray):
         if not source:
             raise ImageDecodeError("empty file")
-        fp: BinaryIO | str | os.PathLike = io.BytesIO(source)
-    else:
-        fp = source
-        if isinstance(source, str | os.PathLike) and os.path.getsize(source) == 0:
+        return _decode(io.BytesIO(source), max_pixels, draft_size)
+    if not isinstance(source, str | os.PathLike):
+        if getattr(source, "seekable", lambda: False)():
+            start = source.tell()
+            if not source.read(1):
+                raise ImageDecodeError("empty file")
+            source.seek(start)
+        return _decode(source, max_pixels, draft_size)
+    try:
+        # stat before open: opening a FIFO or a device named "x.jpg" would block or never end.
+        st = os.stat(source)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageDecodeError("not a regular file")
+        if st.st_size == 0:
             raise ImageDecodeError("empty file")
+        fh = open(source, "rb")  # closed by the with below, also when decoding fails
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
+    with fh:
+        return _decode(fh, max_pixels, draft_size)
+
+
+def _decode(fp: BinaryIO, max_pixels: int, draft_size: tuple[int, int] | None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            img = Image.open(fp, formats=allowed_formats())
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageDecodeError(
@@ -59,15 +96,31 @@ def load_image(
                 img.draft("RGB", draft_size)
             img.load()  # first frame of an animated GIF/WebP
             img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return to_rgb(_bound_aspect(img))
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
-        raise ImageDecodeError("not a recognised image format") from None
+        raise ImageDecodeError(
+            f"not a recognised image format (accepted: {', '.join(allowed_formats())})"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"decompression bomb refused ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+    except Exception as exc:
+        # Pillow's decoders answer hostile bytes with OSError, SyntaxError, ValueError and EOFError, but
+        # also TypeError, IndexError, KeyError... (found by tests/reliability/test_fuzz.py): all of them
+        # mean "this is not a usable image", a reason to report, never a crash of the batch or the server.
         raise ImageDecodeError(f"cannot decode image ({str(exc) or type(exc).__name__})") from None
+
+
+def _bound_aspect(img: Image.Image) -> Image.Image:
+    w, h = img.size
+    if w > MAX_ASPECT * h:
+        left = (w - MAX_ASPECT * h) // 2
+        return img.crop((left, 0, left + MAX_ASPECT * h, h))
+    if h > MAX_ASPECT * w:
+        top = (h - MAX_ASPECT * w) // 2
+        return img.crop((0, top, w, top + MAX_ASPECT * w))
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

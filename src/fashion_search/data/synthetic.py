@@ -38,10 +38,10 @@ _README_TITLE = "# Synthetic Fashion-IQ"
 _SUBDIRS = ("images", "captions", "image_splits")
 _VAL_SHARE = 0.2  # val and test each; train gets the rest
 _EVAL_MIN_LOOKS = 12  # looks per val/test line: copies of every garment that only the look tells apart
-_LOOKS_PER_BACKGROUND = 8  # so a background alone never singles out a family
+_LOOKS_PER_BACKGROUND = 3  # so a background alone never singles out a family
 _TRAIN_LINE, _TRAIN_LOOKS = 64, 2
 _TRAIN_TRIPLETS_PER_IMAGE = 4
-_CHANGES_WEIGHTS = {1: 0.5, 2: 0.4, 3: 0.1}  # how many attributes a triplet changes
+_CHANGES_WEIGHTS = {1: 0.2, 2: 0.5, 3: 0.3}  # how many attributes a triplet changes
 _HARDNESS = 8.0  # val/test: weight exp(-_HARDNESS * best single-modality recall) when drawing triplets
 _RELATIVE_BONUS = 1.0  # preference for value pairs that captions can phrase relatively ("longer", "darker")
 

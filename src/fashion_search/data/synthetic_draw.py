@@ -202,10 +202,10 @@ def random_look(rng: random.Random, background: tuple[int, int, int]) -> Look:
     """A look on `background`: a small jitter of the named colour's shade, a framing, a pattern phase."""
     return Look(
         background=background,
-        shade=(rng.randint(-12, 12), rng.randint(-12, 12), rng.randint(-12, 12)),
-        scale=rng.uniform(0.84, 1.0),
-        dx=rng.uniform(-0.05, 0.05),
-        dy=rng.uniform(-0.04, 0.04),
+        shade=(rng.randint(-20, 20), rng.randint(-20, 20), rng.randint(-20, 20)),
+        scale=rng.uniform(0.72, 1.0),
+        dx=rng.uniform(-0.1, 0.1),
+        dy=rng.uniform(-0.07, 0.07),
         phase=(rng.random(), rng.random()),
     )
 

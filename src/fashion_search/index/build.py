@@ -62,6 +62,16 @@ def scan_catalog(root: Path) -> list[CatalogFile]:
     return files
 
 
+def _utf8_name(item_id: str) -> bool:
+    # Python maps undecodable bytes in a file name to lone surrogates; such an id cannot travel as UTF-8
+    # (JSON responses, URLs, a terminal), so one badly named file would fail every search that finds it.
+    try:
+        item_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_identity(manifest_identity: dict, model: RetrievalModel, where: str) -> None:
     """Refuse to mix embeddings of two different models in one index or one query."""
     mine = model.identity()
@@ -87,15 +97,22 @@ def build_index(
     batch_size: int = 32,
     workers: int | None = None,
     index_kind: str = "auto",
-    save_seconds: float = 60.0,
+    save_seconds: float | None = None,
     progress: bool = True,
 ) -> BuildReport:
-    """Embed every image under `images_dir` into the index at `out_dir` (incrementally)."""
+    """Embed every image under `images_dir` into the index at `out_dir` (incrementally).
+
+    save_seconds defaults to $FASHION_SEARCH_SAVE_SECONDS or 60 (the variable lets crash tests save often).
+    """
     started = time.perf_counter()
+    if save_seconds is None:
+        save_seconds = float(os.environ.get("FASHION_SEARCH_SAVE_SECONDS") or 60.0)
     root, out = Path(images_dir).resolve(), Path(out_dir)
     if not root.is_dir():
         raise FashionSearchError(f"image folder not found: {images_dir}")
     catalog = scan_catalog(root)
+    misnamed = [f.id for f in catalog if not _utf8_name(f.id)]
+    catalog = [f for f in catalog if _utf8_name(f.id)]
 
     if index_exists(out):
         index, manifest = load_index_dir(out)
@@ -121,6 +138,10 @@ def build_index(
     index.remove(stale)
     files = {i: known[i] for i in index.ids()}
     bad = {s["id"]: known_bad[s["id"]] for s in report.skipped}
+    report.skipped += [
+        {"id": os.fsencode(i).decode("utf-8", "backslashreplace"), "reason": "file name is not valid UTF-8"}
+        for i in misnamed
+    ]
 
     def save() -> None:
         now = datetime.now(timezone.utc).isoformat()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import mimetypes
+import threading
 import time
+from collections import OrderedDict
 from typing import Annotated
 from urllib.parse import quote
 
@@ -45,10 +49,17 @@ class Health(BaseModel):
     items: int
 
 
-def _json_error(status: int, detail) -> dict:
+def _json_error(status: int, detail, extra: list[tuple[bytes, bytes]] = ()) -> dict:
     body = json.dumps({"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += list(extra)
     return {"start": {"type": "http.response.start", "status": status, "headers": headers}, "body": body}
+
+
+async def _send_json_error(send, status: int, detail: str, extra: list[tuple[bytes, bytes]] = ()) -> None:
+    reply = _json_error(status, detail, extra)
+    await send(reply["start"])
+    await send({"type": "http.response.body", "body": reply["body"]})
 
 
 class BodyLimit:
@@ -71,9 +82,9 @@ class BodyLimit:
             try:
                 too_big = int(declared) > self.limit
             except ValueError:
-                return await self._reply(send, 400, "invalid Content-Length header")
+                return await _send_json_error(send, 400, "invalid Content-Length header")
             if too_big:
-                return await self._reply(send, 413, self._message())
+                return await _send_json_error(send, 413, self._message())
         received = 0
 
         async def counting_receive():
@@ -91,10 +102,45 @@ class BodyLimit:
     def _message(self) -> str:
         return f"request body too large (limit {self.limit - _FORM_OVERHEAD:,} bytes for the image)"
 
-    async def _reply(self, send, status: int, detail: str) -> None:
-        reply = _json_error(status, detail)
-        await send(reply["start"])
-        await send({"type": "http.response.body", "body": reply["body"]})
+
+class RateLimit:
+    """ASGI middleware: a token bucket per client address; over the limit a JSON 429 with Retry-After.
+
+    Keyed on the ASGI client address: the socket peer, or the address a trusted proxy forwarded (uvicorn
+    honours X-Forwarded-For only from --forwarded-allow-ips, by default 127.0.0.1, i.e. a proxy on this
+    host). At most `max_clients` buckets are kept, the least recently seen dropped first, so a scan from
+    many addresses cannot grow memory without bound. Runs on the event loop: no lock needed.
+    """
+
+    def __init__(self, app, rate: float, burst: int, max_clients: int = 10_000, clock=time.monotonic):
+        self.app, self.rate, self.burst, self.max_clients, self.clock = app, rate, burst, max_clients, clock
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        client = (scope.get("client") or ("unknown", 0))[0]
+        now = self.clock()
+        tokens, last = self.buckets.pop(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        self.buckets[client] = (tokens - 1.0 if allowed else tokens, now)
+        while len(self.buckets) > self.max_clients:
+            self.buckets.popitem(last=False)
+        if not allowed:
+            retry = max(1, math.ceil((1.0 - tokens) / self.rate))
+            detail = f"too many requests: at most {self.rate:g} per second per client; retry later"
+            return await _send_json_error(send, 429, detail, [(b"retry-after", str(retry).encode())])
+        await self.app(scope, receive, send)
+
+
+def _watch_index(engine: SearchEngine, interval: float, stop: threading.Event) -> None:
+    """Poll the index's CURRENT and swap in a rebuilt version; searches never wait for the load."""
+    while not stop.wait(interval):
+        try:
+            engine.maybe_reload(min_interval=0.0)
+        except Exception:  # a bug here must not end the watching, only be seen
+            log.exception("index reload check failed")
 
 
 def _public(message: str, engine: SearchEngine) -> str:
@@ -135,12 +181,38 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     cors_origins: tuple[str, ...] | list[str] = (),
+    max_text_chars: int = MAX_TEXT_CHARS,
+    rate_limit: float = 0.0,
+    rate_burst: int | None = None,
+    reload_interval: float = 0.0,
 ) -> FastAPI:
-    """The API over an opened engine; the engine's own locks make the threadpool endpoints safe."""
+    """The API over an opened engine; the engine's own locks make the threadpool endpoints safe.
+
+    rate_limit: requests per second per client address (0: off), with bursts of `rate_burst`
+    (default 2 s worth). reload_interval: seconds between checks for a rebuilt index (0: off).
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        stop = threading.Event()
+        watcher = None
+        if reload_interval > 0 and engine.index_dir is not None:
+            watcher = threading.Thread(
+                target=_watch_index, args=(engine, reload_interval, stop), name="index-reload", daemon=True
+            )
+            watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if watcher is not None:
+                watcher.join(timeout=10)  # a load in progress finishes; a daemon thread never blocks exit
+
     app = FastAPI(
         title="fashion-search",
         summary="Composed image retrieval for fashion: a reference photo plus a change in words.",
         version="1",
+        lifespan=lifespan,
     )
     app.state.engine = engine
     _install_error_handlers(app, engine)
@@ -151,15 +223,14 @@ def create_app(
 
     @app.get("/info")
     def info() -> dict:
-        return engine.info()
+        # The catalog's location on the server is nobody's business but the operator's.
+        return {key: value for key, value in engine.info().items() if key != "catalog_root"}
 
     @app.post("/search", response_model=SearchResponse)
     def search(
         request: Request,
         image: Annotated[UploadFile | None, File(description="reference garment photo")] = None,
-        text: Annotated[
-            str | None, Form(max_length=MAX_TEXT_CHARS, description="the change, in words")
-        ] = None,
+        text: Annotated[str | None, Form(description="the change, in words")] = None,
         text_weight: Annotated[
             float | None, Form(ge=0.0, le=1.0, description="0 = image only, 1 = text only")
         ] = None,
@@ -173,6 +244,9 @@ def create_app(
             raise HTTPException(
                 415, "send the query as multipart/form-data: image, text, text_weight, k, category"
             )
+        if text is not None and len(text) > max_text_chars:
+            # Checked here, not by Form(max_length=...): the limit is per app, annotations are per module.
+            raise HTTPException(422, f"text is longer than {max_text_chars:,} characters")
         data = _read_upload(image, max_upload_bytes)
         started = time.perf_counter()
         if data is not None:
@@ -210,6 +284,9 @@ def create_app(
             allow_headers=["*"],
         )
     app.add_middleware(BodyLimit, limit=max_upload_bytes + _FORM_OVERHEAD)
+    if rate_limit > 0:  # added last, so outermost: a flood is refused before any body is read
+        burst = rate_burst if rate_burst is not None else max(1, math.ceil(2 * rate_limit))
+        app.add_middleware(RateLimit, rate=rate_limit, burst=burst)
     return app
 
 
@@ -228,7 +305,11 @@ def _read_upload(image: UploadFile | None, limit: int) -> bytes | None:
 
 
 def serve(args) -> int:
-    """`fashion-search serve`: open the engine once, then run uvicorn until interrupted."""
+    """`fashion-search serve`: open the engine once, then run uvicorn until SIGINT/SIGTERM.
+
+    On a signal uvicorn stops accepting connections, lets requests in flight finish (at most
+    --graceful-timeout seconds), then stops the index watcher.
+    """
     import uvicorn
 
     engine = SearchEngine.open(
@@ -236,7 +317,22 @@ def serve(args) -> int:
         checkpoint=getattr(args, "checkpoint", None),
         device=getattr(args, "device", None),
     )
-    app = create_app(engine, cors_origins=tuple(getattr(args, "cors_origins", None) or ()))
+    app = create_app(
+        engine,
+        max_upload_bytes=int(getattr(args, "max_upload_mb", 10.0) * 1024 * 1024),
+        max_pixels=getattr(args, "max_pixels", DEFAULT_MAX_PIXELS),
+        cors_origins=tuple(getattr(args, "cors_origins", None) or ()),
+        max_text_chars=getattr(args, "max_text_chars", MAX_TEXT_CHARS),
+        rate_limit=getattr(args, "rate_limit", 0.0),
+        rate_burst=getattr(args, "rate_burst", None),
+        reload_interval=getattr(args, "reload_interval", 0.0),
+    )
     print(f"fashion-search API on http://{args.host}:{args.port} ({len(engine)} items; docs at /docs)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=getattr(args, "graceful_timeout", 10.0),
+    )
     return 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,12 +18,14 @@ from PIL import Image
 from fashion_search.data.images import DEFAULT_MAX_PIXELS, load_image
 from fashion_search.errors import FashionSearchError
 from fashion_search.index.build import check_identity
-from fashion_search.index.store import load_index_dir, read_manifest
+from fashion_search.index.store import CURRENT, load_index_dir, read_manifest
 from fashion_search.models.checkpoint import create_model, load_checkpoint
 from fashion_search.models.fusion import check_text_weight
 from fashion_search.models.retrieval import RetrievalModel
 
 MAX_K = 1000
+
+log = logging.getLogger("fashion_search.engine")
 
 
 @dataclass(frozen=True)
@@ -70,17 +74,48 @@ def _model_for(manifest: dict, checkpoint, model_name, pretrained, device) -> Re
     )
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """One index version and everything derived from it, swapped as a whole by reload()."""
+
+    index: object
+    manifest: dict
+    ids: frozenset
+    categories: tuple
+    catalog_root: Path
+
+    @classmethod
+    def of(cls, index, manifest: dict) -> _Snapshot:
+        ids = frozenset(index.ids())
+        categories = tuple(sorted({i.split("/", 1)[0] for i in ids if "/" in i}))
+        return cls(index, manifest, ids, categories, Path(manifest.get("catalog_root", ".")))
+
+
+def _live_version(index_dir: Path) -> int | None:
+    """The version CURRENT names right now: one small read, cheap enough to poll every second."""
+    try:
+        name = (index_dir / CURRENT).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(name) if name.isdigit() else None
+
+
 class SearchEngine:
-    """Search a catalog index by image, by text, or both, with an adjustable text weight."""
+    """Search a catalog index by image, by text, or both, with an adjustable text weight.
+
+    The index, its manifest and the derived id set live in one immutable snapshot; each call reads the
+    snapshot once, so a concurrent reload() makes it see the old index or the new one, never a mix.
+    """
 
     def __init__(self, model: RetrievalModel, index, manifest: dict, index_dir: Path | None = None):
         check_identity(manifest["model"], model, f"index {index_dir or ''}".strip())
-        self.model, self.index, self.manifest = model, index, manifest
+        self.model = model
         self.index_dir = Path(index_dir) if index_dir else None
-        self.catalog_root = Path(manifest.get("catalog_root", "."))
+        self._snap = _Snapshot.of(index, manifest)
         self._model_lock = threading.Lock()  # one forward at a time: predictable latency, bounded memory
+        self._reload_lock = threading.Lock()
         self._image_cache, self._text_cache = _LRU(256), _LRU(1024)
-        self._ids = set(index.ids())
+        self._last_check, self._failed_version = 0.0, None
 
     @classmethod
     def open(
@@ -97,42 +132,97 @@ class SearchEngine:
         index, manifest = load_index_dir(Path(index_dir))
         return cls(encoder, index, manifest, Path(index_dir))
 
+    # -- the live index version -----------------------------------------------------------------
+    @property
+    def index(self):
+        return self._snap.index
+
+    @property
+    def manifest(self) -> dict:
+        return self._snap.manifest
+
+    @property
+    def catalog_root(self) -> Path:
+        return self._snap.catalog_root
+
+    @property
+    def version(self) -> int | None:
+        """The store version this engine serves (None for an index not loaded from a directory)."""
+        return self._snap.manifest.get("version")
+
+    def reload(self) -> bool:
+        """Swap in the version CURRENT names, if it is newer than the one served; True when swapped.
+
+        Searches keep running on the old snapshot while the new one loads. An index built with another
+        model raises IndexMismatchError and an unreadable one FashionSearchError; the old one stays.
+        """
+        if self.index_dir is None:
+            return False
+        with self._reload_lock:  # one load at a time; a second caller finds the work done
+            live = _live_version(self.index_dir)
+            if live is None or live == self.version:
+                return False
+            index, manifest = load_index_dir(self.index_dir)
+            check_identity(manifest["model"], self.model, f"index {self.index_dir}")
+            self._snap = _Snapshot.of(index, manifest)  # one reference assignment: atomic for readers
+            log.info("reloaded index %s: version %s, %d items", self.index_dir, self.version, len(index))
+            return True
+
+    def maybe_reload(self, min_interval: float = 1.0) -> bool:
+        """reload() at most once per `min_interval` seconds; failures are logged once, never raised."""
+        now = time.monotonic()
+        if self.index_dir is None or now - self._last_check < min_interval:
+            return False
+        self._last_check = now
+        live = _live_version(self.index_dir)
+        if live is None or live in (self.version, self._failed_version):
+            return False
+        try:
+            return self.reload()
+        except FashionSearchError as exc:
+            self._failed_version = live
+            log.warning("keeping index version %s: cannot load version %s (%s)", self.version, live, exc)
+            return False
+
     # -- catalog -------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self._snap.index)
 
     def ids(self) -> list[str]:
-        return self.index.ids()
+        return self._snap.index.ids()
 
     def categories(self) -> list[str]:
         """Top-level sub-folders of the catalog, when the catalog has them."""
-        return sorted({i.split("/", 1)[0] for i in self._ids if "/" in i})
+        return list(self._snap.categories)
 
     def item_path(self, item_id: str) -> Path:
         """The file of an indexed item; only ids in the index resolve, never a path outside the catalog."""
-        if item_id not in self._ids:
+        snap = self._snap
+        if item_id not in snap.ids:
             raise FashionSearchError(f"no item {item_id!r} in the index")
-        path = (self.catalog_root / item_id).resolve()
-        root = self.catalog_root.resolve()
+        path = (snap.catalog_root / item_id).resolve()
+        root = snap.catalog_root.resolve()
         if root not in path.parents:
             raise FashionSearchError(f"item {item_id!r} resolves outside the catalog")
         return path
 
     def info(self) -> dict:
-        ident = self.manifest["model"]
+        snap = self._snap
+        ident = snap.manifest["model"]
         return {
-            "items": len(self.index),
+            "items": len(snap.index),
             "dim": ident["dim"],
             "model": ident["model"],
             "pretrained": ident["pretrained"],
             "fusion": ident["fusion"],
             "checkpoint_sha256": ident.get("checkpoint_sha256"),
-            "index_kind": self.index.kind,
-            "categories": self.categories(),
-            "catalog_root": str(self.catalog_root),
-            "created": self.manifest.get("created"),
-            "updated": self.manifest.get("updated"),
-            "skipped": len(self.manifest.get("skipped", {})),
+            "index_kind": snap.index.kind,
+            "categories": list(snap.categories),
+            "catalog_root": str(snap.catalog_root),
+            "created": snap.manifest.get("created"),
+            "updated": snap.manifest.get("updated"),
+            "version": snap.manifest.get("version"),
+            "skipped": len(snap.manifest.get("skipped", {})),
         }
 
     # -- query encoding (cached) ---------------------------------------------------------------
@@ -190,16 +280,17 @@ class SearchEngine:
         """Best-first results; w=0 ranks by the image alone, w=1 by the text alone."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise FashionSearchError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
-        if category is not None and category not in self.categories():
+        snap = self._snap  # read once: this search sees one index version from start to end
+        if category is not None and category not in snap.categories:
             raise FashionSearchError(
-                f"unknown category {category!r} (known: {', '.join(self.categories()) or 'none'})"
+                f"unknown category {category!r} (known: {', '.join(snap.categories) or 'none'})"
             )
         query = self.query_embedding(image, text, text_weight)
-        if len(self.index) == 0:
+        if len(snap.index) == 0:
             return []
         allowed = (lambda i: i.startswith(category + "/")) if category else None
-        scores, ids = self.index.search(query.numpy(), min(k, len(self.index)), allowed=allowed)
+        scores, ids = snap.index.search(query.numpy(), min(k, len(snap.index)), allowed=allowed)
         return [
-            SearchResult(id=i, score=float(s), path=str(self.catalog_root / i))
+            SearchResult(id=i, score=float(s), path=str(snap.catalog_root / i))
             for s, i in zip(scores[0], ids[0])
         ]

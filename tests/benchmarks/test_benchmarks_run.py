@@ -1,0 +1,123 @@
+"""Each benchmark script runs on tiny inputs and prints (and writes) a valid JSON result; no timing is judged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks"
+TINY_IMAGES = ["--min-px", "48", "--max-px", "96"]
+# One thread each: on a shared 2-core machine two OpenMP threads per process can run 100x slower.
+ARGS = {
+    "index": [
+        "--model", "fs-micro", "--n", "24", "--batch-size", "4", "--workers", "1", "--ceiling-batches", "2",
+        "--decode-sample", "4", "--existing-items", "50", *TINY_IMAGES,
+    ],
+    "query": [
+        "--model", "fs-micro", "--items", "500", "--queries", "3", "--reweight-queries", "12",
+        "--ceiling-repeat", "3", "--search-repeat", "10", *TINY_IMAGES,
+    ],
+    "ann": [
+        "--sizes", "1000", "--dim", "32", "--queries", "20", "--data", "clustered,uniform",
+        "--hnsw-ef-search", "16,64", "--ivf-nprobe", "auto,4",
+    ],
+    "train": [
+        "--model", "fs-micro", "--batch-size", "4", "--steps", "1", "--synth", "50", "--synth-size", "32",
+        "--workers", "0",
+    ],
+}  # fmt: skip
+GOAL_KEYS = {"name", "measured", "unit", "ceiling", "ratio", "goal", "met", "note"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """All four scripts started at once (they wait on start-up more than they compute), awaited lazily."""
+    tmp = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = {}
+    for name, args in ARGS.items():
+        out = tmp / f"{name}.json"
+        cmd = [sys.executable, str(BENCH / f"bench_{name}.py"), *args, "--threads", "1", "--out", str(out)]
+        procs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env), out)
+    results = {}
+
+    def get(name: str) -> tuple[dict, dict]:
+        if name not in results:
+            proc, out = procs[name]
+            stdout, stderr = proc.communicate(timeout=240)
+            assert proc.returncode == 0, stderr.decode()[-3000:]
+            results[name] = (json.loads(stdout), json.loads(out.read_text()))
+        return results[name]
+
+    yield get
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def check_common(doc: dict, written: dict, benchmark: str) -> None:
+    assert doc == written, "--out must hold exactly what stdout printed"
+    assert doc["schema"] == "fashion-search-benchmark/1" and doc["benchmark"] == benchmark
+    assert doc["command"].startswith(f"python benchmarks/bench_{benchmark}.py")
+    machine = doc["machine"]
+    assert machine["cpu_count"] >= 1 and machine["cpu_model"]
+    assert {"torch", "faiss", "open_clip", "numpy"} <= set(machine["versions"])
+    assert isinstance(doc["machine_load"], str)
+    assert doc["goals"] and all(set(g) == GOAL_KEYS for g in doc["goals"])
+
+
+def test_bench_index(runs):
+    doc, written = runs("index")
+    check_common(doc, written, "index")
+    r = doc["results"]
+    assert r["ceiling"]["images_per_s"] > 0 and r["decode_preprocess"]["ms_per_image"] > 0
+    run = r["index_run"]
+    assert run["images_indexed"] == 24 and run["unchanged"] == 50 and run["skipped"] == 0
+    assert run["phases"]["steady_images_per_s"] > 0 and run["phases"]["startup_s"] > 0
+    assert run["memory"]["peak_rss_mb"] > 0 and run["memory"]["tree_pss_peak_mb"] > 0
+    assert r["existing_index"]["items"] == 50
+    assert r["ratios"]["whole_process"] > 0
+
+
+def test_bench_query(runs):
+    doc, written = runs("query")
+    check_common(doc, written, "query")
+    r = doc["results"]
+    assert r["ceiling"]["p50_ms"] > 0 and r["ceiling"]["index_search_ms"]["n"] >= 10
+    for phase in (r["engine_composed"], r["http"]):
+        assert phase["latency_ms"]["n"] == phase["interleaved_ceiling_ms"]["n"] == 3
+        assert phase["budget_ms"] > 0 and isinstance(phase["met"], bool)
+    assert r["engine_reweight_ms"]["n"] >= 11 and r["http"]["server_memory"]["vmhwm_mb"] > 0
+    assert len(doc["goals"]) == 3 and "HTTP" in doc["goals"][2]["name"]
+
+
+def test_bench_ann(runs):
+    doc, written = runs("ann")
+    check_common(doc, written, "ann")
+    assert [(run["data"], run["n"]) for run in doc["results"]["runs"]] == [
+        ("clustered", 1000),
+        ("uniform", 1000),
+    ]
+    for run in doc["results"]["runs"]:
+        assert [i["kind"] for i in run["indexes"]] == ["exact", "flat", "hnsw", "ivf"]
+        exact, flat = run["indexes"][0], run["indexes"][1]
+        assert exact["settings"][0]["recall_at_10"] == 1.0 == flat["settings"][0]["recall_at_10"]
+        assert [s["value"] for s in run["indexes"][2]["settings"]] == [16, 64]
+        assert all(i["files_bytes_per_item"] >= 32 * 4 for i in run["indexes"])
+
+
+def test_bench_train(runs):
+    doc, written = runs("train")
+    check_common(doc, written, "train")
+    r = doc["results"]
+    assert r["ceiling"]["samples_per_s"] > 0 and r["train_step"]["samples_per_s"] > 0
+    assert r["with_loader"]["synthetic"] and r["with_loader"]["samples_per_s"] > 0

@@ -1,0 +1,33 @@
+"""benchmarks/load_api.py runs end to end on tiny inputs and writes the JSON its report is made of."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "load_api.py"
+
+
+@pytest.mark.timeout(180)
+def test_load_script_runs_and_writes_json(tmp_path):
+    out = tmp_path / "load.json"
+    cmd = [sys.executable, str(SCRIPT), "--clients", "3", "--requests", "12", "--items", "12"]
+    cmd += ["--malformed", "0.3", "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result == json.loads(done.stdout)
+    assert result["requests"] == 36 and result["server"]["items"] == 12
+    assert result["errors"] == {"valid_not_200": 0, "malformed_not_4xx": 0, "transport": 0, "detail": {}}
+    assert result["throughput_rps"] > 0 and result["latency"]["valid"]["p99_ms"] > 0
+    assert any(kind in result["statuses"] for kind in ("composed", "text", "image"))
+    malformed = {name for name in result["statuses"] if name not in ("composed", "text", "image")}
+    assert malformed and all(
+        400 <= int(code) < 500 for name in malformed for code in result["statuses"][name]
+    )
