@@ -19,6 +19,8 @@ from fashion_search.index.build import build_index
 from fashion_search.index.store import load_index_dir
 from service_fixtures import garment_image
 
+pytestmark = pytest.mark.slow  # subprocesses: each pays the ~5 s torch import
+
 SOURCE = {"model": "fs-micro", "pretrained": "none", "fusion": "sum", "checkpoint": None}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -17,6 +17,8 @@ from fashion_search.index.build import build_index
 from fashion_search.index.store import index_exists, load_index_dir
 from service_fixtures import garment_image
 
+pytestmark = pytest.mark.slow  # subprocesses: each pays the ~5 s torch import
+
 N_ITEMS = 120
 SOURCE = {"model": "fs-micro", "pretrained": "none", "fusion": "sum", "checkpoint": None}
 # One thread per subprocess: on a small shared machine torch's thread pool spins against other work.

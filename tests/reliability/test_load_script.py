@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses: each pays the ~5 s torch import
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "load_api.py"
 
 

@@ -18,6 +18,8 @@ from fashion_search.index.store import load_index_dir
 from fashion_search.models.checkpoint import load_checkpoint
 from service_fixtures import build_service_index, garment_image
 
+pytestmark = pytest.mark.slow  # subprocesses: each pays the ~5 s torch import
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -14,6 +14,8 @@ import pytest
 
 from fashion_search.models.checkpoint import load_checkpoint, read_checkpoint
 
+pytestmark = pytest.mark.slow  # subprocesses: each pays the ~5 s torch import
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
