@@ -1,0 +1,323 @@
+"""Query latency (warm engine and live HTTP API) against one image + one text forward at batch 1."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import numpy as np
+
+COLOURS = ["red", "navy", "black", "white", "green", "beige", "pink", "grey", "yellow", "striped"]
+CHANGES = [
+    "is shorter and sleeveless",
+    "has long sleeves",
+    "is a maxi dress with a belt",
+    "has a v-neck and no pattern",
+    "is looser and has a collar",
+    "has buttons and a floral print",
+    "is more formal",
+    "has thin straps",
+]
+
+
+def query_texts(n: int) -> list[str]:
+    """n distinct captions, so that no query hits the engine's text cache."""
+    combos = list(itertools.product(COLOURS, CHANGES))
+    texts = []
+    for i in range(n):
+        colour, change = combos[i % len(combos)]
+        rounds = i // len(combos)  # past 80 texts, a suffix keeps them distinct
+        texts.append(f"is {colour} and {change}" + (f", version {rounds}" if rounds else ""))
+    return texts
+
+
+def parse_args():
+    p = common.base_parser(__doc__)
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--pretrained", default="none")
+    p.add_argument("--items", type=int, default=10_000, help="random unit vectors in the index")
+    p.add_argument("--index-type", default="auto", help="auto | exact | flat | hnsw | ivf")
+    p.add_argument("--queries", type=int, default=30, help="composed queries, each with a new image and text")
+    p.add_argument("--reweight-queries", type=int, default=200, help="cached queries varying weight and k")
+    p.add_argument("--ceiling-repeat", type=int, default=20, help="timed batch-1 forwards per tower")
+    p.add_argument("--search-repeat", type=int, default=200, help="timed index searches")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--min-px", type=int, default=400, help="smallest query image side")
+    p.add_argument("--max-px", type=int, default=1000, help="largest query image side")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-http", action="store_true", help="skip the live-server measurements")
+    p.add_argument("--keep", default=None, metavar="DIR", help="keep the index under DIR")
+    return p.parse_args()
+
+
+class Ceiling:
+    """One image forward on a ready (1, 3, S, S) tensor + one text forward on ready tokens, and one
+    index search: timed alone, or one sample before each query so that both see the same machine load.
+    """
+
+    def __init__(self, model, text: str, index, k: int, seed: int):
+        import torch
+
+        from fashion_search.models.backbone import autocast
+
+        self.device = model.device
+        size = model.backbone.image_size
+        pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        tokens = model.backbone.tokenize([text]).to(self.device)
+        queries = common.unit_vectors(64, model.dim, seed + 999_999)
+        self._next_query = iter(range(10**12))
+
+        @torch.inference_mode()
+        def text_forward():
+            with autocast(self.device):
+                return model.backbone.text_features(tokens).float().cpu()
+
+        self.image_forward = lambda: model.encode_pixels(pixels)
+        self.text_forward = text_forward
+        self.search = lambda: index.search(queries[next(self._next_query) % len(queries)][None], k)
+        self.tokenize = lambda: model.backbone.tokenize([text])
+
+    def _timed(self, fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        common.sync_device(self.device)
+        return time.perf_counter() - t0
+
+    def sample(self) -> tuple[float, float]:
+        """(seconds of image + text forward, seconds of one index search)."""
+        return self._timed(self.image_forward) + self._timed(self.text_forward), self._timed(self.search)
+
+    def standalone(self, repeat: int, search_repeat: int) -> dict:
+        image = common.time_calls(self.image_forward, repeat, warmup=3, device=self.device)
+        txt = common.time_calls(self.text_forward, repeat, warmup=3, device=self.device)
+        tok = common.time_calls(self.tokenize, repeat, warmup=1)
+        search = common.time_calls(self.search, search_repeat, warmup=5)
+        img_ms, txt_ms = common.latency_ms(image), common.latency_ms(txt)
+        return {
+            "p50_ms": round(img_ms["p50"] + txt_ms["p50"], 3),
+            "image_forward_ms": img_ms,
+            "text_forward_ms": txt_ms,
+            "tokenize_ms": common.latency_ms(tok),
+            "index_search_ms": common.latency_ms(search),
+        }
+
+
+def phase_summary(query_s: list[float], ceiling_s: list[float], search_s: list[float], factor: float) -> dict:
+    """Latency of a phase against the ceiling and search time sampled between its own queries."""
+    q, c, srch = common.latency_ms(query_s), common.latency_ms(ceiling_s), common.latency_ms(search_s)
+    budget = factor * c["p50"] + srch["p50"]
+    return {
+        "latency_ms": q,
+        "interleaved_ceiling_ms": c,
+        "interleaved_search_ms": srch,
+        "budget_ms": round(budget, 3),
+        "ratio": common.ratio(q["p50"] - srch["p50"], c["p50"]),
+        "met": q["p50"] <= budget,
+    }
+
+
+def phase_goal(name: str, phase: dict, factor: float, note: str) -> dict:
+    c = phase["interleaved_ceiling_ms"]["p50"]
+    return common.goal_row(
+        name,
+        phase["latency_ms"]["p50"],
+        "ms",
+        f"<= {factor} x ceiling + search = {phase['budget_ms']:.1f} ms",
+        phase["met"],
+        c,
+        phase["ratio"],
+        note + "ceiling and search sampled between the queries; ratio = (p50 - search p50) / ceiling",
+    )
+
+
+def decode_cost(model, images: list[bytes]) -> dict:
+    """ms to decode + preprocess one query upload (the engine's path), outside any forward."""
+    import io
+
+    from fashion_search.data.images import load_image
+
+    transform = model.image_transform()
+    uploads = itertools.cycle(images)
+    samples = common.time_calls(
+        lambda: transform(load_image(io.BytesIO(next(uploads)))), len(images), warmup=1
+    )
+    return common.latency_ms(samples)
+
+
+def engine_queries(engine, images: list[bytes], texts: list[str], k: int, warmup: int, ceil: Ceiling) -> dict:
+    """engine.search, each with an image and a text the engine has not seen, a ceiling sample before each."""
+    samples, ceiling, search = [], [], []
+    for i, (img, txt) in enumerate(zip(images, texts)):
+        c, srch = ceil.sample()
+        t0 = time.perf_counter()
+        engine.search(image=img, text=txt, k=k)
+        if i >= warmup:
+            samples.append(time.perf_counter() - t0)
+            ceiling.append(c)
+            search.append(srch)
+    return phase_summary(samples, ceiling, search, 1.15)
+
+
+def reweight_settings(n: int) -> list[tuple[float, int]]:
+    weights = [round(w, 2) for w in np.linspace(0.0, 1.0, 11)]
+    ks = [1, 5, 10, 20, 50, 100]
+    return list(itertools.islice(itertools.cycle(itertools.product(weights, ks)), n))
+
+
+def http_queries(
+    base: str, images: list[bytes], texts: list[str], k: int, warmup: int, ceil: Ceiling
+) -> dict:
+    """Client-side round trips of POST /search (keep-alive) and the server's took_ms; a ceiling sample
+    (in this process, while the server idles) before each request."""
+    import httpx
+
+    rtt, took, ceiling, search = [], [], [], []
+    with httpx.Client(base_url=base, timeout=120.0) as client:
+        for i, (img, txt) in enumerate(zip(images, texts)):
+            c, srch = ceil.sample()
+            t0 = time.perf_counter()
+            r = client.post(
+                "/search", files={"image": ("q.jpg", img, "image/jpeg")}, data={"text": txt, "k": str(k)}
+            )
+            elapsed = time.perf_counter() - t0
+            r.raise_for_status()
+            if i >= warmup:
+                rtt.append(elapsed)
+                took.append(r.json()["took_ms"] / 1000.0)
+                ceiling.append(c)
+                search.append(srch)
+    return {**phase_summary(rtt, ceiling, search, 1.25), "server_took_ms": common.latency_ms(took)}
+
+
+def http_reweight(base: str, image: bytes, text: str, settings: list[tuple[float, int]]) -> dict:
+    import httpx
+
+    rtt = []
+    with httpx.Client(base_url=base, timeout=120.0) as client:
+        files = {"image": ("q.jpg", image, "image/jpeg")}
+        client.post("/search", files=files, data={"text": text}).raise_for_status()  # fill the caches
+        for w, k in settings:
+            t0 = time.perf_counter()
+            r = client.post("/search", files=files, data={"text": text, "text_weight": str(w), "k": str(k)})
+            rtt.append(time.perf_counter() - t0)
+            r.raise_for_status()
+    return common.latency_ms(rtt)
+
+
+def main() -> None:
+    args = parse_args()
+    load0 = os.getloadavg()
+    common.apply_threads(args.threads)
+    import torch
+
+    from fashion_search.index.store import load_index_dir
+    from fashion_search.models.checkpoint import create_model
+    from fashion_search.service.engine import SearchEngine
+
+    common.apply_threads(args.threads)
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-query-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.manual_seed(0)
+        model = create_model(args.model, args.pretrained, device=args.device)
+        device = model.device
+        index_dir = work / "index"
+        if index_dir.exists():
+            shutil.rmtree(index_dir)
+        common.log(f"writing an index of {args.items} random vectors to {index_dir}")
+        built = common.write_vector_index(index_dir, model, args.items, args.index_type, args.seed)
+        index, manifest = load_index_dir(index_dir)
+        engine = SearchEngine(model, index, manifest, index_dir)
+
+        warmup = 2
+        n_img = args.queries + warmup
+        rng = np.random.default_rng(args.seed)
+        common.log(f"making {2 * n_img} query JPEGs of {args.min_px}-{args.max_px} px")
+        images = [common.jpeg_bytes(rng, args.min_px, args.max_px) for _ in range(2 * n_img)]
+        texts = query_texts(2 * n_img)
+        engine_imgs, http_imgs = images[:n_img], images[n_img:]
+        engine_txts, http_txts = texts[:n_img], texts[n_img:]
+
+        common.log("ceiling: batch-1 image and text forwards, index search")
+        ceil = Ceiling(model, texts[0], engine.index, args.k, args.seed)
+        standalone = ceil.standalone(args.ceiling_repeat, args.search_repeat)
+        decode = decode_cost(model, images[: min(10, len(images))])
+
+        common.log(f"{args.queries} composed queries through the engine")
+        composed = engine_queries(engine, engine_imgs, engine_txts, args.k, warmup, ceil)
+
+        settings = reweight_settings(args.reweight_queries)
+        engine.search(image=images[0], text=texts[0], k=args.k)  # fills both caches
+        next_setting = iter(settings)
+
+        def reweigh():
+            w, k = next(next_setting)
+            engine.search(image=images[0], text=texts[0], text_weight=w, k=k)
+
+        reweight_ms = common.latency_ms(common.time_calls(reweigh, len(settings) - 1, warmup=1))
+        goals = [phase_goal("composed query p50, engine (new image + text)", composed, 1.15, "")]
+        goals.append(
+            common.goal_row(
+                "re-weight / k only p50, engine (cached embeddings)",
+                reweight_ms["p50"],
+                "ms",
+                "<= 10 ms at 100k items",
+                reweight_ms["p50"] <= 10.0 if args.items >= 100_000 else None,
+                note=f"{args.items:,} items, {built['kind']} index"
+                + ("" if args.items >= 100_000 else "; the goal applies at 100k"),
+            )
+        )
+        results = {
+            "model": args.model,
+            "device": str(device),
+            "items": args.items,
+            "index": built,
+            "k": args.k,
+            "ceiling": standalone,
+            "query_decode_preprocess_ms": decode,
+            "engine_composed": composed,
+            "engine_reweight_ms": reweight_ms,
+        }
+
+        if not args.no_http:
+            port = common.free_port()
+            base = f"http://127.0.0.1:{port}"
+            common.log(f"starting fashion-search serve on {base}")
+            server = common.start_server(index_dir, port, args.device)
+            try:
+                ready_s = common.wait_healthy(server, base)
+                common.log(f"{args.queries} composed queries over HTTP")
+                http = http_queries(base, http_imgs, http_txts, args.k, warmup, ceil)
+                http["reweight_round_trip_ms"] = http_reweight(
+                    base, images[1], texts[1], settings[: max(20, len(settings) // 4)]
+                )
+                memory = {
+                    "vmhwm_mb": common.vm_hwm_mb(server.proc.pid),
+                    "pss_mb": common.pss_mb(server.proc.pid),
+                }
+            finally:
+                server.stop()
+            http.update(startup_to_healthy_s=round(ready_s, 3), server_memory=memory)
+            results["http"] = http
+            goals.append(
+                phase_goal(
+                    "composed query p50, HTTP (live uvicorn, new image + text)",
+                    http,
+                    1.25,
+                    "client round trip over keep-alive; ",
+                )
+            )
+        common.emit("query", args, load0, {"results": results, "goals": goals})
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
