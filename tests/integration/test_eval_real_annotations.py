@@ -53,7 +53,17 @@ def stand_in(tmp_path_factory):
 def test_eval_counts_are_exact(stand_in, tmp_path):
     root, triplets, gallery_ids, unusable = stand_in
     out = tmp_path / "eval.json"
-    args = ["eval", "--data", str(root), "--model", "fs-micro", "--pretrained", "none", "--categories", "toptee"]
+    args = [
+        "eval",
+        "--data",
+        str(root),
+        "--model",
+        "fs-micro",
+        "--pretrained",
+        "none",
+        "--categories",
+        "toptee",
+    ]
     with contextlib.redirect_stdout(io.StringIO()):
         assert main([*args, "--json", str(out), "--workers", "0", "--quiet"]) == 0
     result = json.loads(out.read_text())
@@ -61,7 +71,9 @@ def test_eval_counts_are_exact(stand_in, tmp_path):
     present = {p.stem for p in (root / "images").iterdir()} - unusable
     all_val = json.loads((root / "captions" / "cap.toptee.val.json").read_text())
     expected_queries = sum(
-        1 for t in all_val if t["candidate"] in present and t["target"] in present and t["target"] in gallery_ids
+        1
+        for t in all_val
+        if t["candidate"] in present and t["target"] in present and t["target"] in gallery_ids
     )
     assert row["gallery"] == len(present & gallery_ids)
     assert row["queries"] == expected_queries > 0
@@ -75,7 +87,9 @@ def test_both_joining_and_test_submission(stand_in, tmp_path):
     base = ["--data", str(root), "--model", "fs-micro", "--pretrained", "none", "--categories", "toptee"]
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["eval", *base, "--joining", "both", "--json", str(tmp_path / "b.json"), "--quiet"]) == 0
-        assert main(["eval", *base, "--split", "test", "--submission", str(tmp_path / "s.json"), "--quiet"]) == 0
+        assert (
+            main(["eval", *base, "--split", "test", "--submission", str(tmp_path / "s.json"), "--quiet"]) == 0
+        )
     assert json.loads((tmp_path / "b.json").read_text())["protocol"]["joining"] == "both"
     sub = json.loads((tmp_path / "s.json").read_text())
     assert sub["split"] == "test" and "toptee" in sub["categories"]

@@ -154,7 +154,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         bar.close()
         record = {

@@ -1,0 +1,39 @@
+"""The engine re-encodes nothing when only the text weight or k changes (query embeddings are cached)."""
+
+from __future__ import annotations
+
+import fashion_search
+from conftest import write_image
+from fashion_search.index.build import build_index
+
+
+def test_reweighting_and_k_reuse_cached_embeddings(tmp_path, monkeypatch):
+    for n in range(5):
+        write_image(tmp_path / "cat" / f"{n}.jpg", (50 * n, 90, 160))
+    model = fashion_search.create_model("fs-micro", pretrained="none")
+    source = {"model": "fs-micro", "pretrained": "none", "fusion": "sum", "checkpoint": None}
+    build_index(tmp_path / "cat", tmp_path / "idx", model, source, workers=0, progress=False)
+    engine = fashion_search.load_engine(tmp_path / "idx")
+    calls = {"images": 0, "texts": 0}
+    real_images, real_texts = engine.model.encode_images, engine.model.encode_texts
+
+    def count_images(*a, **kw):
+        calls["images"] += 1
+        return real_images(*a, **kw)
+
+    def count_texts(*a, **kw):
+        calls["texts"] += 1
+        return real_texts(*a, **kw)
+
+    monkeypatch.setattr(engine.model, "encode_images", count_images)
+    monkeypatch.setattr(engine.model, "encode_texts", count_texts)
+    query = (tmp_path / "cat" / "2.jpg").read_bytes()
+    first = engine.search(image=query, text="is darker", text_weight=0.5, k=3)
+    for w, k in [(0.0, 3), (0.2, 5), (0.9, 2), (1.0, 4)]:
+        engine.search(image=query, text="is darker", text_weight=w, k=k)
+    assert calls == {"images": 1, "texts": 1}
+    # the same bytes under another name are the same query
+    again = engine.search(image=bytes(query), text="is darker", text_weight=0.5, k=3)
+    assert [r.id for r in again] == [r.id for r in first] and calls["images"] == 1
+    engine.search(image=query, text="is lighter", k=3)
+    assert calls == {"images": 1, "texts": 2}
