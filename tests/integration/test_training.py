@@ -66,6 +66,11 @@ def test_existing_run_needs_resume(tiny_data, tmp_path):
     loop.train(cfg, progress=False)
     with pytest.raises(Exception, match="--resume"):
         loop.train(cfg, progress=False)
+    # a kill during a checkpoint write leaves a temp file; resuming cleans it up
+    stale = tmp_path / "run" / ".last.pt.x1y2.tmp"
+    stale.write_bytes(b"partial")
+    loop.train(cfg.replace(epochs=2), resume=True, progress=False)
+    assert not stale.exists()
 
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_data, tmp_path, monkeypatch):

@@ -206,7 +206,9 @@ def test_training_skips_triplets_with_bad_images_and_finishes(tmp_path):
     good = {ids[i] for i in range(len(odd))}
     for i, (a, b) in enumerate(pairs):
         item = dataset[i]
-        assert (item is not None) == (a in good and b in good), (a, b)
+        assert ("skipped" not in item) == (a in good and b in good), (a, b)
+        if "skipped" in item:
+            assert item["skipped"]["image"] in (a, b) and item["skipped"]["reason"]
 
     cfg = TrainConfig(
         data=str(root),
@@ -223,3 +225,8 @@ def test_training_skips_triplets_with_bad_images_and_finishes(tmp_path):
     result = loop.train(cfg, progress=False)
     assert result.epochs_run == 1 and (tmp_path / "run" / "checkpoint.pt").is_file()
     assert result.history[0]["loss"] is not None
+    # every triplet touching a bad image is counted and named in the history, with its reason
+    expected = sum(1 for a, b in pairs if not (a in good and b in good))
+    history = json.loads((tmp_path / "run" / "history.json").read_text())["epochs"][0]
+    assert history["skipped"]["triplets"] == expected > 0
+    assert all(e["reason"] for e in history["skipped"]["examples"])

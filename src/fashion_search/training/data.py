@@ -80,11 +80,14 @@ class TripletDataset(Dataset):
         t = self.triplets[i]
         # Seeded by (seed, epoch, item): identical across worker counts and after --resume.
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
-        try:
-            ref = load_image(self.data.image_path(t.reference))
-            tgt = load_image(self.data.image_path(t.target))
-        except (ImageDecodeError, OSError):
-            return None
+        images = []
+        for image_id in (t.reference, t.target):
+            try:
+                images.append(load_image(self.data.image_path(image_id)))
+            except (ImageDecodeError, OSError) as exc:
+                # Reported, not fatal: the loop counts these per epoch in history.json.
+                return {"skipped": {"image": image_id, "reason": str(exc) or type(exc).__name__}}
+        ref, tgt = images
         if self.augment is not None:
             ref, tgt = self.augment([ref, tgt], rng)
         return {
@@ -95,16 +98,18 @@ class TripletDataset(Dataset):
         }
 
 
-def collate_triplets(batch: list[dict | None]) -> dict | None:
-    batch = [b for b in batch if b is not None]
-    if not batch:
-        return None
-    return {
-        "reference": torch.stack([b["reference"] for b in batch]),
-        "target": torch.stack([b["target"] for b in batch]),
-        "text": [b["text"] for b in batch],
-        "target_id": [b["target_id"] for b in batch],
-    }
+def collate_triplets(batch: list[dict]) -> dict:
+    """Stack the good items; `skipped` lists the triplets dropped for an unreadable image."""
+    good = [b for b in batch if "skipped" not in b]
+    out: dict = {"skipped": [b["skipped"] for b in batch if "skipped" in b], "size": len(good)}
+    if good:
+        out.update(
+            reference=torch.stack([b["reference"] for b in good]),
+            target=torch.stack([b["target"] for b in good]),
+            text=[b["text"] for b in good],
+            target_id=[b["target_id"] for b in good],
+        )
+    return out
 
 
 def related_groups(triplets: Sequence[Triplet]) -> list[int]:

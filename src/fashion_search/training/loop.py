@@ -82,6 +82,8 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
             f"{run} already holds a training run: pass --resume to continue it, or a new --out"
         )
     run.mkdir(parents=True, exist_ok=True)
+    for stale in run.glob(".*.tmp"):  # a checkpoint write cut short by a kill; the real file is intact
+        stale.unlink(missing_ok=True)
     return run
 
 
@@ -139,14 +141,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
         model.train()
-        losses = []
+        losses, skipped = [], []
         bar = tqdm(
             loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress
         )
         for step, batch in enumerate(bar):
             if step >= steps_per_epoch:
                 break
-            if batch is None:
+            skipped.extend(batch["skipped"])
+            if batch["size"] < 2:  # a contrastive batch needs negatives
                 continue
             loss = train_step(model, batch, cfg, device)
             optimizer.zero_grad(set_to_none=True)
@@ -162,6 +165,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             "loss": float(np.mean(losses)) if losses else None,
             "lr": scheduler.get_last_lr()[0],
             "seconds": round(time.perf_counter() - started, 2),
+            "skipped": {"triplets": len(skipped), "examples": skipped[:5]},
         }
         if categories:
             result = evaluate(
