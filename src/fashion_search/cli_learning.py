@@ -20,6 +20,7 @@ _TRAIN_FLAGS = {
     "weight_decay": float,
     "clip_loss_weight": float,
     "hard_negatives": int,
+    "mine_hard_negatives": int,
     "patience": int,
     "seed": int,
     "workers": int,

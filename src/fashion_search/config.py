@@ -33,6 +33,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     clip_loss_weight: float = 0.5  # the standard CLIP image-text loss beside the composed loss
     hard_negatives: int = 4  # triplets per related group placed together in a batch
+    # From the second epoch on, regroup triplets by k-means over the current model's target embeddings
+    # (about this many targets per cluster; 0 = keep the reference-target components).
+    mine_hard_negatives: int = 0
     patience: int = 3  # early stopping: epochs without a better mean(R@10, R@50)
     augment: bool = True
     seed: int = 0

@@ -63,3 +63,25 @@ def test_pair_augment_is_identical_for_both_images_and_keeps_hue():
     assert a.tobytes() == b.tobytes()
     r, g, bl = a.getpixel((16, 16))
     assert r > 3 * max(g, bl)  # still red
+
+
+def test_similarity_groups_put_look_alike_targets_together(tmp_path, micro_model):
+    import json
+
+    from conftest import write_image
+    from fashion_search.data.fashioniq import FashionIQ
+    from fashion_search.training.data import similarity_groups
+
+    root = tmp_path / "data"
+    for sub in ("captions", "image_splits"):
+        (root / sub).mkdir(parents=True)
+    ids = []
+    for n in range(16):
+        colour = (230, 20, 20) if n < 8 else (20, 20, 230)
+        write_image(root / "images" / f"I{n:02d}.jpg", colour, size=(32, 32))
+        ids.append(f"I{n:02d}")
+    triplets = [Triplet("dress", ids[(n + 1) % 16], ids[n], ("x", "y")) for n in range(16)]
+    (root / "image_splits" / "split.dress.train.json").write_text(json.dumps(ids))
+    (root / "captions" / "cap.dress.train.json").write_text(json.dumps([]))
+    groups = similarity_groups(micro_model, FashionIQ(root), triplets, group_size=8, seed=0)
+    assert len(set(groups[:8])) == 1 and len(set(groups[8:])) == 1 and groups[0] != groups[8]

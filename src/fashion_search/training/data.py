@@ -129,6 +129,33 @@ def related_groups(triplets: Sequence[Triplet]) -> list[int]:
     return [roots.setdefault(find(t.reference), len(roots)) for t in triplets]
 
 
+def similarity_groups(
+    model, data: FashionIQ, triplets: Sequence[Triplet], group_size: int, seed: int = 0
+) -> list[int]:
+    """Group triplets whose targets look alike to the current model: mined hard negatives.
+
+    The targets are embedded and clustered (k-means, about `group_size` targets per cluster); batches
+    drawn from these groups put each target beside the images the model confuses it with, which the
+    reference-target graph alone cannot find (the same garment in another look, say).
+    """
+    import faiss
+
+    from fashion_search.data.loading import embed_paths
+
+    targets = sorted({t.target for t in triplets})
+    ok, emb, _ = embed_paths(model, [data.image_path(i) for i in targets], workers=0, progress=False)
+    vectors = emb.numpy().astype("float32")
+    n_clusters = max(1, len(ok) // max(1, group_size))
+    if n_clusters < 2:
+        return related_groups(triplets)
+    kmeans = faiss.Kmeans(vectors.shape[1], n_clusters, niter=10, seed=seed, spherical=True)
+    kmeans.train(vectors)
+    _, assignment = kmeans.index.search(vectors, 1)
+    cluster = {targets[i]: int(c) for i, c in zip(ok, assignment[:, 0])}
+    # A target that failed to embed keeps a group of its own.
+    return [cluster.get(t.target, n_clusters + n) for n, t in enumerate(triplets)]
+
+
 class GroupedBatchSampler(Sampler[list[int]]):
     """Batches built from chunks of `per_group` triplets of one related group: hard negatives in-batch.
 

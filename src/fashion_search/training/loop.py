@@ -27,7 +27,13 @@ from fashion_search.evaluation.fashioniq import evaluate
 from fashion_search.models.backbone import resolve_device
 from fashion_search.models.checkpoint import atomic_torch_save, create_model, model_payload, read_checkpoint
 from fashion_search.models.retrieval import RetrievalModel
-from fashion_search.training.data import GroupedBatchSampler, PairAugment, TripletDataset, collate_triplets
+from fashion_search.training.data import (
+    GroupedBatchSampler,
+    PairAugment,
+    TripletDataset,
+    collate_triplets,
+    similarity_groups,
+)
 from fashion_search.training.losses import clip_loss, composed_loss
 from fashion_search.training.optim import build_optimizer, cosine_with_warmup
 
@@ -140,6 +146,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         started = time.perf_counter()
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
+        if cfg.mine_hard_negatives and epoch > 0:
+            sampler.groups = similarity_groups(
+                model, data, dataset.triplets, cfg.mine_hard_negatives, cfg.seed + epoch
+            )
         model.train()
         losses, skipped = [], []
         bar = tqdm(
