@@ -20,11 +20,13 @@ IDS_FILE = "ids.json"
 VECTORS_FILE = "vectors.npy"
 
 # Automatic choice by catalog size. A flat (brute-force) scan is exact, needs no training or graph build,
-# and costs n*dim multiply-adds per query: at 200k x 512-d that is ~100M MACs, 10-20 ms on one core, so
-# below that the exactness is worth more than the speed. Above it HNSW answers in about a millisecond at
-# recall@10 >= 0.95 with a ~10% memory overhead for its graph. Past ~5M items an HNSW build takes hours
-# on a few cores, while IVF trains k-means on a sample in minutes and still searches well with nprobe.
-FLAT_MAX_ITEMS = 200_000
+# and costs n*dim multiply-adds per query. Measured on 2 CPU cores at dim 512 (docs/BENCHMARKS.md): ~16 ms
+# per query at 100k items, which alone breaks the 10 ms budget of a re-weighted (cached) query; at 50k it
+# is about half that (the cost is linear in n), so flat stays exact up to there. Above it HNSW answers in
+# well under a millisecond at recall@10 >= 0.95 with a ~10% memory overhead for its graph. Past ~5M items
+# an HNSW build takes hours on a few cores, while IVF trains k-means on a sample in minutes and still
+# searches well with nprobe.
+FLAT_MAX_ITEMS = 50_000
 HNSW_MAX_ITEMS = 5_000_000
 
 
