@@ -27,13 +27,13 @@ def _add_model_args(p: argparse.ArgumentParser, fusion: bool = False) -> None:
 
 
 def _load_model(args, fusion: str = "sum"):
+    from fashion_search.index.build import index_source
     from fashion_search.models.checkpoint import create_model, load_checkpoint, resolve_checkpoint_path
 
     if args.checkpoint:
         if args.model:
             raise FashionSearchError("give either --checkpoint or --model, not both")
         path = resolve_checkpoint_path(args.checkpoint)
-        source = {"checkpoint": str(path.resolve())}
         model = load_checkpoint(path, device=args.device)
     else:
         if not args.model:
@@ -42,11 +42,8 @@ def _load_model(args, fusion: str = "sum"):
             )
         pretrained = args.pretrained or "none"
         model = create_model(args.model, pretrained, fusion=fusion, device=args.device)
-        source = {"checkpoint": None}
-    source.update(
-        model=model.backbone.spec.model, pretrained=model.backbone.spec.pretrained, fusion=model.fusion.name
-    )
-    return model, source
+        path = None
+    return model, index_source(model, path)
 
 
 def cmd_index(args) -> int:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from fashion_search.atomic import atomic_write_json
 from fashion_search.errors import FashionSearchError
 
 _TRAIN_FLAGS = {
@@ -62,7 +62,7 @@ def cmd_eval(args) -> int:
         ranked = rank_submission(
             model, args.data, args.split, categories, workers=args.workers, progress=not args.quiet
         )
-        _write_json(Path(args.submission), ranked)
+        atomic_write_json(Path(args.submission), ranked)
         n = sum(len(c["queries"]) for c in ranked["categories"].values())
         print(f"wrote top-50 rankings for {n} {args.split} queries to {args.submission}")
         return 0
@@ -78,15 +78,8 @@ def cmd_eval(args) -> int:
     )
     print(format_table(result))
     if args.json:
-        _write_json(Path(args.json), result)
+        atomic_write_json(Path(args.json), result)
     return 0
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
 
 
 def cmd_demo(args) -> int:

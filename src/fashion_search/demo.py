@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+from fashion_search.atomic import atomic_write_json
 from fashion_search.config import DEMO_OVERRIDES, TrainConfig
 
 DEMO_IMAGES_PER_CATEGORY = 600
@@ -84,18 +85,15 @@ def run_demo(directory: Path, serve: bool = True, port: int = 8501) -> int:
 
     model = load_checkpoint(run_dir)
     result = evaluate(model, data_dir, "val", workers=0)
-    (directory / "eval.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(directory / "eval.json", result)
     print(format_table(result))
     print(f"written to {directory / 'eval.json'}")
 
     _stage("4/5 indexing the val gallery as a shop catalog")
-    from fashion_search.index.build import build_index
+    from fashion_search.index.build import build_index, index_source
 
     n = build_catalog(data_dir, catalog)
-    source = {"checkpoint": str((run_dir / "checkpoint.pt").resolve())}
-    source.update(
-        model=model.backbone.spec.model, pretrained=model.backbone.spec.pretrained, fusion=model.fusion.name
-    )
+    source = index_source(model, run_dir / "checkpoint.pt")
     print(build_index(catalog, index_dir, model, source, workers=0).summary(), f"({n} catalog images)")
     print(f"\ndemo ready in {time.perf_counter() - started:.0f}s")
 

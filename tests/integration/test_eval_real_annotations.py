@@ -47,6 +47,13 @@ def stand_in(tmp_path_factory):
             path.write_bytes(b"<html>dead link</html>")
         else:
             Image.new("RGB", (24, 24), tuple(rng.randrange(256) for _ in range(3))).save(path)
+    # The test split has no targets: its references and part of its gallery get images too.
+    test_triplets = json.loads((REAL / "captions" / "cap.toptee.test.json").read_text())[:20]
+    test_gallery = json.loads((REAL / "image_splits" / "split.toptee.test.json").read_text())
+    for image_id in {t["candidate"] for t in test_triplets} | set(test_gallery[:30]):
+        Image.new("RGB", (24, 24), tuple(rng.randrange(256) for _ in range(3))).save(
+            root / "images" / f"{image_id}.jpg"
+        )
     return root, triplets, set(gallery), missing | {corrupt}
 
 
@@ -92,4 +99,14 @@ def test_both_joining_and_test_submission(stand_in, tmp_path):
         )
     assert json.loads((tmp_path / "b.json").read_text())["protocol"]["joining"] == "both"
     sub = json.loads((tmp_path / "s.json").read_text())
-    assert sub["split"] == "test" and "toptee" in sub["categories"]
+    assert sub["split"] == "test"
+    row = sub["categories"]["toptee"]
+    present = {p.stem for p in (root / "images").iterdir()}
+    test_gallery = set(json.loads((root / "image_splits" / "split.toptee.test.json").read_text())) & present
+    all_test = json.loads((root / "captions" / "cap.toptee.test.json").read_text())
+    expected = [t for t in all_test if t["candidate"] in test_gallery]
+    assert row["gallery"] == len(test_gallery) and len(row["queries"]) == len(expected) > 0
+    assert row["skipped"] == len(all_test) - len(expected)
+    for query in row["queries"]:
+        assert len(query["ranking"]) == min(50, len(test_gallery))
+        assert set(query["ranking"]) <= test_gallery and len(set(query["ranking"])) == len(query["ranking"])

@@ -38,12 +38,13 @@ def _queries(
     """Query embeddings for every mode; `both` averages the two caption orders (used by some papers)."""
     txt = model.encode_texts(texts)
     modes = {"image_only": ref, "text_only": txt}
+    baseline = SumFusion(model.dim)
     composed = model.compose(ref, txt)
-    summed = SumFusion(model.dim)(ref, txt)
+    summed = baseline(ref, txt)
     if joining == "both" and texts_rev is not None:
         txt_rev = model.encode_texts(texts_rev)
         composed = F.normalize(composed + model.compose(ref, txt_rev), dim=-1)
-        summed = F.normalize(summed + SumFusion(model.dim)(ref, txt_rev), dim=-1)
+        summed = F.normalize(summed + baseline(ref, txt_rev), dim=-1)
         modes["text_only"] = F.normalize(txt + txt_rev, dim=-1)
     modes["composed"] = composed
     if model.fusion.name != "sum":

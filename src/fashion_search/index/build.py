@@ -7,7 +7,6 @@ rewrites the index, so saves are spaced in time rather than per N images, which 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from fashion_search.atomic import atomic_write_json
 from fashion_search.data.images import iter_image_files, relative_id
 from fashion_search.data.loading import iter_embedded
 from fashion_search.errors import FashionSearchError, IndexMismatchError
@@ -72,6 +72,17 @@ def _utf8_name(item_id: str) -> bool:
     return True
 
 
+def index_source(model: RetrievalModel, checkpoint: str | os.PathLike | None = None) -> dict:
+    """Where the index's model comes from, so a later process rebuilds exactly that model."""
+    spec = model.backbone.spec
+    return {
+        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+        "model": spec.model,
+        "pretrained": spec.pretrained,
+        "fusion": model.fusion.name,
+    }
+
+
 def check_identity(manifest_identity: dict, model: RetrievalModel, where: str) -> None:
     """Refuse to mix embeddings of two different models in one index or one query."""
     mine = model.identity()
@@ -83,9 +94,7 @@ def check_identity(manifest_identity: dict, model: RetrievalModel, where: str) -
 
 
 def _write_report(out: Path, report: BuildReport) -> None:
-    tmp = out / f".{REPORT_NAME}.tmp"
-    tmp.write_text(json.dumps({**report.__dict__, "seconds": round(report.seconds, 3)}, indent=2))
-    os.replace(tmp, out / REPORT_NAME)
+    atomic_write_json(out / REPORT_NAME, {**report.__dict__, "seconds": round(report.seconds, 3)})
 
 
 def build_index(

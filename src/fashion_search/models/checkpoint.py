@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from fashion_search.atomic import atomic_open
 from fashion_search.errors import FashionSearchError
 from fashion_search.models.backbone import create_backbone, normalise_preprocess_cfg, resolve_device
 from fashion_search.models.fusion import create_fusion
@@ -98,17 +97,6 @@ def model_payload(model: RetrievalModel, **extra) -> dict:
 
 
 def atomic_torch_save(payload: dict, path: str | os.PathLike) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """torch.save without ever leaving half a checkpoint under the final name."""
+    with atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)

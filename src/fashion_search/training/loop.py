@@ -8,8 +8,6 @@ RUN/history.json   loss, lr and val recalls per epoch;  RUN/config.yaml  the res
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fashion_search.atomic import atomic_write_json
 from fashion_search.config import TrainConfig
 from fashion_search.data.fashioniq import FashionIQ
 from fashion_search.errors import FashionSearchError
@@ -47,12 +46,6 @@ class TrainResult:
     history: list[dict]
 
 
-def _write_json(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -62,6 +55,7 @@ def _seed_everything(seed: int) -> None:
 def train_step(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
     """One forward: fuse(reference, text) must find its target; the text must also match its target."""
     backbone = model.backbone
+    # bf16 only: unlike inference (models.backbone.autocast), training has no GradScaler, so fp16 could underflow.
     amp = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if cfg.amp and device.type == "cuda"
@@ -79,6 +73,19 @@ def train_step(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: tor
                 tgt.float(), txt.float(), scale, batch["target_id"]
             )
     return loss
+
+
+def optimize_step(
+    model: RetrievalModel, batch: dict, cfg: TrainConfig, device: torch.device, optimizer, scheduler
+) -> float:
+    """One optimisation step (forward, backward, clipping, update, schedule); returns the loss."""
+    loss = train_step(model, batch, cfg, device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
 
 
 def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
@@ -161,13 +168,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             skipped.extend(batch["skipped"])
             if batch["size"] < 2:  # a contrastive batch needs negatives
                 continue
-            loss = train_step(model, batch, cfg, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+            losses.append(optimize_step(model, batch, cfg, device, optimizer, scheduler))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         bar.close()
         record = {
@@ -209,7 +210,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             ),
             run / "last.pt",
         )
-        _write_json(run / "history.json", _history_doc(cfg, best_epoch, history, finished=False))
+        atomic_write_json(run / "history.json", _history_doc(cfg, best_epoch, history, finished=False))
         if progress:
             val = record.get("val", {}).get("composed", {})
             print(
@@ -217,7 +218,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                 f"R@50 {val.get('R@50', 0):.2f}  ({record['seconds']:.0f}s)",
                 flush=True,
             )
-    _write_json(run / "history.json", _history_doc(cfg, best_epoch, history, finished=True))
+    atomic_write_json(run / "history.json", _history_doc(cfg, best_epoch, history, finished=True))
     return TrainResult(run, best_score, best_epoch, len(history), history)
 
 
