@@ -55,6 +55,31 @@ def demo_config(directory: Path) -> TrainConfig:
     )
 
 
+def reusable_run(directory: Path) -> bool:
+    """True if DIR/run holds a finished run this version can load.
+
+    A run whose checkpoint no longer fits the packaged model config (trained by an older version) is
+    moved aside, never deleted, together with the index built from it, so the demo trains again.
+    """
+    from fashion_search.errors import FashionSearchError
+    from fashion_search.models.checkpoint import load_checkpoint
+
+    run_dir = directory / "run"
+    history = run_dir / "history.json"
+    if not (history.exists() and json.loads(history.read_text()).get("finished")):
+        return False
+    try:
+        load_checkpoint(run_dir)
+        return True
+    except FashionSearchError as exc:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for stale in (run_dir, directory / "index"):
+            if stale.exists():
+                stale.rename(stale.with_name(f"{stale.name}.old-{stamp}"))
+        print(f"{exc}\nmoved the old run and index aside (*.old-{stamp}); training again")
+        return False
+
+
 def run_demo(directory: Path, serve: bool = True, port: int = 8501) -> int:
     started = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
@@ -73,8 +98,7 @@ def run_demo(directory: Path, serve: bool = True, port: int = 8501) -> int:
     from fashion_search.training.loop import train
 
     cfg = demo_config(directory)
-    history = run_dir / "history.json"
-    if history.exists() and json.loads(history.read_text()).get("finished"):
+    if reusable_run(directory):
         print(f"reusing {run_dir / 'checkpoint.pt'}")
     else:
         train(cfg, resume=(run_dir / "last.pt").exists())

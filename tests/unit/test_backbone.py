@@ -73,3 +73,17 @@ def test_random_weights_are_the_same_in_every_process():
     assert torch.rand(1) == after_a  # the caller's random stream is untouched
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), name
+
+
+def test_checkpoint_of_an_older_architecture_gets_a_clear_error(tmp_path, micro_model):
+    from fashion_search.models.checkpoint import atomic_torch_save, load_checkpoint, model_payload
+
+    payload = model_payload(micro_model)
+    atomic_torch_save(payload, tmp_path / "ok.pt")
+    assert load_checkpoint(tmp_path / "ok.pt").dim == micro_model.dim
+    # As if trained when the config had a shorter text context (fs-tiny went from 24 to 40 tokens).
+    key = "backbone.clip.positional_embedding"
+    payload["state_dict"][key] = payload["state_dict"][key][:8].clone()
+    atomic_torch_save(payload, tmp_path / "old.pt")
+    with pytest.raises(FashionSearchError, match="does not fit the current fs-micro architecture.*retrain"):
+        load_checkpoint(tmp_path / "old.pt")

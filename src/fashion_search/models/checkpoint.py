@@ -79,7 +79,16 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
     )
     model.backbone.spec = type(model.backbone.spec)(**payload["backbone"])
     model.backbone.preprocess_cfg = normalise_preprocess_cfg(payload["preprocess"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        # The architecture is rebuilt from its name: a checkpoint from an older version of a packaged
+        # config (fs-tiny's text context grew from 24 to 40 tokens) no longer fits it.
+        first = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else str(exc)
+        raise FashionSearchError(
+            f"checkpoint {p} does not fit the current {payload['backbone']['model']} architecture "
+            f"({first.strip()}); it was trained with another version of that model config: retrain it"
+        ) from None
     model.checkpoint_sha256 = file_sha256(p)
     return model
 
