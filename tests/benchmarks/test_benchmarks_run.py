@@ -121,3 +121,37 @@ def test_bench_train(runs):
     r = doc["results"]
     assert r["ceiling"]["samples_per_s"] > 0 and r["train_step"]["samples_per_s"] > 0
     assert r["with_loader"]["synthetic"] and r["with_loader"]["samples_per_s"] > 0
+
+
+def test_memory_sampler_reads_the_expensive_proc_files_rarely(monkeypatch):
+    """Reading smaps_rollup walks the measured process's page tables; at every 0.1 s sample it took ~35%
+    of a core from the index run it measured. Only the cheap status file may be read at every sample."""
+    import time
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    calls = {"pss": 0, "tree": 0}
+    real_pss, real_tree = common.pss_mb, common.process_tree
+
+    def counting_pss(pid):
+        calls["pss"] += 1
+        return real_pss(pid)
+
+    def counting_tree(pid):
+        calls["tree"] += 1
+        return real_tree(pid)
+
+    monkeypatch.setattr(common, "pss_mb", counting_pss)
+    monkeypatch.setattr(common, "process_tree", counting_tree)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    try:
+        with common.MemorySampler(child.pid, interval=0.01) as sampler:
+            time.sleep(1.0)
+    finally:
+        child.kill()
+        child.wait()
+    assert sampler.root_hwm_mb > 0 and sampler.tree_pss_mb > 0
+    assert calls["tree"] <= 2 and calls["pss"] <= 1  # ~100 samples, yet one tree walk and one PSS read

@@ -37,9 +37,16 @@ def auto_nlist(n: int) -> int:
 
 
 def auto_nprobe(nlist: int) -> int:
-    # Probing ~1/4 of the lists (at least 16) measured recall@10 ~1.0 on clustered data with the nlist
-    # auto_nlist picks; uniform random data, with no cluster structure, needs far more (set nprobe).
-    return min(nlist, max(16, nlist // 4))
+    # Probe ~1/32 of the lists, at least 16: about 3% of the vectors at a large catalog. On clustered
+    # data recall@10 was already 1.0 at nprobe 8 (10k, 100k; docs/BENCHMARKS.md); a quarter of the lists,
+    # the first rule here, scanned 250k vectors per query at 1M. Data with no cluster structure needs
+    # far more: set nprobe.
+    return min(nlist, max(16, nlist // 32))
+
+
+# k-means trains IVF on at most this many vectors per list (faiss's default, 256, means all of a
+# 1M catalog and minutes of training on 2 cores; 64 per list gives centroids as useful for routing).
+IVF_TRAIN_POINTS_PER_LIST = 64
 
 
 class FaissIndex(VectorIndex):
@@ -83,6 +90,7 @@ class FaissIndex(VectorIndex):
         elif nlist is not None:
             quantizer = faiss.IndexFlatIP(self.dim)
             index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
             index.train(np.ascontiguousarray(matrix))
             index.nprobe = self.params["nprobe"] or auto_nprobe(nlist)
         else:
