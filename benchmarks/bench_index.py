@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -142,15 +141,12 @@ def add_existing(images: Path, out_dir: Path, model, n: int, kind: str, seed: in
 def main() -> None:
     args = parse_args()
     load0 = os.getloadavg()
-    common.apply_threads(args.threads)
-    import torch
+    torch = common.import_torch(args.threads)
 
     from fashion_search.data.images import iter_image_files
     from fashion_search.models.checkpoint import create_model
 
-    common.apply_threads(args.threads)
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-index-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = common.work_dir(args.keep, "bench-index-")
     try:
         if args.images and args.existing_items:
             raise SystemExit("--existing-items adds files to the image folder: use it without --images")

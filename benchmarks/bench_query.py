@@ -6,9 +6,7 @@ import itertools
 import os
 import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import common
 import numpy as np
@@ -213,16 +211,13 @@ def http_reweight(base: str, image: bytes, text: str, settings: list[tuple[float
 def main() -> None:
     args = parse_args()
     load0 = os.getloadavg()
-    common.apply_threads(args.threads)
-    import torch
+    torch = common.import_torch(args.threads)
 
     from fashion_search.index.store import load_index_dir
     from fashion_search.models.checkpoint import create_model
     from fashion_search.service.engine import SearchEngine
 
-    common.apply_threads(args.threads)
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-query-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = common.work_dir(args.keep, "bench-query-")
     try:
         torch.manual_seed(0)
         model = create_model(args.model, args.pretrained, device=args.device)

@@ -118,14 +118,12 @@ def loader_batches(data_dir: Path, model, cfg, workers: int):
 def main() -> None:
     args = parse_args()
     load0 = os.getloadavg()
-    common.apply_threads(args.threads)
-    import torch
+    torch = common.import_torch(args.threads)
 
     from fashion_search.config import TrainConfig
     from fashion_search.models.checkpoint import create_model
     from fashion_search.training.optim import build_optimizer, cosine_with_warmup
 
-    common.apply_threads(args.threads)
     torch.manual_seed(args.seed)
     model = create_model(args.model, args.pretrained, fusion=args.fusion, device=args.device)
     device = model.device

@@ -16,6 +16,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -221,19 +222,19 @@ class MemorySampler:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def sample(self, force: bool = False) -> None:
+    def sample(self) -> None:
         now = time.monotonic()
         hwm = vm_hwm_mb(self.pid)
         if hwm is not None:
             self.root_hwm_mb = max(self.root_hwm_mb, hwm)
-        if not (force or now >= self._next_tree):
+        if now < self._next_tree:
             return
         self._next_tree = now + self.tree_interval
         tree = process_tree(self.pid)
         rss = [current_rss_mb(p) for p in tree]
         self.tree_rss_mb = max(self.tree_rss_mb, sum(r for r in rss if r is not None))
         self.max_processes = max(self.max_processes, len(tree))
-        if self.pss and (force or now >= self._next_pss):
+        if self.pss and now >= self._next_pss:
             self._next_pss = now + self.pss_interval
             pss = [pss_mb(p) for p in tree]
             self.tree_pss_mb = max(self.tree_pss_mb, sum(p for p in pss if p is not None))
@@ -368,6 +369,22 @@ def apply_threads(threads: int | None) -> None:
         torch = sys.modules.get("torch")
         if torch is not None:
             torch.set_num_threads(threads)
+
+
+def import_torch(threads: int | None):
+    """torch, imported after `apply_threads` so that its OpenMP pool is created with that many threads."""
+    apply_threads(threads)
+    import torch
+
+    apply_threads(threads)  # torch.set_num_threads too, now that torch is loaded
+    return torch
+
+
+def work_dir(keep: str | None, prefix: str) -> Path:
+    """--keep DIR (created), or a fresh temporary folder that the caller removes."""
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
 
 
 def command_line() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +97,24 @@ def service_engine(service_index):
     from fashion_search.service.engine import SearchEngine
 
     return SearchEngine.open(service_index, device="cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_cmd(index_dir: Path, port: int, *extra: str) -> list[str]:
+    """`fashion-search serve` as a subprocess command line (the real uvicorn server)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "fashion_search.cli",
+        "serve",
+        "--index",
+        str(index_dir),
+        "--port",
+        str(port),
+    ]
+    return cmd + list(extra)

@@ -55,8 +55,8 @@ def demo_config(directory: Path) -> TrainConfig:
     )
 
 
-def reusable_run(directory: Path) -> bool:
-    """True if DIR/run holds a finished run this version can load.
+def load_finished_run(directory: Path):
+    """The model of DIR/run if it holds a finished run this version can load, else None.
 
     A run whose checkpoint no longer fits the packaged model config (trained by an older version) is
     moved aside, never deleted, together with the index built from it, so the demo trains again.
@@ -67,17 +67,16 @@ def reusable_run(directory: Path) -> bool:
     run_dir = directory / "run"
     history = run_dir / "history.json"
     if not (history.exists() and json.loads(history.read_text()).get("finished")):
-        return False
+        return None
     try:
-        load_checkpoint(run_dir)
-        return True
+        return load_checkpoint(run_dir)
     except FashionSearchError as exc:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for stale in (run_dir, directory / "index"):
             if stale.exists():
                 stale.rename(stale.with_name(f"{stale.name}.old-{stamp}"))
         print(f"{exc}\nmoved the old run and index aside (*.old-{stamp}); training again")
-        return False
+        return None
 
 
 def run_demo(directory: Path, serve: bool = True, port: int = 8501) -> int:
@@ -98,16 +97,18 @@ def run_demo(directory: Path, serve: bool = True, port: int = 8501) -> int:
     from fashion_search.training.loop import train
 
     cfg = demo_config(directory)
-    if reusable_run(directory):
+    model = load_finished_run(directory)
+    if model is not None:
         print(f"reusing {run_dir / 'checkpoint.pt'}")
     else:
+        from fashion_search.models.checkpoint import load_checkpoint
+
         train(cfg, resume=(run_dir / "last.pt").exists())
+        model = load_checkpoint(run_dir)
 
     _stage("3/5 evaluation (Fashion-IQ protocol, val split)")
     from fashion_search.evaluation.fashioniq import evaluate, format_table
-    from fashion_search.models.checkpoint import load_checkpoint
 
-    model = load_checkpoint(run_dir)
     result = evaluate(model, data_dir, "val", workers=0)
     atomic_write_json(directory / "eval.json", result)
     print(format_table(result))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fashion_search.service.ui_launch import wait_until_up
-from service_fixtures import build_service_index
+from service_fixtures import build_service_index, free_port
 
 CHROMIUM = os.environ.get("FASHION_SEARCH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -29,12 +28,6 @@ pytestmark = pytest.mark.browser
 # Streamlit marks elements of the previous run stale until the new run replaces them.
 SETTLED = """() => !document.querySelector('[data-stale="true"]')
     && !document.querySelector('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]')"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

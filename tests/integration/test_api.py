@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fashion_search.service.api import create_app
-from service_fixtures import empty_index, service_engine, service_index  # noqa: F401  (fixtures)
+from service_fixtures import empty_index, free_port, serve_cmd, service_engine, service_index  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -294,24 +293,9 @@ def test_cors_closed_by_default_and_opt_in(service_engine):  # noqa: F811
 
 
 # -- the real server ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_command_runs_uvicorn(service_index, catalog_root):  # noqa: F811
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "fashion_search.cli",
-        "serve",
-        "--index",
-        str(service_index),
-        "--port",
-        str(port),
-    ]
+    cmd = serve_cmd(service_index, port)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

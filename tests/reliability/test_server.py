@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -16,15 +14,9 @@ import pytest
 from fashion_search.index.build import build_index
 from fashion_search.index.store import load_index_dir
 from fashion_search.models.checkpoint import load_checkpoint
-from service_fixtures import build_service_index, garment_image
+from service_fixtures import build_service_index, free_port, garment_image, serve_cmd
 
 pytestmark = pytest.mark.slow  # subprocesses: each pays the ~5 s torch import
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(120)
@@ -32,17 +24,7 @@ def test_reload_under_load_then_graceful_shutdown(tmp_path):
     index_dir = build_service_index(tmp_path)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "fashion_search.cli",
-        "serve",
-        "--index",
-        str(index_dir),
-        "--port",
-        str(port),
-    ]
-    cmd += ["--reload-interval", "0.2", "--graceful-timeout", "5"]
+    cmd = serve_cmd(index_dir, port, "--reload-interval", "0.2", "--graceful-timeout", "5")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -2,7 +2,7 @@
 
 import json
 
-from fashion_search.demo import reusable_run
+from fashion_search.demo import load_finished_run
 from fashion_search.models.checkpoint import atomic_torch_save, model_payload
 
 
@@ -17,14 +17,15 @@ def _finished_run(directory, payload):
 
 def test_a_loadable_finished_run_is_reused(tmp_path, micro_model):
     _finished_run(tmp_path, model_payload(micro_model))
-    assert reusable_run(tmp_path)
+    model = load_finished_run(tmp_path)
+    assert model is not None and model.dim == micro_model.dim
     assert (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_an_unfinished_run_is_not_reused(tmp_path, micro_model):
     _finished_run(tmp_path, model_payload(micro_model))
     (tmp_path / "run" / "history.json").write_text(json.dumps({"finished": False}))
-    assert not reusable_run(tmp_path)
+    assert load_finished_run(tmp_path) is None
     assert (tmp_path / "run").exists()  # left for --resume
 
 
@@ -33,7 +34,7 @@ def test_a_run_of_an_older_architecture_is_moved_aside_not_deleted(tmp_path, mic
     key = "backbone.clip.positional_embedding"
     payload["state_dict"][key] = payload["state_dict"][key][:8].clone()  # an older, shorter text context
     _finished_run(tmp_path, payload)
-    assert not reusable_run(tmp_path)
+    assert load_finished_run(tmp_path) is None
     assert not (tmp_path / "run").exists() and not (tmp_path / "index").exists()
     (old_run,) = tmp_path.glob("run.old-*")
     (old_index,) = tmp_path.glob("index.old-*")

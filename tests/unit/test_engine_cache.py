@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import fashion_search
 from conftest import write_image
-from fashion_search.index.build import build_index
+from fashion_search.index.build import build_index, index_source
 
 
 def test_reweighting_and_k_reuse_cached_embeddings(tmp_path, monkeypatch):
     for n in range(5):
         write_image(tmp_path / "cat" / f"{n}.jpg", (50 * n, 90, 160))
     model = fashion_search.create_model("fs-micro", pretrained="none")
-    source = {"model": "fs-micro", "pretrained": "none", "fusion": "sum", "checkpoint": None}
-    build_index(tmp_path / "cat", tmp_path / "idx", model, source, workers=0, progress=False)
+    build_index(tmp_path / "cat", tmp_path / "idx", model, index_source(model), workers=0, progress=False)
     engine = fashion_search.load_engine(tmp_path / "idx")
     calls = {"images": 0, "texts": 0}
     real_images, real_texts = engine.model.encode_images, engine.model.encode_texts
