@@ -1,0 +1,145 @@
+"""Diagnosis of the indexing path in one process (no subprocess, no memory sampler), printed as JSON.
+
+forward  images/s of the model's forward on random tensors, on real preprocessed images, and through
+         the indexer's own reader (`iter_embedded`) with 1 decode worker and with decoding inline:
+         how much of the gap to the ceiling is the reader itself.
+rss      `build_index` over the images with RSS and Python-traced memory (tracemalloc) sampled every
+         --every seconds: whether memory grows with the run, and whether that growth is Python's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import common
+
+
+def parse_args():
+    p = common.base_parser(__doc__)
+    p.add_argument("mode", choices=("forward", "rss"))
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--images", default=None, help="a folder of images (default: --n generated JPEGs)")
+    p.add_argument("--n", type=int, default=384)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batches", type=int, default=6, help="timed batches per forward measurement")
+    p.add_argument("--workers", type=int, default=1, help="decode workers for `rss`")
+    p.add_argument("--every", type=float, default=5.0, help="seconds between `rss` samples")
+    p.add_argument("--keep", default=None, metavar="DIR")
+    return p.parse_args()
+
+
+def rate(batch_size: int, seconds: list[float]) -> dict:
+    return {
+        "images_per_s": round(batch_size / statistics.median(seconds), 3),
+        "batch_ms": common.latency_ms(seconds),
+    }
+
+
+def timed(fn, n: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def forward(model, paths: list[Path], args) -> dict:
+    import torch
+
+    from fashion_search.data.loading import ImagePathsDataset, collate_decoded, iter_embedded
+
+    size = model.backbone.image_size
+    bs = args.batch_size
+    random = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
+    dataset = ImagePathsDataset(paths, model.image_transform(), size)
+    _, real, _ = collate_decoded([dataset[i] for i in range(bs)])
+    out = {
+        "random_tensors": rate(bs, timed(lambda: model.encode_pixels(random), args.batches)),
+        "real_tensors": rate(bs, timed(lambda: model.encode_pixels(real), args.batches)),
+    }
+    for workers in (1, 0):
+        gaps, last = [], None
+        for _ in iter_embedded(model, paths, batch_size=bs, workers=workers, progress=False):
+            now = time.perf_counter()
+            if last is not None:  # between finished batches: decode (if inline) + forward
+                gaps.append(now - last)
+            last = now
+        out[f"reader_workers_{workers}"] = rate(bs, gaps)
+    ceiling = out["random_tensors"]["images_per_s"]
+    out["ratios"] = {k: round(v["images_per_s"] / ceiling, 4) for k, v in out.items()}
+    return out
+
+
+def rss_trace(model, images: Path, work: Path, args) -> dict:
+    from fashion_search.index.build import build_index, index_source
+
+    samples, stop = [], threading.Event()
+    started = time.perf_counter()
+
+    def sample() -> None:
+        while not stop.is_set():
+            traced = tracemalloc.get_traced_memory()[0] / 2**20
+            samples.append(
+                [round(time.perf_counter() - started, 1), common.current_rss_mb(), round(traced, 1)]
+            )
+            stop.wait(args.every)
+
+    tracemalloc.start()
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out_dir = work / "index"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    report = build_index(
+        images,
+        out_dir,
+        model,
+        index_source(model),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=False,
+    )
+    stop.set()
+    thread.join()
+    tracemalloc.stop()
+    return {
+        "images": report.added,
+        "workers": args.workers,
+        "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
+        "samples": {"columns": ["seconds", "rss_mb", "python_traced_mb"], "rows": samples},
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    load0 = os.getloadavg()
+    common.import_torch(args.threads)
+    from fashion_search.data.images import iter_image_files
+    from fashion_search.models.checkpoint import create_model
+
+    work = common.work_dir(args.keep, "diagnose-index-")
+    try:
+        images = Path(args.images) if args.images else work / "images"
+        if not args.images:
+            common.log(f"writing {args.n} JPEGs to {images}")
+            common.make_jpeg_folder(images, args.n, args.seed)
+        model = create_model(args.model, "none")
+        if args.mode == "forward":
+            results = forward(model, sorted(iter_image_files(images)), args)
+        else:
+            results = rss_trace(model, images, work, args)
+        common.emit(f"diagnose_index_{args.mode}", args, load0, {"results": results, "goals": []})
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
