@@ -30,6 +30,10 @@ from fashion_search.index.store import index_exists, load_index_dir, read_manife
 N, DIM, K = 2000, 64, 10
 # Where a test is about behaviour rather than recall, a cheaper HNSW build keeps the file fast.
 CHEAP = {"hnsw": {"efConstruction": 40}}
+# Every kind, and every faiss kind again with its vectors stored as fp16: same behaviour expected.
+VARIANTS = [pytest.param(kind, {}, id=kind) for kind in INDEX_KINDS] + [
+    pytest.param(kind, {"storage": "fp16"}, id=f"{kind}-fp16") for kind in ("flat", "hnsw", "ivf")
+]
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -108,10 +112,10 @@ def test_ivf_too_small_to_train_falls_back_to_flat(data):
 # ---------------------------------------------------------------- add / remove / ids
 
 
-@pytest.mark.parametrize("kind", INDEX_KINDS)
-def test_add_remove_ids_and_len(kind, clustered):
+@pytest.mark.parametrize("kind, storage", VARIANTS)
+def test_add_remove_ids_and_len(kind, storage, clustered):
     ids, vectors, queries = clustered
-    index = create_index(kind, DIM, **CHEAP.get(kind, {}))
+    index = create_index(kind, DIM, **CHEAP.get(kind, {}), **storage)
     assert len(index) == 0 and index.ids() == []
     scores, empty = index.search(queries[:2], K)
     assert scores.shape == (2, 0) and empty == [[], []]
@@ -171,10 +175,10 @@ def test_bad_queries_and_parameters(data):
 # ---------------------------------------------------------------- filtered search
 
 
-@pytest.mark.parametrize("kind", INDEX_KINDS)
-def test_allowed_filter(kind, clustered):
+@pytest.mark.parametrize("kind, storage", VARIANTS)
+def test_allowed_filter(kind, storage, clustered):
     ids, vectors, queries = clustered
-    index = _build(kind, ids, vectors, **CHEAP.get(kind, {}))
+    index = _build(kind, ids, vectors, **CHEAP.get(kind, {}), **storage)
     exact = _build("exact", ids, vectors)
     for share in (2, 40, 400):  # from half the catalog down to 5 items: over-fetch, then the exact fallback
         allowed_set = set(ids[::share])
@@ -196,10 +200,10 @@ def test_allowed_filter(kind, clustered):
 
 
 @pytest.mark.parametrize("mmap", [False, True])
-@pytest.mark.parametrize("kind", INDEX_KINDS)
-def test_save_load_roundtrip(kind, mmap, data, tmp_path):
+@pytest.mark.parametrize("kind, storage", VARIANTS)
+def test_save_load_roundtrip(kind, storage, mmap, data, tmp_path):
     ids, vectors, queries = data
-    index = _build(kind, ids, vectors, **CHEAP.get(kind, {}))
+    index = _build(kind, ids, vectors, **CHEAP.get(kind, {}), **storage)
     index.remove(ids[:10])  # IVF labels are no longer row numbers: must survive the roundtrip
     index.save(tmp_path)
     assert json.loads((tmp_path / "index.json").read_text())["kind"] == kind
@@ -223,6 +227,96 @@ def test_save_load_roundtrip(kind, mmap, data, tmp_path):
     assert loaded.remove(ids[10:20]) == 10
     loaded.add(ids[:10], vectors[:10])
     assert len(loaded) == N - 10 and loaded.search(vectors[0], 1)[1] == [[ids[0]]]
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16"])
+def test_hnsw_deletes_leave_tombstones_until_a_fifth_is_dead(storage, clustered, tmp_path):
+    """A rebuild costs ~12 min at 1M items: deleting a few items must not rebuild the graph."""
+    from fashion_search.index.faiss_index import HNSW_MAX_DEAD_FRACTION
+
+    ids, vectors, queries = clustered
+    index = _build("hnsw", ids, vectors, **CHEAP["hnsw"], storage=storage)
+    graph = index._index
+    gone = set(ids[::20])  # 5%
+    assert index.remove(gone) == len(gone)
+    assert index._index is graph and index.dead_count() == len(gone)  # no rebuild
+    kept = [i for i in ids if i not in gone]
+    assert index.ids() == kept and len(index) == len(kept)
+    # Deleted items are never returned, not even to a query equal to one of them.
+    gone_rows = [r for r, i in enumerate(ids) if i in gone]
+    _, found = index.search(vectors[gone_rows[:30]], K)
+    assert all(len(line) == K and not set(line) & gone for line in found)
+    _, truth = _build("exact", kept, index.vectors()).search(queries, K)
+    _, got = index.search(queries, K)
+    assert _recall(truth, got) >= 0.9
+    filtered = index.search(queries, K, allowed=lambda i: i.endswith("3"))[1]
+    assert all(i.endswith("3") and i not in gone for line in filtered for i in line)
+
+    # New items get labels after the tombstones' and are found; a saved index keeps its tombstones.
+    index.add(["new-a", "new-b"], vectors[:2])
+    assert index.search(vectors[1], 1)[1] in ([["new-b"]], [[ids[1]]])
+    assert "new-b" in index.search(vectors[1], 2)[1][0]
+    for mmap in (False, True):
+        (tmp_path / str(mmap)).mkdir()
+        index.save(tmp_path / str(mmap))
+        loaded = load_index(tmp_path / str(mmap), mmap=mmap)
+        assert loaded.dead_count() == len(gone) and loaded.ids() == index.ids()
+        assert loaded.search(queries, K)[1] == index.search(queries, K)[1]
+
+    # Past the limit the graph is rebuilt from the live rows: no tombstones left.
+    more = [i for i in kept[::3]][: int(HNSW_MAX_DEAD_FRACTION * N)]
+    index.remove(more)
+    assert index._index is not graph and index.dead_count() == 0 and index._index.ntotal == len(index)
+    assert not set(index.search(queries, K)[1][0]) & (gone | set(more))
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_fp16_storage_halves_faiss_copy_and_scores_stay_exact(kind, data, tmp_path):
+    ids, vectors, queries = data
+    params = {**CHEAP.get(kind, {}), **({"nlist": 16, "nprobe": 16} if kind == "ivf" else {})}
+    full = _build(kind, ids, vectors, **params)
+    half = _build(kind, ids, vectors, **params, storage="fp16")
+    for name, index in (("fp32", full), ("fp16", half)):
+        (tmp_path / name).mkdir()
+        index.save(tmp_path / name)
+    size = {s: (tmp_path / s / "index.faiss").stat().st_size for s in ("fp32", "fp16")}
+    # 2 bytes per value instead of 4; the graph (HNSW) and the lists (IVF) are the same size.
+    assert size["fp32"] - size["fp16"] == pytest.approx(N * DIM * 2, rel=0.01)
+
+    exact_scores, exact_ids = _build("exact", ids, vectors).search(queries, K)
+    scores, got = half.search(queries, K)
+    # faiss ranks on fp16 codes; the scores returned are re-computed from the float32 rows.
+    assert _recall(exact_ids, got) >= (0.99 if kind != "hnsw" else 0.9)
+    row = {i: r for r, i in enumerate(ids)}
+    for line_s, line_ids, q in zip(scores, got, queries, strict=True):
+        np.testing.assert_allclose(line_s, vectors[[row[i] for i in line_ids]] @ q, atol=1e-6)
+    assert (np.diff(scores, axis=1) <= 0).all()
+    self_score, self_id = half.search(vectors[5], 1)
+    assert self_id == [[ids[5]]] and abs(float(self_score[0, 0]) - 1.0) < 1e-6  # not fp16's 1.00003
+
+
+def test_storage_is_checked(data, tmp_path):
+    ids, vectors, _ = data
+    with pytest.raises(FashionSearchError, match="storage must be one of fp32, fp16"):
+        create_index("flat", DIM, storage="int8")
+    with pytest.raises(FashionSearchError, match="takes no parameters"):
+        create_index("exact", DIM, storage="fp16")
+    _build("flat", ids[:20], vectors[:20]).save(tmp_path)
+    meta = json.loads((tmp_path / "index.json").read_text())
+    meta["params"]["storage"] = "fp16"  # index.json and index.faiss disagree: refuse, do not misread
+    (tmp_path / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(FashionSearchError, match="fp16"):
+        load_index(tmp_path)
+
+
+def test_index_saved_before_storage_existed_loads_as_fp32(data, tmp_path):
+    ids, vectors, queries = data
+    _build("hnsw", ids[:50], vectors[:50], **CHEAP["hnsw"]).save(tmp_path)
+    meta = json.loads((tmp_path / "index.json").read_text())
+    del meta["params"]["storage"]
+    (tmp_path / "index.json").write_text(json.dumps(meta))
+    loaded = load_index(tmp_path)
+    assert loaded.params["storage"] == "fp32" and loaded.search(vectors[3], 1)[1] == [[ids[3]]]
 
 
 def test_load_index_reports_corrupt_files(data, tmp_path):

@@ -11,7 +11,15 @@ import faiss
 import numpy as np
 
 from fashion_search.errors import FashionSearchError
-from fashion_search.index.base import RowStore, VectorIndex, as_queries, check_k, read_meta, write_meta
+from fashion_search.index.base import (
+    META_FILE,
+    RowStore,
+    VectorIndex,
+    as_queries,
+    check_k,
+    read_meta,
+    write_meta,
+)
 from fashion_search.index.exact import exact_topk, filtered_topk
 
 FAISS_FILE = "index.faiss"
@@ -20,11 +28,19 @@ LABELS_FILE = "labels.npy"
 # HNSW defaults: M=32 with efSearch=128 measured recall@10 >= 0.98 on unclustered random 64-d data (20k
 # items), a harder case than real embeddings, which cluster; efConstruction=200 buys a better graph for
 # a one-off build cost.
-_DEFAULTS: dict[str, dict[str, int | None]] = {
-    "flat": {},
-    "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 128},
-    "ivf": {"nlist": None, "nprobe": None},  # None: derived from the catalog size
+_DEFAULTS: dict[str, dict[str, int | str | None]] = {
+    "flat": {"storage": "fp32"},
+    "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 128, "storage": "fp32"},
+    "ivf": {"nlist": None, "nprobe": None, "storage": "fp32"},  # None: derived from the catalog size
 }
+
+# How faiss keeps its copy of the vectors. fp16 halves it (1 KB per 512-d item instead of 2 KB) and,
+# on normalised embeddings, changes an inner product by ~1e-4 (docs/BENCHMARKS.md §3 for recall): faiss
+# ranks on the fp16 codes and search() re-scores the returned items exactly from the float32 row store,
+# so the scores users see are exact. The row store stays float32: it is what every rebuild starts from,
+# and a server maps it from disk (load(mmap=True)) without reading it into memory.
+STORAGES = ("fp32", "fp16")
+_CODE_BYTES = {"fp32": 4, "fp16": 2}
 
 # Below this many vectors IVF stays a flat scan: it is already sub-millisecond, and k-means would have too
 # few points per list to give useful centroids (faiss wants >= 39 per centroid).
@@ -43,6 +59,12 @@ def auto_nprobe(nlist: int) -> int:
     # far more: set nprobe.
     return min(nlist, max(16, nlist // 32))
 
+
+# HNSW cannot delete from its graph, and rebuilding it costs ~12 min at 1M items on 2 cores. Deleted
+# items stay in the graph as tombstones (still walked through, never returned) until they are this share
+# of it; then the graph is rebuilt from the live rows. A fifth dead keeps search within ~25% of its cost
+# and memory while a catalog that replaces 1% a day rebuilds about every three weeks.
+HNSW_MAX_DEAD_FRACTION = 0.2
 
 # k-means trains IVF on at most this many vectors per list (faiss's default, 256, means all of a
 # 1M catalog and minutes of training on 2 cores; 64 per list gives centroids as useful for routing).
@@ -67,38 +89,58 @@ class FaissIndex(VectorIndex):
         for name, value in self.params.items():
             if value is None and name in ("nlist", "nprobe"):
                 continue
+            if name == "storage":
+                if value not in STORAGES:
+                    raise FashionSearchError(
+                        f"index storage must be one of {', '.join(STORAGES)}, got {value!r}"
+                    )
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FashionSearchError(f"{kind} parameter {name} must be a positive integer, got {value!r}")
         self.kind = kind
         self.dim = dim
         self._rows = RowStore(dim)
         # faiss label of each row; strictly increasing, so label -> row is a binary search. Equal to the row
-        # number except for IVF, whose native remove_ids leaves the surviving labels untouched.
+        # number except for IVF (its native remove_ids leaves the surviving labels untouched) and HNSW with
+        # tombstones (deleted labels stay in the graph; see HNSW_MAX_DEAD_FRACTION).
         self._labels = np.empty(0, dtype=np.int64)
-        self._index = self._build(self._rows.matrix)
         # True while _index views a read-only mmap: faiss aborts the process if such an index is mutated.
         self._mapped = False
+        # HNSW with tombstones: a faiss selector of the live labels, built on first search after a change.
+        self._live: tuple[np.ndarray, faiss.IDSelector] | None = None
+        self._index = self._build(self._rows.matrix)
 
     def _build(self, matrix: np.ndarray) -> faiss.Index:
         """A fresh faiss index holding all rows, labelled 0..n-1 (IVF trains here)."""
         n = matrix.shape[0]
         nlist = self._ivf_nlist(n)
+        ip, fp16 = faiss.METRIC_INNER_PRODUCT, self.params["storage"] == "fp16"
+        sq_fp16 = faiss.ScalarQuantizer.QT_fp16
         if self.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(self.dim, self.params["M"], faiss.METRIC_INNER_PRODUCT)
+            if fp16:
+                index = faiss.IndexHNSWSQ(self.dim, sq_fp16, self.params["M"], ip)
+            else:
+                index = faiss.IndexHNSWFlat(self.dim, self.params["M"], ip)
             index.hnsw.efConstruction = self.params["efConstruction"]
             index.hnsw.efSearch = self.params["efSearch"]
         elif nlist is not None:
             quantizer = faiss.IndexFlatIP(self.dim)
-            index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            if fp16:
+                index = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, sq_fp16, ip)
+            else:
+                index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, ip)
             index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
             index.train(np.ascontiguousarray(matrix))
             index.nprobe = self.params["nprobe"] or auto_nprobe(nlist)
+        elif fp16:
+            index = faiss.IndexScalarQuantizer(self.dim, sq_fp16, ip)
         else:
             # flat, or an IVF with too few vectors to train yet: exact search until it has enough.
             index = faiss.IndexFlatIP(self.dim)
         if n:
             index.add(np.ascontiguousarray(matrix))
         self._labels = np.arange(n, dtype=np.int64)
+        self._mapped, self._live = False, None  # a fresh in-memory index without tombstones
         return index
 
     def _ivf_nlist(self, n: int) -> int | None:
@@ -129,6 +171,7 @@ class FaissIndex(VectorIndex):
             return
         self._materialize()
         self._rows.append(ids, vecs)
+        self._live = None
         if self._needs_training():
             self._index = self._build(self._rows.matrix)
         elif isinstance(self._index, faiss.IndexIVF):
@@ -137,32 +180,50 @@ class FaissIndex(VectorIndex):
             self._index.add_with_ids(vecs, new)
             self._labels = np.concatenate([self._labels, new])
         else:
+            # faiss numbers new vectors from its ntotal, which counts HNSW's tombstones too.
+            start = self._index.ntotal
             self._index.add(vecs)
-            self._labels = np.arange(len(self._rows), dtype=np.int64)
+            self._labels = np.concatenate([self._labels, np.arange(start, start + len(ids), dtype=np.int64)])
 
     def remove(self, ids: Iterable[str]) -> int:
         rows = self._rows.delete(ids)
         if not rows.size:
             return 0
-        self._materialize()
         gone = self._labels[rows]
-        if isinstance(self._index, faiss.IndexFlat):
-            # Flat compaction keeps order, so labels stay equal to row numbers.
-            self._index.remove_ids(gone)
+        self._labels = np.delete(self._labels, rows)
+        self._live = None
+        if isinstance(self._index, faiss.IndexHNSW):
+            # The graph keeps the deleted vectors as tombstones (search skips them) until too many.
+            if self.dead_count() > HNSW_MAX_DEAD_FRACTION * self._index.ntotal:
+                self._index = self._build(self._rows.matrix)
+            return int(rows.size)
+        self._materialize()
+        self._index.remove_ids(gone)
+        if isinstance(self._index, faiss.IndexFlatCodes):  # IndexFlat and the fp16 flat index
+            # Flat compaction keeps order, so labels are row numbers again.
             self._labels = np.arange(len(self._rows), dtype=np.int64)
-        elif isinstance(self._index, faiss.IndexIVF):
-            self._index.remove_ids(gone)
-            self._labels = np.delete(self._labels, rows)
-        else:
-            # HNSW cannot delete from its graph: rebuild from the stored vectors.
-            self._index = self._build(self._rows.matrix)
         return int(rows.size)
+
+    def dead_count(self) -> int:
+        """Deleted vectors faiss still holds (HNSW tombstones); 0 for the other kinds."""
+        return int(self._index.ntotal) - len(self._labels)
+
+    def _live_selector(self) -> faiss.IDSelector:
+        if self._live is None:
+            alive = np.zeros(self._index.ntotal, dtype=bool)
+            alive[self._labels] = True
+            bitmap = np.packbits(alive, bitorder="little")  # faiss reads bit i of byte i >> 3
+            # The selector points into `bitmap`: both are kept together so the array outlives it.
+            self._live = (bitmap, faiss.IDSelectorBitmap(len(alive), faiss.swig_ptr(bitmap)))
+        return self._live[1]
 
     def _ann(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """faiss search returning (scores, row positions) with -1 where faiss found fewer than k."""
         params = None
         if isinstance(self._index, faiss.IndexHNSW):
             params = faiss.SearchParametersHNSW(efSearch=max(self.params["efSearch"], k))
+            if self.dead_count():
+                params.sel = self._live_selector()
         scores, labels = self._index.search(queries, k, params=params)
         n = len(self._labels)
         if n == 0 or self._labels[-1] == n - 1:  # increasing from 0 and ending at n-1: labels are rows
@@ -188,8 +249,18 @@ class FaissIndex(VectorIndex):
                 scores[short], rows[short] = exact_topk(self._rows.matrix, q[short], kk)
         else:
             scores, rows = filtered_topk(self._ann, self._rows, q, k, allowed)
+        if self.params["storage"] != "fp32":
+            scores, rows = self._rescore(q, rows)
         ids = self._rows.ids
         return scores, [[ids[r] for r in line] for line in rows.tolist()]
+
+    def _rescore(self, q: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of the found rows from the float32 store, re-sorted (faiss ranked on codes)."""
+        if rows.size == 0:
+            return np.empty(rows.shape, dtype=np.float32), rows
+        exact = np.einsum("qd,qkd->qk", q, self._rows.matrix[rows]).astype(np.float32)
+        order = np.argsort(-exact, axis=1, kind="stable")
+        return np.take_along_axis(exact, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
     def ids(self) -> list[str]:
         return list(self._rows.ids)
@@ -224,16 +295,29 @@ class FaissIndex(VectorIndex):
         mapped = mmap and index.kind != "ivf"
         fi = faiss.read_index(str(directory / FAISS_FILE), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
         expected = {
-            "flat": faiss.IndexFlat,
+            "flat": faiss.IndexFlatCodes,
             "hnsw": faiss.IndexHNSW,
-            "ivf": (faiss.IndexFlat, faiss.IndexIVF),
+            "ivf": (faiss.IndexFlatCodes, faiss.IndexIVF),
         }
         n = len(index._rows)
         if not isinstance(fi, expected[index.kind]) or fi.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"{FAISS_FILE} is not an inner-product {index.kind} index")
-        if fi.d != index.dim or fi.ntotal != n:
+        codes = faiss.downcast_index(fi.storage) if isinstance(fi, faiss.IndexHNSW) else fi
+        storage = index.params["storage"]
+        if getattr(codes, "code_size", None) != _CODE_BYTES[storage] * index.dim:
+            raise ValueError(f"{FAISS_FILE} does not hold {storage} vectors as {META_FILE} says")
+        # Only HNSW holds more vectors than there are items: its tombstones (deleted, not yet rebuilt).
+        tombstones = isinstance(fi, faiss.IndexHNSW) and fi.ntotal > n
+        if fi.d != index.dim or (fi.ntotal != n and not tombstones):
             raise ValueError(f"{FAISS_FILE} holds {fi.ntotal} x {fi.d}, expected {n} x {index.dim}")
-        if labels.dtype != np.int64 or labels.shape != (n,) or (n > 1 and not (np.diff(labels) > 0).all()):
+        if (
+            labels.dtype != np.int64
+            or labels.shape != (n,)
+            or (n > 1 and not (np.diff(labels) > 0).all())
+            or (n and labels[0] < 0)
+            # Flat and HNSW number their vectors 0..ntotal-1; IVF keeps the labels it was given.
+            or (n and not isinstance(fi, faiss.IndexIVF) and labels[-1] >= fi.ntotal)
+        ):
             raise ValueError(f"{LABELS_FILE} does not match the stored vectors")
         if isinstance(fi, faiss.IndexHNSW):
             fi.hnsw.efSearch = index.params["efSearch"]

@@ -129,7 +129,9 @@ class SearchEngine:
         """Load an index and the model that built it (or check that the given one matches)."""
         manifest = read_manifest(Path(index_dir))
         encoder = _model_for(manifest, checkpoint, model, pretrained, device)
-        index, manifest = load_index_dir(Path(index_dir))
+        # Mapped, not read: the engine never writes to the index, the float32 row store is only paged in
+        # when a query needs it (filters' exact fallback), and server processes share one page-cached copy.
+        index, manifest = load_index_dir(Path(index_dir), mmap=True)
         return cls(encoder, index, manifest, Path(index_dir))
 
     # -- the live index version -----------------------------------------------------------------
@@ -162,7 +164,7 @@ class SearchEngine:
             live = _live_version(self.index_dir)
             if live is None or live == self.version:
                 return False
-            index, manifest = load_index_dir(self.index_dir)
+            index, manifest = load_index_dir(self.index_dir, mmap=True)
             check_identity(manifest["model"], self.model, f"index {self.index_dir}")
             self._snap = _Snapshot.of(index, manifest)  # one reference assignment: atomic for readers
             log.info("reloaded index %s: version %s, %d items", self.index_dir, self.version, len(index))
@@ -217,6 +219,7 @@ class SearchEngine:
             "fusion": ident["fusion"],
             "checkpoint_sha256": ident.get("checkpoint_sha256"),
             "index_kind": snap.index.kind,
+            "index_storage": getattr(snap.index, "params", {}).get("storage", "fp32"),
             "categories": list(snap.categories),
             "catalog_root": str(snap.catalog_root),
             "created": snap.manifest.get("created"),
