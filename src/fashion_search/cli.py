@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -67,6 +68,7 @@ def cmd_index(args) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         index_kind=args.index_type,
+        index_storage=args.index_storage,
         progress=not args.quiet,
     )
     print(report.summary())
@@ -125,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1)")
     p.add_argument("--index-type", default="auto", help="auto | exact | flat | hnsw | ivf")
+    p.add_argument(
+        "--index-storage",
+        choices=("fp32", "fp16"),
+        default=None,
+        help="how the index keeps its vector copy: fp32 (default) or fp16 (half the memory; scores stay exact)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)
 
@@ -170,5 +178,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def run() -> None:
+    """The console script: main(), then, on success, an immediate exit.
+
+    Tearing down the thousands of modules torch and open_clip import took 1-2 s at interpreter exit
+    (measured: `python -c "import torch, open_clip"` 4.7-5.1 s, 3.1-3.6 s when it ends with os._exit),
+    paid by every command after its work was done and its output written. On success there is nothing
+    left to do: index files are written atomically and closed, DataLoader workers have exited, and
+    stdout/stderr are flushed here. Errors take the normal exit path, cleanup included.
+    """
+    code = main()
+    if code != 0:
+        sys.exit(code)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        pass
+    logging.shutdown()
+    os._exit(0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

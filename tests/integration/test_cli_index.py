@@ -153,3 +153,78 @@ def test_other_model_is_refused(tmp_path, indexed):
         "index", str(root), "--out", str(copy), "--model", "fs-tiny", "--pretrained", "none", check=False
     )
     assert proc.returncode == 2 and "was built with" in proc.stderr
+
+
+def test_fp16_storage_and_layout_flags(tmp_path, indexed):
+    root, _ = indexed
+    index = tmp_path / "idx16"
+    layout = ["--index-type", "hnsw", "--index-storage", "fp16"]
+    cli("index", str(root), "--out", str(index), *MODEL, "--workers", "0", "--quiet", *layout)
+    info = json.loads(cli("info", "--index", str(index), "--json").stdout)
+    assert (info["index_kind"], info["index_storage"], info["items"]) == ("hnsw", "fp16", 6)
+    results = search(index, "--image", str(root / "dress" / "item3.jpg"), "-k", "3")
+    assert results[0]["id"] == "dress/item3.jpg"
+    assert results[0]["score"] == pytest.approx(1.0, abs=1e-4)  # re-scored from float32, not fp16's
+
+    # Flags that contradict the existing index are refused, not silently ignored.
+    for flags in (["--index-storage", "fp32"], ["--index-type", "flat"]):
+        wrong = " ".join(flags)
+        proc = cli("index", str(root), "--out", str(index), "--quiet", *flags, check=False)
+        assert proc.returncode == 2 and wrong in proc.stderr and "holds a hnsw index" in proc.stderr
+    assert "0 added" in cli("index", str(root), "--out", str(index), "--quiet", "--index-type", "auto").stdout
+    exact = ["--index-type", "exact", "--index-storage", "fp16"]
+    proc = cli("index", str(root), "--out", str(tmp_path / "ex"), *MODEL, *exact, check=False)
+    assert proc.returncode == 2 and "exact keeps float32" in proc.stderr
+
+
+def test_automatic_index_kind_follows_the_catalog_as_it_grows(tmp_path, monkeypatch):
+    import fashion_search.index.base as base
+
+    monkeypatch.setattr(base, "FLAT_MAX_ITEMS", 4)  # the real threshold is 50k items
+    root = tmp_path / "cat"
+    for n in range(4):
+        write_image(root / f"a{n}.jpg", (60 * n, 90, 200))
+    auto, fixed = tmp_path / "auto", tmp_path / "fixed"
+    cli("index", str(root), "--out", str(auto), *MODEL, "--workers", "0", "--quiet")
+    cli("index", str(root), "--out", str(fixed), *MODEL, "--workers", "0", "--quiet", "--index-type", "flat")
+
+    def info(index: Path) -> dict:
+        return json.loads(cli("info", "--index", str(index), "--json").stdout)
+
+    assert info(auto)["index_kind"] == info(fixed)["index_kind"] == "flat"
+
+    for n in range(4, 7):
+        write_image(root / f"a{n}.jpg", (30 * n, 200, 90))
+    out = cli("index", str(root), "--out", str(auto), "--workers", "0", "--quiet").stdout
+    assert "3 added" in out and "flat index rebuilt as hnsw" in out
+    assert (info(auto)["index_kind"], info(auto)["items"]) == ("hnsw", 7)
+    ids = {r["id"] for r in search(auto, "--text", "x", "-k", "10")}
+    assert ids == {f"a{n}.jpg" for n in range(7)}  # old vectors carried over, new ones added
+    # Asked for by name: stays what the user chose.
+    cli("index", str(root), "--out", str(fixed), "--workers", "0", "--quiet")
+    assert info(fixed)["index_kind"] == "flat"
+    # Shrinking again does not flip it back (no rebuild for a catalog hovering around a threshold).
+    for n in range(4, 7):
+        (root / f"a{n}.jpg").unlink()
+    cli("index", str(root), "--out", str(auto), "--workers", "0", "--quiet")
+    assert (info(auto)["index_kind"], info(auto)["items"]) == ("hnsw", 4)
+
+
+def test_console_script_skips_interpreter_teardown_only_on_success(indexed):
+    """Tearing down torch + open_clip at exit cost 1-2 s per command; a successful command ends at once
+    (its output flushed first), a failing one takes the normal exit path with its cleanup."""
+    _, index = indexed
+    probe = (
+        "import atexit, sys; atexit.register(lambda: print('teardown ran', file=sys.stderr)); "
+        "from fashion_search.cli import run; sys.argv = ['fashion-search', *sys.argv[1:]]; run()"
+    )
+
+    def console(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-c", probe, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    ok = console("search", "--index", str(index), "--text", "a red dress", "-k", "6", "--json")
+    assert ok.returncode == 0 and len(json.loads(ok.stdout)["results"]) == 6  # all output flushed
+    assert "teardown ran" not in ok.stderr
+    bad = console("info", "--index", str(index.parent / "missing"))
+    assert bad.returncode == 2 and "teardown ran" in bad.stderr

@@ -43,11 +43,16 @@ class BuildReport:
     unchanged: int = 0
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    index_kind: str = ""
+    converted_from: str | None = None  # the kind an automatically chosen index outgrew this run
 
     def summary(self) -> str:
+        converted = (
+            f"; {self.converted_from} index rebuilt as {self.index_kind}" if self.converted_from else ""
+        )
         return (
             f"indexed {self.items} items: {self.added} added, {self.removed} removed, {self.unchanged} unchanged, "
-            f"{len(self.skipped)} skipped (unreadable; see {REPORT_NAME}) in {self.seconds:.1f}s"
+            f"{len(self.skipped)} skipped (unreadable; see {REPORT_NAME}) in {self.seconds:.1f}s{converted}"
         )
 
 
@@ -97,6 +102,36 @@ def _write_report(out: Path, report: BuildReport) -> None:
     atomic_write_json(out / REPORT_NAME, {**report.__dict__, "seconds": round(report.seconds, 3)})
 
 
+def _check_layout(index, kind: str, storage: str | None, out: Path) -> None:
+    """An explicit --index-type / --index-storage that differs from the existing index is a mistake to
+    report: silently keeping the old layout would leave the user believing it changed."""
+    has_storage = getattr(index, "params", {}).get("storage", "fp32")
+    for flag, wanted, has in (("--index-type", kind, index.kind), ("--index-storage", storage, has_storage)):
+        if wanted not in (None, "auto", has):
+            raise FashionSearchError(
+                f"{out} holds a {index.kind} index with {has_storage} vectors; {flag} {wanted} applies "
+                "to a new index: index into a new --out folder to change it"
+            )
+
+
+# Automatic choices only move up this order as a catalog grows; a shrinking catalog keeps its index (an
+# HNSW or IVF index of a smaller catalog is still fast, and a catalog hovering around a threshold must
+# not pay a rebuild on every run).
+_KIND_ORDER = ("flat", "hnsw", "ivf")
+
+
+def _follow_catalog_size(index, n_items: int):
+    """The index to use for n_items when its kind was chosen automatically: the same one, or, once the
+    catalog outgrows it, the kind choose_index_kind picks, rebuilt from the stored vectors (nothing is
+    embedded again)."""
+    wanted = choose_index_kind(n_items)
+    if index.kind not in _KIND_ORDER or _KIND_ORDER.index(wanted) <= _KIND_ORDER.index(index.kind):
+        return index
+    bigger = create_index(wanted, index.dim, storage=index.params.get("storage", "fp32"))
+    bigger.add(index.ids(), index.vectors())
+    return bigger
+
+
 def build_index(
     images_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -106,12 +141,15 @@ def build_index(
     batch_size: int = 32,
     workers: int | None = None,
     index_kind: str = "auto",
+    index_storage: str | None = None,
     save_seconds: float | None = None,
     progress: bool = True,
 ) -> BuildReport:
     """Embed every image under `images_dir` into the index at `out_dir` (incrementally).
 
-    save_seconds defaults to $FASHION_SEARCH_SAVE_SECONDS or 60 (the variable lets crash tests save often).
+    `index_kind` and `index_storage` (fp32 | fp16, faiss kinds only) shape a new index; for an existing
+    one they must match it or be left at their defaults. save_seconds defaults to
+    $FASHION_SEARCH_SAVE_SECONDS or 60 (the variable lets crash tests save often).
     """
     started = time.perf_counter()
     if save_seconds is None:
@@ -126,11 +164,23 @@ def build_index(
     if index_exists(out):
         index, manifest = load_index_dir(out)
         check_identity(manifest["model"], model, f"index {out}")
+        _check_layout(index, index_kind, index_storage, out)
         known, known_bad = manifest.get("files", {}), manifest.get("skipped", {})
+        # Indexes written before this field existed keep the kind they were built with.
+        chosen = manifest.get("index_choice", "explicit")
     else:
+        chosen = "auto" if index_kind == "auto" else "explicit"
         kind = choose_index_kind(len(catalog)) if index_kind == "auto" else index_kind
-        index, manifest, known, known_bad = create_index(kind, model.dim), {}, {}, {}
+        params = {} if index_storage is None else {"storage": index_storage}
+        if kind == "exact" and params:
+            raise FashionSearchError(
+                "--index-storage applies to flat, hnsw and ivf indexes; exact keeps float32 vectors"
+            )
+        index, manifest, known, known_bad = create_index(kind, model.dim, **params), {}, {}, {}
 
+    previous_kind = index.kind
+    if chosen == "auto":
+        index = _follow_catalog_size(index, len(catalog))
     current = {f.id: f for f in catalog}
     stale = [i for i in index.ids() if i not in current or known.get(i) != current[i].signature]
     todo = [
@@ -138,7 +188,11 @@ def build_index(
         for f in catalog
         if known.get(f.id) != f.signature and known_bad.get(f.id, {}).get("sig") != f.signature
     ]
-    report = BuildReport(removed=len(stale))
+    report = BuildReport(
+        removed=len(stale),
+        index_kind=index.kind,
+        converted_from=previous_kind if index.kind != previous_kind else None,
+    )
     todo_ids = {f.id for f in todo}
     # Files that failed before and have not changed since are not decoded again, only reported.
     report.skipped = [
@@ -166,6 +220,7 @@ def build_index(
                 "updated": now,
                 "files": files,
                 "skipped": bad,
+                "index_choice": chosen,  # "auto": the kind follows the catalog's size on later runs
             },
         )
 
