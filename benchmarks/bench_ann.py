@@ -43,6 +43,17 @@ def parse_args():
     p.add_argument("--ivf-nlist", type=int, default=None, help="default: the index's auto_nlist(n)")
     p.add_argument("--ivf-nprobe", default="auto,8,16,32,64,128", help="nprobe values to sweep")
     p.add_argument(
+        "--storage",
+        default="fp32",
+        help="faiss vector storage to compare: fp32 | fp16 | fp32,fp16 (exact is always float32)",
+    )
+    p.add_argument(
+        "--delete-share",
+        type=float,
+        default=0.0,
+        help="after the sweep, delete this share of the items (e.g. 0.01), time it, and measure again",
+    )
+    p.add_argument(
         "--add-batch",
         type=int,
         default=0,
@@ -104,6 +115,28 @@ def build(kind: str, base: np.ndarray, ids: list[str], params: dict, add_batch: 
     return index, seconds, delta
 
 
+def served_memory(directory: Path, queries: np.ndarray, k: int) -> dict:
+    """Resident bytes a server holds for the saved index: load(mmap=True) as the engine does, then every
+    query once. Split as the kernel counts it: anonymous memory (what the process read in) and mapped
+    file pages (page cache, shared between server processes and dropped under memory pressure)."""
+    from fashion_search.index.base import load_index
+
+    def now() -> dict:
+        return {f: common.status_kb("self", f) for f in ("RssAnon", "RssFile")}
+
+    common.release_memory()
+    before = now()
+    index = load_index(directory, mmap=True)
+    for q in queries:
+        index.search(q[None], k)
+    after = now()
+    del index
+    common.release_memory()
+    if None in (*before.values(), *after.values()):
+        return {}
+    return {f: (after[f] - before[f]) * 1024 for f in before}
+
+
 def sweep_settings(kind: str, index, args) -> list[tuple[str, object]]:
     """Search-time settings to try without rebuilding: efSearch for HNSW, nprobe for IVF."""
     import faiss
@@ -129,6 +162,54 @@ def apply_setting(index, name: str, value) -> None:
         index.params["efSearch"] = value
     elif name == "nprobe":
         index._index.nprobe = value
+
+
+def restore_default(index, kind: str) -> str:
+    """Put the sweep's knob back to the index's own default; returns it, for the report."""
+    from fashion_search.index.faiss_index import _DEFAULTS, auto_nprobe
+
+    if kind == "hnsw":
+        index.params["efSearch"] = _DEFAULTS["hnsw"]["efSearch"]
+        return f"efSearch={index.params['efSearch']}"
+    if kind == "ivf" and hasattr(index._index, "nprobe"):
+        index._index.nprobe = index.params["nprobe"] or auto_nprobe(index._index.nlist)
+        return f"nprobe={index._index.nprobe}"
+    return "default"
+
+
+def after_delete(index, kind: str, base, ids, queries, args) -> dict:
+    """Delete --delete-share of the items (an incremental re-index's removals), then search again.
+
+    HNSW keeps deleted items as tombstones below HNSW_MAX_DEAD_FRACTION instead of rebuilding its graph
+    (~12 min at 1M); this shows what a delete costs and what it does to latency and recall.
+    """
+    from fashion_search.index.exact import exact_topk
+
+    n = len(ids)
+    drop = np.random.default_rng(args.seed + 1).choice(
+        n, size=max(1, int(n * args.delete_share)), replace=False
+    )
+    started = time.perf_counter()
+    index.remove([ids[i] for i in drop])
+    delete_s = time.perf_counter() - started
+    kept = np.ones(n, dtype=bool)
+    kept[drop] = False
+    kept_rows = np.flatnonzero(kept)
+    _, found = exact_topk(base[kept_rows], queries, args.k)
+    setting = restore_default(index, kind)
+    timed = args.exact_queries if kind == "exact" and args.exact_queries else args.queries
+    result = measure(index, queries, kept_rows[found], args.k, timed)
+    dead = index.dead_count() if hasattr(index, "dead_count") else 0
+    common.log(
+        f"    {kind} after deleting {drop.size}: {delete_s:.3f} s, p50 {result['latency_ms']['p50']:.3f} ms"
+    )
+    return {
+        "removed": int(drop.size),
+        "delete_s": round(delete_s, 4),
+        "dead_in_faiss": dead,
+        "setting": setting,
+        **result,
+    }
 
 
 def measure(index, queries: np.ndarray, truth: np.ndarray, k: int, n_timed: int) -> dict:
@@ -176,12 +257,14 @@ def run_size(data_kind: str, n: int, args, kinds: list[str]) -> dict:
         "vector_bytes_per_item": args.dim * 4,
         "indexes": [],
     }
-    for kind in kinds:
-        params = {}
+    storages = [s.strip() for s in args.storage.split(",") if s.strip()]
+    variants = [(kind, None) if kind == "exact" else (kind, st) for kind in kinds for st in storages]
+    for kind, storage in dict.fromkeys(variants):
+        params = {"storage": storage}
         if kind == "hnsw":
-            params = {"M": args.hnsw_m, "efConstruction": args.hnsw_ef_construction}
+            params |= {"M": args.hnsw_m, "efConstruction": args.hnsw_ef_construction}
         elif kind == "ivf":
-            params = {"nlist": args.ivf_nlist}
+            params |= {"nlist": args.ivf_nlist}
         params = {k: v for k, v in params.items() if v is not None}
         common.log(f"  build {kind} {params or ''}")
         index, build_s, rss_delta = build(kind, base, ids, params, args.add_batch)
@@ -191,15 +274,24 @@ def run_size(data_kind: str, n: int, args, kinds: list[str]) -> dict:
             index.save(tmp)
             save_s = time.perf_counter() - t0
             disk = files_size(tmp)
+            faiss_file = tmp / "index.faiss"
+            faiss_disk = faiss_file.stat().st_size if faiss_file.exists() else None
+            served = served_memory(tmp, queries, args.k)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         entry = {
             "kind": kind,
+            "storage": storage or "fp32",
             "params": dict(getattr(index, "params", {})),
             "build_s": round(build_s, 3),
             "save_s": round(save_s, 3),
             "files_bytes_per_item": round(disk / n, 1),
+            "faiss_file_bytes_per_item": None if faiss_disk is None else round(faiss_disk / n, 1),
+            # While building: the float32 row store and faiss's copy, both in memory.
             "rss_delta_bytes_per_item": None if rss_delta is None else round(rss_delta / n, 1),
+            # Serving: what the engine's load(mmap=True) + searches keep resident.
+            "served_anon_bytes_per_item": round(served["RssAnon"] / n, 1) if served else None,
+            "served_file_bytes_per_item": round(served["RssFile"] / n, 1) if served else None,
             "settings": [],
         }
         if kind == "ivf":
@@ -214,9 +306,11 @@ def run_size(data_kind: str, n: int, args, kinds: list[str]) -> dict:
             result = measure(index, queries, truth, args.k, timed)
             entry["settings"].append({"setting": name, "value": value, **result})
             common.log(
-                f"    {kind} {name}={value}: p50 {result['latency_ms']['p50']:.3f} ms, "
+                f"    {kind} {entry['storage']} {name}={value}: p50 {result['latency_ms']['p50']:.3f} ms, "
                 f"recall@{args.k} {result[f'recall_at_{args.k}']:.3f}"
             )
+        if args.delete_share > 0:
+            entry["after_delete"] = after_delete(index, kind, base, ids, queries, args)
         out["indexes"].append(entry)
         del index
         common.release_memory()
@@ -235,11 +329,16 @@ def best_config(run: dict, k: int) -> dict | None:
             ):
                 best = {
                     "kind": entry["kind"],
+                    "storage": entry["storage"],
                     "setting": f"{s['setting']}={s['value']}",
                     "p50_ms": s["latency_ms"]["p50"],
                     "p99_ms": s["latency_ms"]["p99"],
                     "recall": s[f"recall_at_{k}"],
                     "rss_bytes_per_item": entry["rss_delta_bytes_per_item"],
+                    "served_bytes_per_item": {
+                        "anon": entry["served_anon_bytes_per_item"],
+                        "file": entry["served_file_bytes_per_item"],
+                    },
                 }
     return best
 
@@ -278,7 +377,10 @@ def main() -> None:
                 note=(
                     "no setting reached the recall goal"
                     if best is None
-                    else f"{best['kind']} {best['setting']}, recall {best['recall']}, p99 {best['p99_ms']} ms, {best['rss_bytes_per_item']} B/item RSS"
+                    else f"{best['kind']} ({best['storage']}) {best['setting']}, recall {best['recall']}, "
+                    f"p99 {best['p99_ms']} ms, {best['rss_bytes_per_item']} B/item RSS building, "
+                    f"served {best['served_bytes_per_item']['anon']} B/item anonymous + "
+                    f"{best['served_bytes_per_item']['file']} B/item mapped files"
                 )
                 + ("" if at_scale else "; the goal applies at 1M"),
             )

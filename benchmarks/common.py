@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.metadata
 import io
@@ -12,6 +13,7 @@ import platform
 import re
 import resource
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -139,7 +141,7 @@ def current_rss_mb(pid: int | str = "self") -> float | None:
     return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
-def _status_kb(pid: int | str, field: str) -> int | None:
+def status_kb(pid: int | str, field: str) -> int | None:
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
@@ -150,7 +152,7 @@ def _status_kb(pid: int | str, field: str) -> int | None:
 
 def vm_hwm_mb(pid: int | str = "self") -> float | None:
     """Peak RSS of a live process (VmHWM); a process that has exited has none."""
-    kb = _status_kb(pid, "VmHWM")
+    kb = status_kb(pid, "VmHWM")
     return None if kb is None else round(kb / 1024.0, 1)
 
 
@@ -203,9 +205,14 @@ class MemorySampler:
         pss: bool = True,
         tree_interval: float = 1.0,
         pss_interval: float = 3.0,
+        timeline_interval: float = 5.0,
     ):
         self.pid, self.interval, self.pss = pid, interval, pss
         self.tree_interval, self.pss_interval = tree_interval, pss_interval
+        # (seconds, root RSS MB) every timeline_interval: whether memory grows with the run or plateaus.
+        self.timeline_interval, self.timeline = timeline_interval, []
+        self._started = time.monotonic()
+        self._next_timeline = 0.0
         self.root_hwm_mb = 0.0
         self.tree_rss_mb = 0.0
         self.tree_pss_mb = 0.0
@@ -234,6 +241,9 @@ class MemorySampler:
         rss = [current_rss_mb(p) for p in tree]
         self.tree_rss_mb = max(self.tree_rss_mb, sum(r for r in rss if r is not None))
         self.max_processes = max(self.max_processes, len(tree))
+        if now >= self._next_timeline and rss and rss[0] is not None:
+            self._next_timeline = now + self.timeline_interval
+            self.timeline.append([round(now - self._started, 1), rss[0]])
         if self.pss and now >= self._next_pss:
             self._next_pss = now + self.pss_interval
             pss = [pss_mb(p) for p in tree]
@@ -250,6 +260,7 @@ class MemorySampler:
             "tree_rss_peak_mb": round(self.tree_rss_mb, 1),
             "tree_pss_peak_mb": round(self.tree_pss_mb, 1),
             "max_processes": self.max_processes,
+            "root_rss_timeline": {"columns": ["seconds", "rss_mb"], "rows": self.timeline},
         }
 
 
@@ -548,13 +559,26 @@ def fashion_search_cmd() -> list[str]:
 class Monitored:
     """A subprocess whose output is collected by threads (stderr chunks timestamped) and memory sampled."""
 
-    def __init__(self, cmd: Sequence[str], env: dict[str, str] | None = None, sample_interval: float = 0.1):
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        env: dict[str, str] | None = None,
+        sample_interval: float = 0.1,
+        own_group: bool = False,
+    ):
+        """own_group: start the process in its own process group, so pause()/resume() reach its workers."""
         self.cmd = list(cmd)
         self.stdout = bytearray()
         self.stderr_chunks: list[tuple[float, bytes]] = []
+        # (start, end) of each pause, seconds since start: time the process could not run.
+        self.pauses: list[tuple[float, float]] = []
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}
+            self.cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+            start_new_session=own_group,  # its own process group: SIGSTOP reaches the workers too
         )
         self.memory = MemorySampler(self.proc.pid, interval=sample_interval)
         self.memory.__enter__()
@@ -619,6 +643,32 @@ class Monitored:
 
     def memory_report(self) -> dict[str, Any]:
         return {"peak_rss_mb": self.rusage_maxrss_mb, **self.memory.report()}
+
+    def pause(self) -> bool:
+        """SIGSTOP the whole process group (own_group=True); False when it has already ended."""
+        if self.exited():
+            return False
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+        self._paused_at = time.perf_counter() - self.started
+        return True
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+        self.pauses.append((self._paused_at, time.perf_counter() - self.started))
+
+    def kill_group(self) -> None:
+        """SIGKILL what is left of the group (own_group=True): a Ctrl-C of the benchmark reaches only it."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGCONT)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    @property
+    def paused_s(self) -> float:
+        return sum(end - start for start, end in self.pauses)
+
+    def active_at(self, t: float) -> float:
+        """Seconds since start at which the process could run, up to `t` (pauses taken out)."""
+        return t - sum(max(0.0, min(end, t) - start) for start, end in self.pauses if start < t)
 
 
 def check_exit(mon: Monitored, what: str) -> None:

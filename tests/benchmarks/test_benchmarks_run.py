@@ -18,8 +18,8 @@ TINY_IMAGES = ["--min-px", "48", "--max-px", "96"]
 # One thread each: on a shared 2-core machine two OpenMP threads per process can run 100x slower.
 ARGS = {
     "index": [
-        "--model", "fs-micro", "--n", "24", "--batch-size", "4", "--workers", "1", "--ceiling-batches", "2",
-        "--decode-sample", "4", "--existing-items", "50", *TINY_IMAGES,
+        "--model", "fs-micro", "--n", "48", "--batch-size", "4", "--workers", "1", "--ceiling-batches", "2",
+        "--decode-sample", "4", "--existing-items", "50", "--ceiling-every", "0.3", *TINY_IMAGES,
     ],
     "query": [
         "--model", "fs-micro", "--items", "500", "--queries", "3", "--reweight-queries", "12",
@@ -27,7 +27,8 @@ ARGS = {
     ],
     "ann": [
         "--sizes", "1000", "--dim", "32", "--queries", "20", "--data", "clustered,uniform",
-        "--hnsw-ef-search", "16,64", "--ivf-nprobe", "auto,4",
+        "--hnsw-ef-search", "16,64", "--ivf-nprobe", "auto,4", "--storage", "fp32,fp16",
+        "--delete-share", "0.05",
     ],
     "train": [
         "--model", "fs-micro", "--batch-size", "4", "--steps", "1", "--synth", "50", "--synth-size", "32",
@@ -81,11 +82,14 @@ def test_bench_index(runs):
     r = doc["results"]
     assert r["ceiling"]["images_per_s"] > 0 and r["decode_preprocess"]["ms_per_image"] > 0
     run = r["index_run"]
-    assert run["images_indexed"] == 24 and run["unchanged"] == 50 and run["skipped"] == 0
+    assert run["images_indexed"] == 48 and run["unchanged"] == 50 and run["skipped"] == 0
     assert run["phases"]["steady_images_per_s"] > 0 and run["phases"]["startup_s"] > 0
     assert run["memory"]["peak_rss_mb"] > 0 and run["memory"]["tree_pss_peak_mb"] > 0
     assert r["existing_index"]["items"] == 50
     assert r["ratios"]["whole_process"] > 0
+    # Ceiling batches timed while the index process group was stopped; the pauses are not its time.
+    assert r["ceiling"]["basis"] == "during the run" and r["ceiling"]["during"]["batch_ms"]["n"] >= 3
+    assert run["paused_s"] > 0 and run["wall_s"] > 0
 
 
 def test_bench_query(runs):
@@ -108,11 +112,23 @@ def test_bench_ann(runs):
         ("uniform", 1000),
     ]
     for run in doc["results"]["runs"]:
-        assert [i["kind"] for i in run["indexes"]] == ["exact", "flat", "hnsw", "ivf"]
+        layout = [(i["kind"], i["storage"]) for i in run["indexes"]]
+        assert layout == [("exact", "fp32")] + [
+            (k, s) for k in ("flat", "hnsw", "ivf") for s in ("fp32", "fp16")
+        ]
         exact, flat = run["indexes"][0], run["indexes"][1]
         assert exact["settings"][0]["recall_at_10"] == 1.0 == flat["settings"][0]["recall_at_10"]
-        assert [s["value"] for s in run["indexes"][2]["settings"]] == [16, 64]
+        assert [s["value"] for s in run["indexes"][3]["settings"]] == [16, 64]
         assert all(i["files_bytes_per_item"] >= 32 * 4 for i in run["indexes"])
+        by = {(i["kind"], i["storage"]): i for i in run["indexes"]}
+        # fp16 halves faiss's copy: 64 bytes instead of 128 per 32-d vector.
+        faiss_bytes = {st: by["flat", st]["faiss_file_bytes_per_item"] for st in ("fp32", "fp16")}
+        assert faiss_bytes["fp32"] - faiss_bytes["fp16"] == pytest.approx(64, abs=0.5)
+        assert all(i["served_anon_bytes_per_item"] is not None for i in run["indexes"])
+        for i in run["indexes"]:  # 50 of 1000 deleted, then searched again; HNSW kept tombstones
+            assert i["after_delete"]["removed"] == 50 and i["after_delete"]["recall_at_10"] > 0.5
+        assert by["hnsw", "fp32"]["after_delete"]["dead_in_faiss"] == 50
+        assert by["flat", "fp32"]["after_delete"]["recall_at_10"] == 1.0
 
 
 def test_bench_train(runs):
@@ -128,11 +144,7 @@ def test_memory_sampler_reads_the_expensive_proc_files_rarely(monkeypatch):
     of a core from the index run it measured. Only the cheap status file may be read at every sample."""
     import time
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import common
-    finally:
-        sys.path.remove(str(BENCH))
+    common = _common()
     calls = {"pss": 0, "tree": 0}
     real_pss, real_tree = common.pss_mb, common.process_tree
 
@@ -170,3 +182,40 @@ def test_diagnose_index_runs(tmp_path, mode):
         )
     else:
         assert results["images"] == 8 and results["samples"]["rows"][0][1] > 0
+
+
+def _common():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    return common
+
+
+def test_monitored_pause_stops_the_process_group_and_is_taken_out_of_its_time(tmp_path):
+    import time
+
+    common = _common()
+    # A parent and a child (as `index` and its decode worker): both must stop.
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3)']); time.sleep(1.5)"
+    run = common.Monitored([sys.executable, "-c", script], own_group=True)
+    try:
+        time.sleep(0.5)
+        assert run.pause()
+        time.sleep(0.1)
+        group = [p for p in common.process_tree(run.proc.pid)]
+        states = [Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] for p in group]
+        assert len(group) == 2 and set(states) == {"T"}  # stopped, parent and child
+        time.sleep(0.4)
+        run.resume()
+        run.wait(30)
+    finally:
+        run.kill_group()
+    assert run.proc.returncode == 0
+    assert 0.45 < run.paused_s < 1.5 and len(run.pauses) == 1
+    start, end = run.pauses[0]
+    assert run.active_at(start) == pytest.approx(start)
+    assert run.active_at(end + 1.0) == pytest.approx(end + 1.0 - run.paused_s)
+    assert run.active_at((start + end) / 2) == pytest.approx(start)  # inside a pause: time stands still
+    assert not run.pause()  # ended: nothing to stop
