@@ -258,7 +258,7 @@ class FaissIndex(VectorIndex):
         """Exact scores of the found rows from the float32 store, re-sorted (faiss ranked on codes)."""
         if rows.size == 0:
             return np.empty(rows.shape, dtype=np.float32), rows
-        exact = np.einsum("qd,qkd->qk", q, self._rows.matrix[rows]).astype(np.float32)
+        exact = np.einsum("qd,qkd->qk", q, self._rows.take(rows)).astype(np.float32)
         order = np.argsort(-exact, axis=1, kind="stable")
         return np.take_along_axis(exact, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
