@@ -24,6 +24,13 @@ def parse_args():
     p.add_argument("--pretrained", default="none")
     p.add_argument("--n", type=int, default=256, help="images to generate (ignored with --images)")
     p.add_argument("--images", default=None, help="index this folder instead of generated JPEGs")
+    p.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="hard-link each generated JPEG this many times under other names: a catalog of n x copies "
+        "files, every one decoded, without generating them all (a GPU needs tens of thousands)",
+    )
     p.add_argument("--min-px", type=int, default=400, help="smallest generated image side")
     p.add_argument("--max-px", type=int, default=1000, help="largest generated image side")
     p.add_argument("--batch-size", type=int, default=32)
@@ -152,6 +159,15 @@ def phases(events: list[tuple[float, int, int]], wall: float, batch_size: int) -
     return out
 
 
+def link_copies(images: Path, copies: int) -> dict:
+    """copies - 1 extra hard links to every JPEG under images (img0000012.jpg -> img0000012-c1.jpg, ...)."""
+    originals = sorted(images.rglob("*.jpg"))
+    for path in originals:
+        for c in range(1, copies):
+            os.link(path, path.with_name(f"{path.stem}-c{c}{path.suffix}"))
+    return {"distinct_images": len(originals), "copies": copies, "images": len(originals) * copies}
+
+
 def add_existing(images: Path, out_dir: Path, model, n: int, kind: str, seed: int) -> dict:
     """n hard links to small JPEGs under images/existing/ plus an index that already holds them.
 
@@ -200,6 +216,8 @@ def main() -> None:
             if images.exists():
                 shutil.rmtree(images)
             dataset = common.make_jpeg_folder(images, args.n, args.seed, args.min_px, args.max_px)
+            if args.copies > 1:
+                dataset |= link_copies(images, args.copies)
         torch.manual_seed(0)
         model = create_model(args.model, args.pretrained, device=args.device)
         device = model.device

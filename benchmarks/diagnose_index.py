@@ -112,7 +112,8 @@ def rss_trace(model, images: Path, work: Path, args) -> dict:
     return {
         "images": report.added,
         "workers": args.workers,
-        "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
+        # glibc tunables set for this run (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_, ...), which change RSS.
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "samples": {"columns": ["seconds", "rss_mb", "python_traced_mb"], "rows": samples},
     }
 
@@ -133,6 +134,7 @@ def main() -> None:
         model = create_model(args.model, "none")
         if args.mode == "forward":
             results = forward(model, sorted(iter_image_files(images)), args)
+            results["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
         else:
             results = rss_trace(model, images, work, args)
         common.emit(f"diagnose_index_{args.mode}", args, load0, {"results": results, "goals": []})

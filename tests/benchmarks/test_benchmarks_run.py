@@ -219,3 +219,18 @@ def test_monitored_pause_stops_the_process_group_and_is_taken_out_of_its_time(tm
     assert run.active_at(end + 1.0) == pytest.approx(end + 1.0 - run.paused_s)
     assert run.active_at((start + end) / 2) == pytest.approx(start)  # inside a pause: time stands still
     assert not run.pause()  # ended: nothing to stop
+
+
+def test_gpu_suite_script_runs_its_steps_small_on_cpu(tmp_path):
+    """The GPU rows are measured by one prepared script (a GPU is lent rarely and briefly): it must work
+    before a GPU is there. SCALE=small runs the same three steps tiny; DEVICE=cpu anywhere."""
+    out = tmp_path / "gpu"
+    env = {**os.environ, "SCALE": "small", "DEVICE": "cpu", "OUT": str(out), "PY": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_suite.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    docs = {name: json.loads((out / f"{name}.json").read_text()) for name in ("index", "query", "train")}
+    assert docs["index"]["results"]["dataset"]["copies"] == 2
+    assert docs["index"]["results"]["index_run"]["images_indexed"] == 32  # 16 distinct JPEGs, linked twice
+    assert all(doc["config"]["device"] == "cpu" for doc in docs.values())

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU rows of docs/BENCHMARKS.md in one go: indexing, query latency and training throughput on CUDA.
+# About 6-8 minutes on one H100; each step writes one JSON document into $OUT (default
+# benchmarks/results/gpu-DATE) and a failing step does not stop the next.
+#
+# On a machine with this project installed:   OUT=somewhere bash benchmarks/gpu_suite.sh
+# On this workplace's device machine (its python3 has torch but not open_clip, faiss or fastapi), carry
+# the wheels that benchmarks/README.md ("GPU rows") says how to download, and run:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+#   PYTHONPATH=/tmp/site:$PWD/src bash benchmarks/gpu_suite.sh
+# SCALE=small runs the same steps tiny (a check of the script itself, on any machine; DEVICE=cpu).
+set -uo pipefail
+
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if [ "${SCALE:-full}" = small ]; then
+    INDEX=(--model fs-micro --n 16 --copies 2 --batch-size 8 --workers 2 --ceiling-batches 2 --ceiling-every 0.5
+           --min-px 48 --max-px 96)
+    QUERY=(--model fs-micro --items 500 --queries 3 --reweight-queries 12 --ceiling-repeat 3 --search-repeat 10
+           --min-px 48 --max-px 96)
+    TRAIN=(--model fs-micro --batch-size 8 --steps 2 --warmup 1 --synth 60 --synth-size 48 --workers 1)
+else
+    # 2,000 distinct JPEGs of 400-1000 px, each file linked 25 times: 50,000 files to decode, so that the
+    # run lasts long enough (~20 s at 3,000 images/s) to outweigh start-up; 12 decode workers of 16 cores.
+    INDEX=(--n 2000 --copies 25 --batch-size 256 --workers 12 --ceiling-batches 10 --ceiling-every 5)
+    QUERY=(--items 100000 --queries 30)
+    TRAIN=(--batch-size 256 --steps 10 --warmup 3 --synth 2000 --workers 8)
+fi
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true; } > "$OUT/gpu.txt"
+status=0
+step() {  # name, then the command; its stderr goes to $OUT/name.log
+    local name=$1
+    shift
+    echo "== $name: $*" >&2
+    if ! "$@" --device "$DEVICE" --out "$OUT/$name.json" > /dev/null 2> "$OUT/$name.log"; then
+        echo "   $name FAILED (see $OUT/$name.log)" >&2
+        tail -5 "$OUT/$name.log" >&2
+        status=1
+    fi
+}
+step index "$PY" benchmarks/bench_index.py "${INDEX[@]}"
+step query "$PY" benchmarks/bench_query.py "${QUERY[@]}"
+step train "$PY" benchmarks/bench_train.py "${TRAIN[@]}"
+ls -la "$OUT" >&2
+exit $status
