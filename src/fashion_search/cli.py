@@ -182,8 +182,8 @@ def run() -> None:
     """The console script: main(), then, on success, an immediate exit.
 
     Tearing down the thousands of modules torch and open_clip import took 1-2 s at interpreter exit
-    (measured: `python -c "import torch, open_clip"` 4.7-5.1 s, 3.1-3.6 s when it ends with os._exit),
-    paid by every command after its work was done and its output written. On success there is nothing
+    (the tail of `benchmarks/bench_index.py`, docs/BENCHMARKS.md section 1), paid by every command after
+    its work was done and its output written. On success there is nothing
     left to do: index files are written atomically and closed, DataLoader workers have exited, and
     stdout/stderr are flushed here. Errors take the normal exit path, cleanup included.
     """

@@ -296,7 +296,7 @@ def test_fp16_storage_halves_faiss_copy_and_scores_stay_exact(kind, data, tmp_pa
 
 
 def test_rescoring_a_mapped_index_reads_rows_from_the_file_not_the_map(data, tmp_path, monkeypatch):
-    """Through the map, the kernel made whole large folios resident per row touched (~0.7 MB): a server
+    """Through the map, the kernel made whole large folios resident per row touched (~0.9 MB): a server
     re-scoring 10 rows per query had most of a 2 GB row store in its RSS after 200 queries."""
     import fashion_search.index.base as base
 

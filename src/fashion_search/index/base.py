@@ -79,7 +79,7 @@ class VectorIndex(ABC):
 class _RowReader:
     """Reads rows of a saved vectors.npy with pread, bypassing the memory map of the same file.
 
-    Why not the mapping: the kernel maps file pages around a fault in large folios (here ~0.7 MB per row
+    Why not the mapping: the kernel maps file pages around a fault in large folios (~0.9 MB per row
     touched), so re-scoring ten rows per query through the mapping made most of a 2 GB store resident in
     a server within 200 queries. pread goes through the page cache too (shared, dropped under memory
     pressure) but maps nothing into the process.
