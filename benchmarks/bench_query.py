@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import statistics
 import sys
 import time
 
@@ -150,16 +151,33 @@ def decode_cost(model, images: list[bytes]) -> dict:
 
 def engine_queries(engine, images: list[bytes], texts: list[str], k: int, warmup: int, ceil: Ceiling) -> dict:
     """engine.search, each with an image and a text the engine has not seen, a ceiling sample before each."""
-    samples, ceiling, search = [], [], []
+    samples, ceiling, search, stages = [], [], [], []
     for i, (img, txt) in enumerate(zip(images, texts)):
         c, srch = ceil.sample()
+        timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        engine.search(image=img, text=txt, k=k)
+        engine.search(image=img, text=txt, k=k, timings=timings)
         if i >= warmup:
             samples.append(time.perf_counter() - t0)
             ceiling.append(c)
             search.append(srch)
-    return phase_summary(samples, ceiling, search, 1.15)
+            stages.append(timings)
+    return {**phase_summary(samples, ceiling, search, 1.15), "stages_ms": stage_medians(stages)}
+
+
+def stage_medians(stages: list[dict[str, float]]) -> dict[str, float]:
+    """Median milliseconds of each engine stage (decode, wait, image, text, search) over the queries."""
+    names = sorted({name for s in stages for name in s})
+    return {name: round(statistics.median(s.get(name, 0.0) for s in stages), 3) for name in names}
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """'decode;dur=3.10, image;dur=95.2, ...' -> {"decode": 3.1, "image": 95.2, ...}"""
+    out = {}
+    for item in filter(None, (part.strip() for part in header.split(","))):
+        name, _, dur = item.partition(";dur=")
+        out[name] = float(dur)
+    return out
 
 
 def reweight_settings(n: int) -> list[tuple[float, int]]:
@@ -175,7 +193,7 @@ def http_queries(
     (in this process, while the server idles) before each request."""
     import httpx
 
-    rtt, took, ceiling, search = [], [], [], []
+    rtt, took, ceiling, search, stages = [], [], [], [], []
     with httpx.Client(base_url=base, timeout=120.0) as client:
         for i, (img, txt) in enumerate(zip(images, texts)):
             c, srch = ceil.sample()
@@ -190,7 +208,13 @@ def http_queries(
                 took.append(r.json()["took_ms"] / 1000.0)
                 ceiling.append(c)
                 search.append(srch)
-    return {**phase_summary(rtt, ceiling, search, 1.25), "server_took_ms": common.latency_ms(took)}
+                stages.append(server_timing(r.headers.get("server-timing", "")))
+    return {
+        **phase_summary(rtt, ceiling, search, 1.25),
+        "server_took_ms": common.latency_ms(took),
+        # The server's own split (Server-Timing header): compare with engine_composed.stages_ms.
+        "server_stages_ms": stage_medians(stages),
+    }
 
 
 def http_reweight(base: str, image: bytes, text: str, settings: list[tuple[float, int]]) -> dict:

@@ -102,6 +102,9 @@ def test_bench_query(runs):
         assert phase["budget_ms"] > 0 and isinstance(phase["met"], bool)
     assert r["engine_reweight_ms"]["n"] >= 11 and r["http"]["server_memory"]["vmhwm_mb"] > 0
     assert len(doc["goals"]) == 3 and "HTTP" in doc["goals"][2]["name"]
+    # Where the time went, in-process and inside the server (its Server-Timing header), stage by stage.
+    for stages in (r["engine_composed"]["stages_ms"], r["http"]["server_stages_ms"]):
+        assert {"decode", "image", "text", "search"} <= set(stages) and stages["image"] > 0
 
 
 def test_bench_ann(runs):

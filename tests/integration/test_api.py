@@ -67,6 +67,25 @@ def test_image_only_search_finds_the_image_itself(client, catalog_root):
     assert img.content == ref.read_bytes()
 
 
+def test_search_reports_where_the_time_went_in_server_timing(client, catalog_root):
+    # Bytes no other test sends, so that the engine's cache cannot skip the decode and the forward.
+    buf = io.BytesIO()
+    Image.open(catalog_root / "dress" / "item00.jpg").save(buf, "JPEG", quality=61)
+    upload = ("q.jpg", buf.getvalue(), "image/jpeg")
+    text = "is longer and in navy (server timing)"
+    r = client.post("/search", files={"image": upload}, data={"text": text, "k": "3"})
+    assert r.status_code == 200, r.text
+    stages = dict(item.split(";dur=") for item in r.headers["server-timing"].split(", "))
+    assert {"decode", "wait", "image", "text", "search", "total"} <= set(stages)
+    ms = {name: float(value) for name, value in stages.items()}
+    assert all(v >= 0 for v in ms.values())
+    parts = ms["decode"] + ms["wait"] + ms["image"] + ms["text"] + ms["search"]
+    assert parts <= ms["total"] + 0.05 and ms["total"] == pytest.approx(r.json()["took_ms"], abs=0.01)
+    # Asked again: both embeddings come from the cache, so only the search is timed.
+    again = client.post("/search", files={"image": upload}, data={"text": text, "k": "3"})
+    assert {s.split(";")[0] for s in again.headers["server-timing"].split(", ")} == {"search", "total"}
+
+
 def test_text_only_and_composed_return_k_sorted(client, catalog_root):
     for data, files in (
         ({"text": "a red striped dress", "k": "7"}, None),

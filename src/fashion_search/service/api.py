@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
@@ -229,6 +229,7 @@ def create_app(
     @app.post("/search", response_model=SearchResponse)
     def search(
         request: Request,
+        response: Response,
         image: Annotated[UploadFile | None, File(description="reference garment photo")] = None,
         text: Annotated[str | None, Form(description="the change, in words")] = None,
         text_weight: Annotated[
@@ -249,13 +250,24 @@ def create_app(
             raise HTTPException(422, f"text is longer than {max_text_chars:,} characters")
         data = _read_upload(image, max_upload_bytes)
         started = time.perf_counter()
+        timings: dict[str, float] = {}
         if data is not None:
             # Decoding here (not in engine.search) applies the API's stricter pixel limit.
-            engine.image_embedding(data, max_pixels=max_pixels)
+            engine.image_embedding(data, max_pixels=max_pixels, timings=timings)
         results = engine.search(
-            image=data, text=text or None, text_weight=text_weight, k=k, category=category or None
+            image=data,
+            text=text or None,
+            text_weight=text_weight,
+            k=k,
+            category=category or None,
+            timings=timings,
         )
         took = (time.perf_counter() - started) * 1000.0
+        # W3C Server-Timing: browsers' dev tools and clients see where the time went (stages not run,
+        # e.g. an image embedding served from the cache, are absent).
+        response.headers["Server-Timing"] = ", ".join(
+            [f"{stage};dur={ms:.2f}" for stage, ms in timings.items()] + [f"total;dur={took:.2f}"]
+        )
         hits = [SearchHit(id=r.id, score=r.score, image_url=f"/items/{quote(r.id)}/image") for r in results]
         return SearchResponse(results=hits, took_ms=round(took, 3))
 

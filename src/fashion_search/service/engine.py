@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -24,6 +25,21 @@ from fashion_search.models.fusion import check_text_weight
 from fashion_search.models.retrieval import RetrievalModel
 
 MAX_K = 1000
+
+
+def _add(timings: dict[str, float] | None, stage: str, seconds: float) -> None:
+    if timings is not None:
+        timings[stage] = timings.get(stage, 0.0) + seconds * 1000.0
+
+
+@contextlib.contextmanager
+def _stage(timings: dict[str, float] | None, stage: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _add(timings, stage, time.perf_counter() - started)
+
 
 log = logging.getLogger("fashion_search.engine")
 
@@ -229,8 +245,14 @@ class SearchEngine:
         }
 
     # -- query encoding (cached) ---------------------------------------------------------------
-    def image_embedding(self, image, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-        """Embed a query image (bytes, path or PIL image); cached by content hash."""
+    def image_embedding(
+        self, image, max_pixels: int = DEFAULT_MAX_PIXELS, timings: dict[str, float] | None = None
+    ) -> torch.Tensor:
+        """Embed a query image (bytes, path or PIL image); cached by content hash.
+
+        `timings`, when given, receives milliseconds per stage of work actually done ("decode",
+        "wait" for the model, "image"): the API sends them as a Server-Timing header.
+        """
         if isinstance(image, Image.Image):
             raw = image.tobytes() + repr((image.mode, image.size)).encode()
         elif isinstance(image, bytes | bytearray):
@@ -244,32 +266,51 @@ class SearchEngine:
         cached = self._image_cache.get(key)
         if cached is not None:
             return cached
-        pil = image if isinstance(image, Image.Image) else load_image(io.BytesIO(raw), max_pixels=max_pixels)
-        with self._model_lock:
-            emb = self.model.encode_images([pil])
+        with _stage(timings, "decode"):
+            pil = (
+                image
+                if isinstance(image, Image.Image)
+                else load_image(io.BytesIO(raw), max_pixels=max_pixels)
+            )
+        emb = self._encode(self.model.encode_images, [pil], "image", timings)
         self._image_cache.put(key, emb)
         return emb
 
-    def text_embedding(self, text: str) -> torch.Tensor:
+    def _encode(self, encoder, batch: list, stage: str, timings: dict[str, float] | None) -> torch.Tensor:
+        asked = time.perf_counter()
+        with self._model_lock:
+            started = time.perf_counter()
+            emb = encoder(batch)
+        _add(timings, "wait", started - asked)  # behind other requests' forwards
+        _add(timings, stage, time.perf_counter() - started)
+        return emb
+
+    def text_embedding(self, text: str, timings: dict[str, float] | None = None) -> torch.Tensor:
         if not isinstance(text, str) or not text.strip():
             raise FashionSearchError("text query is empty")
         cached = self._text_cache.get(text)
         if cached is not None:
             return cached
-        with self._model_lock:
-            emb = self.model.encode_texts([text])
+        emb = self._encode(self.model.encode_texts, [text], "text", timings)
         self._text_cache.put(text, emb)
         return emb
 
     def query_embedding(
-        self, image=None, text: str | None = None, text_weight: float | None = None
+        self,
+        image=None,
+        text: str | None = None,
+        text_weight: float | None = None,
+        timings: dict[str, float] | None = None,
     ) -> torch.Tensor:
         if image is None and not (text and text.strip()):
             raise FashionSearchError("give a query image, a text, or both")
         w = check_text_weight(text_weight)
         if image is not None and text and text.strip():
-            return self.model.compose(self.image_embedding(image), self.text_embedding(text), w)
-        return self.image_embedding(image) if image is not None else self.text_embedding(text)
+            img, txt = self.image_embedding(image, timings=timings), self.text_embedding(text, timings)
+            return self.model.compose(img, txt, w)
+        if image is not None:
+            return self.image_embedding(image, timings=timings)
+        return self.text_embedding(text, timings)
 
     # -- search --------------------------------------------------------------------------------
     def search(
@@ -279,8 +320,12 @@ class SearchEngine:
         text_weight: float | None = None,
         k: int = 10,
         category: str | None = None,
+        timings: dict[str, float] | None = None,
     ) -> list[SearchResult]:
-        """Best-first results; w=0 ranks by the image alone, w=1 by the text alone."""
+        """Best-first results; w=0 ranks by the image alone, w=1 by the text alone.
+
+        `timings` receives milliseconds per stage (see image_embedding; "search" for the index).
+        """
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise FashionSearchError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
         snap = self._snap  # read once: this search sees one index version from start to end
@@ -288,11 +333,12 @@ class SearchEngine:
             raise FashionSearchError(
                 f"unknown category {category!r} (known: {', '.join(snap.categories) or 'none'})"
             )
-        query = self.query_embedding(image, text, text_weight)
+        query = self.query_embedding(image, text, text_weight, timings)
         if len(snap.index) == 0:
             return []
         allowed = (lambda i: i.startswith(category + "/")) if category else None
-        scores, ids = snap.index.search(query.numpy(), min(k, len(snap.index)), allowed=allowed)
+        with _stage(timings, "search"):
+            scores, ids = snap.index.search(query.numpy(), min(k, len(snap.index)), allowed=allowed)
         return [
             SearchResult(id=i, score=float(s), path=str(snap.catalog_root / i))
             for s, i in zip(scores[0], ids[0])
