@@ -60,10 +60,11 @@ def auto_nprobe(nlist: int) -> int:
     return min(nlist, max(16, nlist // 32))
 
 
-# HNSW cannot delete from its graph, and rebuilding it costs ~12 min at 1M items on 2 cores. Deleted
+# HNSW cannot delete from its graph, and rebuilding it costs 10-12 min at 1M items on 2 cores. Deleted
 # items stay in the graph as tombstones (still walked through, never returned) until they are this share
-# of it; then the graph is rebuilt from the live rows. A fifth dead keeps search within ~25% of its cost
-# and memory while a catalog that replaces 1% a day rebuilds about every three weeks.
+# of it; then the graph is rebuilt from the live rows. The price: a live-label check per candidate (p50
+# 0.68 -> 0.88 ms at 1M with 1% deleted, docs/BENCHMARKS.md §3) and up to a fifth more memory and walk;
+# a catalog that replaces 1% a day rebuilds about every three weeks instead of every day.
 HNSW_MAX_DEAD_FRACTION = 0.2
 
 # k-means trains IVF on at most this many vectors per list (faiss's default, 256, means all of a
