@@ -37,6 +37,8 @@ class VectorIndex(ABC):
 
     kind: str
     dim: int
+    # How the index keeps its own copy of the vectors (faiss kinds: "fp32" or "fp16"; see faiss_index).
+    storage: str = "fp32"
 
     @abstractmethod
     def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:

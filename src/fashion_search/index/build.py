@@ -105,11 +105,13 @@ def _write_report(out: Path, report: BuildReport) -> None:
 def _check_layout(index, kind: str, storage: str | None, out: Path) -> None:
     """An explicit --index-type / --index-storage that differs from the existing index is a mistake to
     report: silently keeping the old layout would leave the user believing it changed."""
-    has_storage = getattr(index, "params", {}).get("storage", "fp32")
-    for flag, wanted, has in (("--index-type", kind, index.kind), ("--index-storage", storage, has_storage)):
+    for flag, wanted, has in (
+        ("--index-type", kind, index.kind),
+        ("--index-storage", storage, index.storage),
+    ):
         if wanted not in (None, "auto", has):
             raise FashionSearchError(
-                f"{out} holds a {index.kind} index with {has_storage} vectors; {flag} {wanted} applies "
+                f"{out} holds a {index.kind} index with {index.storage} vectors; {flag} {wanted} applies "
                 "to a new index: index into a new --out folder to change it"
             )
 
@@ -127,7 +129,7 @@ def _follow_catalog_size(index, n_items: int):
     wanted = choose_index_kind(n_items)
     if index.kind not in _KIND_ORDER or _KIND_ORDER.index(wanted) <= _KIND_ORDER.index(index.kind):
         return index
-    bigger = create_index(wanted, index.dim, storage=index.params.get("storage", "fp32"))
+    bigger = create_index(wanted, index.dim, storage=index.storage)
     bigger.add(index.ids(), index.vectors())
     return bigger
 

@@ -111,11 +111,15 @@ class FaissIndex(VectorIndex):
         self._live: tuple[np.ndarray, faiss.IDSelector] | None = None
         self._index = self._build(self._rows.matrix)
 
+    @property
+    def storage(self) -> str:
+        return self.params["storage"]
+
     def _build(self, matrix: np.ndarray) -> faiss.Index:
         """A fresh faiss index holding all rows, labelled 0..n-1 (IVF trains here)."""
         n = matrix.shape[0]
         nlist = self._ivf_nlist(n)
-        ip, fp16 = faiss.METRIC_INNER_PRODUCT, self.params["storage"] == "fp16"
+        ip, fp16 = faiss.METRIC_INNER_PRODUCT, self.storage == "fp16"
         sq_fp16 = faiss.ScalarQuantizer.QT_fp16
         if self.kind == "hnsw":
             if fp16:
@@ -250,7 +254,7 @@ class FaissIndex(VectorIndex):
                 scores[short], rows[short] = exact_topk(self._rows.matrix, q[short], kk)
         else:
             scores, rows = filtered_topk(self._ann, self._rows, q, k, allowed)
-        if self.params["storage"] != "fp32":
+        if self.storage != "fp32":
             scores, rows = self._rescore(q, rows)
         ids = self._rows.ids
         return scores, [[ids[r] for r in line] for line in rows.tolist()]
@@ -304,9 +308,8 @@ class FaissIndex(VectorIndex):
         if not isinstance(fi, expected[index.kind]) or fi.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"{FAISS_FILE} is not an inner-product {index.kind} index")
         codes = faiss.downcast_index(fi.storage) if isinstance(fi, faiss.IndexHNSW) else fi
-        storage = index.params["storage"]
-        if getattr(codes, "code_size", None) != _CODE_BYTES[storage] * index.dim:
-            raise ValueError(f"{FAISS_FILE} does not hold {storage} vectors as {META_FILE} says")
+        if getattr(codes, "code_size", None) != _CODE_BYTES[index.storage] * index.dim:
+            raise ValueError(f"{FAISS_FILE} does not hold {index.storage} vectors as {META_FILE} says")
         # Only HNSW holds more vectors than there are items: its tombstones (deleted, not yet rebuilt).
         tombstones = isinstance(fi, faiss.IndexHNSW) and fi.ntotal > n
         if fi.d != index.dim or (fi.ntotal != n and not tombstones):

@@ -235,7 +235,7 @@ class SearchEngine:
             "fusion": ident["fusion"],
             "checkpoint_sha256": ident.get("checkpoint_sha256"),
             "index_kind": snap.index.kind,
-            "index_storage": getattr(snap.index, "params", {}).get("storage", "fp32"),
+            "index_storage": snap.index.storage,
             "categories": list(snap.categories),
             "catalog_root": str(snap.catalog_root),
             "created": snap.manifest.get("created"),
