@@ -57,13 +57,18 @@ def parse_args():
     return p.parse_args()
 
 
-def forward_ceiling(model, batch_size: int, batches: int, device) -> dict:
-    """images/s of model.encode_pixels on a ready (batch, 3, S, S) tensor: no decode, no preprocess."""
+def ready_pixels(model, batch_size: int):
+    """A seeded random (batch, 3, S, S) tensor at the model's input size: the ceiling's input."""
     import torch
 
     size = model.backbone.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    pixels = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
+    return torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
+
+
+def forward_ceiling(model, batch_size: int, batches: int, device) -> dict:
+    """images/s of model.encode_pixels on a ready (batch, 3, S, S) tensor: no decode, no preprocess."""
+    pixels = ready_pixels(model, batch_size)
     samples = common.time_calls(lambda: model.encode_pixels(pixels), repeat=batches, warmup=1, device=device)
     p50 = common.percentile(samples, 50)
     return {
@@ -79,11 +84,7 @@ def ceiling_during(run, model, batch_size: int, every: float, timeout: float, de
     The machine's speed drifts by several percent over minutes on a shared VM (two passes around an
     8,000-image run differed by 6%); samples spread over the run see the same drift as the run.
     """
-    import torch
-
-    size = model.backbone.image_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    pixels = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
+    pixels = ready_pixels(model, batch_size)
     samples: list[float] = []
     deadline = time.monotonic() + timeout
     next_at = time.monotonic() + every
