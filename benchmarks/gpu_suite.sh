@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/BENCHMARKS.md in one go: indexing, query latency and training throughput on CUDA.
-# About 6-8 minutes on one H100; each step writes one JSON document into $OUT (default
+# An estimated 6-8 minutes on one H100 (not yet run on a GPU); each step writes one JSON document into $OUT (default
 # benchmarks/results/gpu-DATE) and a failing step does not stop the next.
 #
 # On a machine with this project installed:   OUT=somewhere bash benchmarks/gpu_suite.sh
