@@ -36,6 +36,7 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decode workers (default: the CLI's, cores-1)")
     p.add_argument("--device", default=None)
+    p.add_argument("--decode", default="auto", help="the index run's --decode: auto | cpu | gpu")
     p.add_argument("--index-type", default="auto")
     p.add_argument("--ceiling-batches", type=int, default=5, help="timed forward batches per ceiling pass")
     p.add_argument(
@@ -58,12 +59,15 @@ def parse_args():
 
 
 def ready_pixels(model, batch_size: int):
-    """A seeded random (batch, 3, S, S) tensor at the model's input size: the ceiling's input."""
+    """A seeded random (batch, 3, S, S) tensor at the model's input size, already on its device: the
+    ceiling's input (on a GPU, "ready" includes being there: the run's own copies are uint8, a quarter
+    of the bytes, and overlap with the forward)."""
     import torch
 
     size = model.backbone.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    return torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
+    return pixels.to(model.device)
 
 
 def forward_ceiling(model, batch_size: int, batches: int, device) -> dict:
@@ -106,13 +110,14 @@ def ceiling_during(run, model, batch_size: int, every: float, timeout: float, de
     return samples
 
 
-def decode_cost(model, paths: list[Path]) -> dict:
-    """ms per image of the reader's decode + preprocess, in this process on one core (no workers)."""
+def decode_cost(model, paths: list[Path], device_jpegs: bool = False) -> dict:
+    """ms per image of a decode worker's work, in this process on one core: decode + preprocess to
+    uint8 pixels, or with `device_jpegs` (decoding on the GPU) reading the bytes and checking the header."""
     from fashion_search.data.loading import ImagePathsDataset
 
     if not paths:
         return {}
-    ds = ImagePathsDataset(paths, model.image_transform(), model.backbone.image_size)
+    ds = ImagePathsDataset(paths, model.pixel_pipeline, model.backbone.image_size, device_jpegs=device_jpegs)
     ds[0]  # warm Pillow's and torchvision's lazy imports
     started = time.perf_counter()
     for i in range(len(ds)):
@@ -226,6 +231,8 @@ def main() -> None:
         before = forward_ceiling(model, args.batch_size, args.ceiling_batches, device)
         paths = sorted(iter_image_files(images))[: args.decode_sample]
         decode = decode_cost(model, paths)
+        if device.type == "cuda":
+            decode = {"cpu": decode, "gpu_worker_share": decode_cost(model, paths, device_jpegs=True)}
 
         out_dir = work / "index"
         if out_dir.exists():
@@ -235,7 +242,7 @@ def main() -> None:
             existing = add_existing(images, out_dir, model, args.existing_items, args.index_type, args.seed)
         cmd = [*common.fashion_search_cmd(), "index", str(images), "--out", str(out_dir)]
         cmd += ["--model", args.model, "--pretrained", args.pretrained, "--batch-size", str(args.batch_size)]
-        cmd += ["--index-type", args.index_type]
+        cmd += ["--index-type", args.index_type, "--decode", args.decode]
         if args.workers is not None:
             cmd += ["--workers", str(args.workers)]
         if args.device:
@@ -298,6 +305,7 @@ def main() -> None:
                 "precision": precision,
                 "batch_size": args.batch_size,
                 "workers": args.workers,
+                "decode": args.decode,
                 "dataset": dataset,
                 "existing_index": existing,
                 "ceiling": {

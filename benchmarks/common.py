@@ -474,18 +474,35 @@ def jpeg_bytes(rng: np.random.Generator, min_px: int, max_px: int, quality: int 
     return buf.getvalue()
 
 
+def _write_jpeg(job: tuple[Path, int, int, int, int]) -> int:
+    path, seed, i, min_px, max_px = job
+    data = jpeg_bytes(np.random.default_rng([seed, i]), min_px, max_px)
+    path.write_bytes(data)
+    return len(data)
+
+
 def make_jpeg_folder(
     root: Path, n: int, seed: int = 0, min_px: int = 400, max_px: int = 1000, categories: int = 4
 ) -> dict[str, Any]:
-    """Write n seeded JPEGs (sides in [min_px, max_px]) under root/cat{i}/; return their count and sizes."""
-    rng = np.random.default_rng(seed)
-    total = 0
+    """Write n seeded JPEGs (sides in [min_px, max_px]) under root/cat{i}/; return their count and sizes.
+
+    Image i depends on (seed, i) alone, so the folder is the same whatever the number of processes
+    writing it (all cores: ~30 ms per image per core, a minute for 2,000 on one core).
+    """
+    jobs = []
     for i in range(n):
-        data = jpeg_bytes(rng, min_px, max_px)
         path = root / f"cat{i % categories}" / f"img{i:07d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        total += len(data)
+        jobs.append((path, seed, i, min_px, max_px))
+    procs = min(os.cpu_count() or 1, max(1, n // 32))
+    if procs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(procs) as pool:
+            sizes = pool.map(_write_jpeg, jobs, chunksize=8)
+    else:
+        sizes = [_write_jpeg(job) for job in jobs]
+    total = sum(sizes)
     return {
         "images": n,
         "bytes": total,

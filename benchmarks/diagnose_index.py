@@ -59,8 +59,8 @@ def forward(model, paths: list[Path], args) -> dict:
     size = model.backbone.image_size
     bs = args.batch_size
     random = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
-    dataset = ImagePathsDataset(paths, model.image_transform(), size)
-    _, real, _ = collate_decoded([dataset[i] for i in range(bs)])
+    dataset = ImagePathsDataset(paths, model.pixel_pipeline, size, device_jpegs=False)
+    real = collate_decoded([dataset[i] for i in range(bs)]).pixels
     out = {
         "random_tensors": rate(bs, timed(lambda: model.encode_pixels(random), args.batches)),
         "real_tensors": rate(bs, timed(lambda: model.encode_pixels(real), args.batches)),

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU rows of docs/BENCHMARKS.md in one go: indexing, query latency and training throughput on CUDA.
+# The GPU rows of docs/BENCHMARKS.md in one go: decode diagnosis, indexing (JPEGs decoded on the GPU, then
+# on the CPU), query latency and training throughput on CUDA.
 # An estimated 6-8 minutes on one H100 (not yet run on a GPU); each step writes one JSON document into $OUT (default
 # benchmarks/results/gpu-DATE) and a failing step does not stop the next.
 #
@@ -17,18 +18,25 @@ OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 if [ "${SCALE:-full}" = small ]; then
-    INDEX=(--model fs-micro --n 16 --copies 2 --batch-size 8 --workers 2 --ceiling-batches 2 --ceiling-every 0.5
-           --min-px 48 --max-px 96)
+    DECODE=(--model fs-micro --n 16 --repeat 2 --cpu-sample 4 --min-px 48 --max-px 96)
+    INDEX=(--model fs-micro --batch-size 8 --workers 2 --ceiling-batches 2 --ceiling-every 0.5)
+    IMAGES=(--n 16 --copies 2 --min-px 48 --max-px 96)
+    ON_DEVICE=auto  # no GPU: auto decodes on the CPU
     QUERY=(--model fs-micro --items 500 --queries 3 --reweight-queries 12 --ceiling-repeat 3 --search-repeat 10
            --min-px 48 --max-px 96)
     TRAIN=(--model fs-micro --batch-size 8 --steps 2 --warmup 1 --synth 60 --synth-size 48 --workers 1)
 else
+    DECODE=(--n 256 --repeat 5)
     # 2,000 distinct JPEGs of 400-1000 px, each file linked 25 times: 50,000 files to decode, so that the
     # run lasts long enough (~20 s at 3,000 images/s) to outweigh start-up; 12 decode workers of 16 cores.
-    INDEX=(--n 2000 --copies 25 --batch-size 256 --workers 12 --ceiling-batches 10 --ceiling-every 5)
+    INDEX=(--batch-size 256 --workers 12 --ceiling-batches 10 --ceiling-every 5)
+    IMAGES=(--n 2000 --copies 25)
+    ON_DEVICE=gpu
     QUERY=(--items 100000 --queries 30)
-    TRAIN=(--batch-size 256 --steps 10 --warmup 3 --synth 2000 --workers 8)
+    TRAIN=(--batch-size 256 --steps 10 --warmup 3 --synth 800 --workers 8)
 fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true; } > "$OUT/gpu.txt"
@@ -43,8 +51,12 @@ step() {  # name, then the command; its stderr goes to $OUT/name.log
         status=1
     fi
 }
-step index "$PY" benchmarks/bench_index.py "${INDEX[@]}"
+step decode "$PY" benchmarks/diagnose_decode.py "${DECODE[@]}"
+# The same 50,000 files indexed twice: JPEGs decoded on the GPU (nvJPEG), then by the CPU workers.
+step index_gpu_decode "$PY" benchmarks/bench_index.py "${INDEX[@]}" "${IMAGES[@]}" --decode "$ON_DEVICE" --keep "$WORK/idx"
+step index_cpu_decode "$PY" benchmarks/bench_index.py "${INDEX[@]}" --images "$WORK/idx/images" --decode cpu
 step query "$PY" benchmarks/bench_query.py "${QUERY[@]}"
 step train "$PY" benchmarks/bench_train.py "${TRAIN[@]}"
 ls -la "$OUT" >&2
+"$PY" benchmarks/summarize.py "$OUT" >&2
 exit $status

@@ -67,6 +67,7 @@ def cmd_index(args) -> int:
         source,
         batch_size=args.batch_size,
         workers=args.workers,
+        decode=args.decode,
         index_kind=args.index_type,
         index_storage=args.index_storage,
         progress=not args.quiet,
@@ -126,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1)")
+    p.add_argument(
+        "--decode",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where JPEGs are decoded: gpu (nvJPEG on the CUDA device), cpu (the worker processes); "
+        "auto: gpu when the model runs on CUDA and torchvision has nvJPEG",
+    )
     p.add_argument("--index-type", default="auto", help="auto | exact | flat | hnsw | ivf")
     p.add_argument(
         "--index-storage",

@@ -226,14 +226,19 @@ def test_monitored_pause_stops_the_process_group_and_is_taken_out_of_its_time(tm
 
 def test_gpu_suite_script_runs_its_steps_small_on_cpu(tmp_path):
     """The GPU rows are measured by one prepared script (a GPU is lent rarely and briefly): it must work
-    before a GPU is there. SCALE=small runs the same three steps tiny; DEVICE=cpu anywhere."""
+    before a GPU is there. SCALE=small runs the same steps tiny; DEVICE=cpu anywhere."""
     out = tmp_path / "gpu"
     env = {**os.environ, "SCALE": "small", "DEVICE": "cpu", "OUT": str(out), "PY": sys.executable}
     proc = subprocess.run(
         ["bash", str(BENCH / "gpu_suite.sh")], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    docs = {name: json.loads((out / f"{name}.json").read_text()) for name in ("index", "query", "train")}
-    assert docs["index"]["results"]["dataset"]["copies"] == 2
-    assert docs["index"]["results"]["index_run"]["images_indexed"] == 32  # 16 distinct JPEGs, linked twice
+    names = ("decode", "index_gpu_decode", "index_cpu_decode", "query", "train")
+    docs = {name: json.loads((out / f"{name}.json").read_text()) for name in names}
+    assert docs["index_gpu_decode"]["results"]["dataset"]["copies"] == 2
+    for name in ("index_gpu_decode", "index_cpu_decode"):  # 16 distinct JPEGs, linked twice, indexed twice
+        assert docs[name]["results"]["index_run"]["images_indexed"] == 32
+    assert docs["decode"]["results"]["device_decode"]["images_per_s"] > 0
+    # The closing summary (the device tool returns only the output's tail): a line per goal and decode figures.
+    assert "index_cpu_decode: index steady state" in proc.stderr and "device decode+geometry" in proc.stderr
     assert all(doc["config"]["device"] == "cpu" for doc in docs.values())

@@ -68,18 +68,30 @@ def load_image(
                 raise ImageDecodeError("empty file")
             source.seek(start)
         return _decode(source, max_pixels, draft_size)
+    with _open_regular(source) as fh:
+        return _decode(fh, max_pixels, draft_size)
+
+
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """A file's bytes, with load_image's refusals (not a regular file, empty, unreadable)."""
+    with _open_regular(path) as fh:
+        try:
+            return fh.read()
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
+
+
+def _open_regular(path: str | os.PathLike) -> BinaryIO:
     try:
         # stat before open: opening a FIFO or a device named "x.jpg" would block or never end.
-        st = os.stat(source)
+        st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
             raise ImageDecodeError("not a regular file")
         if st.st_size == 0:
             raise ImageDecodeError("empty file")
-        fh = open(source, "rb")  # closed by the with below, also when decoding fails
+        return open(path, "rb")  # the caller's with closes it, also when decoding fails
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
-    with fh:
-        return _decode(fh, max_pixels, draft_size)
 
 
 def _decode(fp: BinaryIO, max_pixels: int, draft_size: tuple[int, int] | None) -> Image.Image:

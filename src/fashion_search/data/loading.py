@@ -1,17 +1,27 @@
-"""Decode + preprocess image files in DataLoader workers and embed them in batches (reader -> encoder)."""
+"""Decode + preprocess image files in DataLoader workers and embed them in batches (reader -> encoder).
+
+Workers send uint8 pixels (see data.pixels: a quarter of the bytes of float32); the model normalises on
+its device. With `decode="gpu"` (the default on CUDA when torchvision has nvJPEG) workers only read the
+bytes of plain JPEGs and the main process decodes each batch on the GPU; other files are decoded by the
+workers as usual, so one batch can mix both.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fashion_search.data.images import load_image
-from fashion_search.errors import ImageDecodeError
+from fashion_search.data.images import DEFAULT_MAX_PIXELS, load_image, read_image_bytes
+from fashion_search.data.pixels import DeviceJpegDecoder, PixelPipeline, device_decodable, nvjpeg_available
+from fashion_search.errors import FashionSearchError, ImageDecodeError
+
+DECODE_MODES = ("auto", "cpu", "gpu")
 
 
 def default_workers() -> int:
@@ -20,29 +30,107 @@ def default_workers() -> int:
 
 
 class ImagePathsDataset(Dataset):
-    """Item i -> (i, pixels or None, failure reason or None); a bad file never stops the batch."""
+    """Item i -> (i, uint8 pixels | None, JPEG bytes for the device | None, failure reason | None).
 
-    def __init__(self, paths: Sequence[Path], transform, image_size: int):
+    A bad file never stops the batch: it comes back with its reason.
+    """
+
+    def __init__(self, paths: Sequence[Path], pipeline: PixelPipeline, image_size: int, device_jpegs: bool):
         # JPEG draft mode decodes at a reduced DCT scale, never below the model's input size.
-        self.paths, self.transform, self.draft = list(paths), transform, (image_size, image_size)
+        self.paths, self.pipeline, self.draft = list(paths), pipeline, (image_size, image_size)
+        self.device_jpegs = device_jpegs
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, self.transform(load_image(self.paths[i], draft_size=self.draft)), None
+            if self.device_jpegs:
+                data = read_image_bytes(self.paths[i])
+                if device_decodable(data, DEFAULT_MAX_PIXELS):
+                    return i, None, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
+                return i, self.pipeline.to_uint8(load_image(data, draft_size=self.draft)), None, None
+            return i, self.pipeline.to_uint8(load_image(self.paths[i], draft_size=self.draft)), None, None
         except ImageDecodeError as exc:
-            return i, None, str(exc)
+            return i, None, None, str(exc)
         except OSError as exc:  # permissions, a file deleted mid-run
-            return i, None, f"cannot read file ({exc.strerror or exc})"
+            return i, None, None, f"cannot read file ({exc.strerror or exc})"
 
 
-def collate_decoded(batch):
-    ok = [(i, t) for i, t, err in batch if err is None]
-    failed = [(i, err) for i, _, err in batch if err is not None]
-    pixels = torch.stack([t for _, t in ok]) if ok else None
-    return [i for i, _ in ok], pixels, failed
+class Batch(NamedTuple):
+    """One collated batch. The JPEGs for the device travel as one buffer (one pinned copy, not one per file)."""
+
+    indices: list[int]  # items whose pixels the workers decoded
+    pixels: torch.Tensor | None  # their (n, 3, S, S) uint8
+    jpeg_indices: list[int]  # items whose bytes the device decodes
+    jpeg_blob: torch.Tensor | None  # those files' bytes, back to back
+    jpeg_sizes: list[int]
+    failed: list[tuple[int, str]]
+
+
+def collate_decoded(batch) -> Batch:
+    ok = [(i, px) for i, px, _, _ in batch if px is not None]
+    jpegs = [(i, data) for i, _, data, _ in batch if data is not None]
+    return Batch(
+        indices=[i for i, _ in ok],
+        pixels=torch.stack([px for _, px in ok]) if ok else None,
+        jpeg_indices=[i for i, _ in jpegs],
+        jpeg_blob=torch.cat([data for _, data in jpegs]) if jpegs else None,
+        jpeg_sizes=[len(data) for _, data in jpegs],
+        failed=[(i, err) for i, _, _, err in batch if err is not None],
+    )
+
+
+def choose_decode(decode: str, device: torch.device, pipeline: PixelPipeline) -> bool:
+    """True to decode plain JPEGs on the device. 'gpu' that cannot be honoured is an error, 'auto' falls back."""
+    if decode not in DECODE_MODES:
+        raise FashionSearchError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode == "cpu":
+        return False
+    possible = pipeline.resize_and_crop() is not None and nvjpeg_available(device)
+    if decode == "gpu" and not possible:
+        raise FashionSearchError(
+            f"--decode gpu needs a CUDA device with torchvision's nvJPEG (model on {device}); use --decode cpu"
+        )
+    return possible
+
+
+class _BatchAssembler:
+    """Turns one collated batch into (indices, (n,3,S,S) uint8 on the device, failures)."""
+
+    def __init__(self, pipeline: PixelPipeline, device: torch.device, decoder: DeviceJpegDecoder | None):
+        self.pipeline, self.device, self.decoder = pipeline, device, decoder
+
+    def __call__(self, batch: Batch):
+        indices, failed, parts = list(batch.indices), list(batch.failed), []
+        if batch.pixels is not None:
+            parts.append(batch.pixels.to(self.device, non_blocking=True))
+        if batch.jpeg_indices:
+            jpegs = zip(batch.jpeg_indices, torch.split(batch.jpeg_blob, batch.jpeg_sizes))
+            done, decoded = self._decode_jpegs(list(jpegs), failed)
+            indices += done
+            if decoded is not None:
+                parts.append(decoded)
+        return indices, (torch.cat(parts) if parts else None), failed
+
+    def _decode_jpegs(self, jpegs, failed):
+        try:
+            return [i for i, _ in jpegs], self.decoder([data for _, data in jpegs])
+        except RuntimeError:
+            pass  # one file nvJPEG rejects fails the whole batch: redo them one by one, bad ones on the CPU
+        done, parts = [], []
+        for i, data in jpegs:
+            try:
+                parts.append(self.decoder([data]))
+            except RuntimeError:
+                try:
+                    image = load_image(data.numpy().tobytes())
+                    parts.append(self.pipeline.to_uint8(image)[None].to(self.device))
+                except ImageDecodeError as exc:
+                    failed.append((i, str(exc)))
+                    continue
+            done.append(i)
+        return done, (torch.cat(parts) if parts else None)
 
 
 def iter_embedded(
@@ -52,19 +140,26 @@ def iter_embedded(
     workers: int | None = None,
     progress: bool = True,
     desc: str = "embedding",
+    decode: str = "auto",
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
     """Yield (indices embedded, their (n, dim) embeddings, [(index, reason) failed]) batch by batch."""
     workers = default_workers() if workers is None else workers
+    pipeline = model.pixel_pipeline
+    device = model.device
+    on_device = choose_decode(decode, device, pipeline)
+    assemble = _BatchAssembler(pipeline, device, DeviceJpegDecoder(pipeline, device) if on_device else None)
     loader = DataLoader(
-        ImagePathsDataset(paths, model.image_transform(), model.backbone.image_size),
+        ImagePathsDataset(paths, pipeline, model.backbone.image_size, device_jpegs=on_device),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate_decoded,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        pin_memory=device.type == "cuda",
     )
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for indices, pixels, failed in loader:
+        for batch in loader:
+            indices, pixels, failed = assemble(batch)
             emb = model.encode_pixels(pixels) if pixels is not None else None
             bar.update(len(indices) + len(failed))
             yield indices, emb, failed

@@ -142,6 +142,7 @@ def build_index(
     *,
     batch_size: int = 32,
     workers: int | None = None,
+    decode: str = "auto",
     index_kind: str = "auto",
     index_storage: str | None = None,
     save_seconds: float | None = None,
@@ -149,6 +150,8 @@ def build_index(
 ) -> BuildReport:
     """Embed every image under `images_dir` into the index at `out_dir` (incrementally).
 
+    `decode` says where JPEGs are decoded: "cpu" (Pillow in the worker processes), "gpu" (nvJPEG on the
+    model's CUDA device; other formats still go to the workers), "auto" (gpu when possible).
     `index_kind` and `index_storage` (fp32 | fp16, faiss kinds only) shape a new index; for an existing
     one they must match it or be left at their defaults. save_seconds defaults to
     $FASHION_SEARCH_SAVE_SECONDS or 60 (the variable lets crash tests save often).
@@ -228,7 +231,7 @@ def build_index(
 
     last_save = time.monotonic()
     batches = iter_embedded(
-        model, [f.path for f in todo], batch_size=batch_size, workers=workers, progress=False
+        model, [f.path for f in todo], batch_size=batch_size, workers=workers, progress=False, decode=decode
     )
     with tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress) as bar:
         for indices, emb, failed in batches:

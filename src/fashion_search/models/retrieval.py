@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -9,6 +10,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torch import nn
 
+from fashion_search.data.pixels import PixelPipeline
 from fashion_search.models.backbone import ClipBackbone, autocast
 from fashion_search.models.fusion import Fusion
 
@@ -45,12 +47,27 @@ class RetrievalModel(nn.Module):
         """PIL image -> normalised tensor, exactly as the model was configured (no augmentation)."""
         return image_transform_v2(PreprocessCfg(**self.backbone.preprocess_cfg), is_train=False)
 
+    @functools.cached_property
+    def pixel_pipeline(self) -> PixelPipeline:
+        """image_transform() split into uint8 geometry (CPU) and normalisation (model's device)."""
+        pipeline = PixelPipeline.from_transform(self.image_transform())
+        if pipeline is None:
+            raise ValueError("the model's image transform does not end in ToTensor + Normalize")
+        return pipeline
+
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """A ready batch of preprocessed images -> (n, dim) float32 on the CPU."""
+        """A batch of preprocessed images -> (n, dim) float32 on the CPU.
+
+        `pixels` is either the transform's float output or its uint8 geometry (pixel_pipeline), which
+        is normalised here on the model's device.
+        """
         self.eval()
+        pixels = pixels.to(self.device, non_blocking=True)
+        if pixels.dtype == torch.uint8:
+            pixels = self.pixel_pipeline.normalise(pixels)
         with autocast(self.device):
-            feats = self.backbone.image_features(pixels.to(self.device, non_blocking=True))
+            feats = self.backbone.image_features(pixels)
         return feats.float().cpu()
 
     @torch.inference_mode()

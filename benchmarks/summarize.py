@@ -1,0 +1,51 @@
+"""One line per goal (and the decode diagnosis's main figures) from a folder of benchmark JSON documents.
+
+python benchmarks/summarize.py benchmarks/results/gpu-2026-11-27
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def lines(doc: dict, name: str) -> list[str]:
+    out = []
+    for goal in doc.get("goals", []):
+        out.append(
+            f"{name}: {goal.get('name')}: {goal.get('measured')} {goal.get('unit', '')} "
+            f"(ceiling {goal.get('ceiling')}, ratio {goal.get('ratio')}, goal {goal.get('goal')}, met {goal.get('met')})"
+        )
+    res = doc.get("results", {})
+    if doc.get("benchmark") == "diagnose_decode":
+        dev = res.get("device_decode", {})
+        out.append(
+            f"{name}: nvjpeg {res.get('nvjpeg')}, device decode+geometry {dev.get('images_per_s')} img/s "
+            f"(host cpu {dev.get('decode_and_geometry', {}).get('host_cpu_ms_p50')} ms per batch of {dev.get('batch')}), "
+            f"forward {res.get('forward', {}).get('images_per_s')} img/s, cpu {res.get('cpu')}"
+        )
+        out.append(f"{name}: agreement {res.get('agreement')}, progressive {res.get('progressive')}")
+    if "index_run" in res:
+        run = res["index_run"]
+        out.append(
+            f"{name}: {run.get('images_indexed')} images in {run.get('wall_s')} s = {run.get('images_per_s')} img/s, "
+            f"phases {run.get('phases')}, decode {res.get('decode_preprocess')}"
+        )
+    return out
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    for path in sorted(folder.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"{path.name}: unreadable ({exc})")
+            continue
+        for line in lines(doc, path.stem):
+            print(line)
+
+
+if __name__ == "__main__":
+    main()

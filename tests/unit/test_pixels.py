@@ -1,0 +1,175 @@
+"""The reader's pixel path: uint8 geometry in workers + normalisation on the device, and JPEG decoding on
+the device (exercised here with torchvision's CPU decoder: the same code as on CUDA but for the device)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fashion_search.data import loading
+from fashion_search.data.images import load_image
+from fashion_search.data.loading import (
+    ImagePathsDataset,
+    _BatchAssembler,
+    choose_decode,
+    collate_decoded,
+    embed_paths,
+)
+from fashion_search.data.pixels import DeviceJpegDecoder, device_decodable
+from fashion_search.errors import FashionSearchError, ImageDecodeError
+
+
+def photo(path, size=(300, 220), seed=0, **save):
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, size[0] * size[1] * 3).reshape(size[1], size[0], 3)
+    arr = (base + rng.normal(0, 25, base.shape)).clip(0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, "RGB").save(path, **save)
+    return path
+
+
+def test_uint8_reader_gives_the_transforms_exact_embeddings(micro_model, tmp_path):
+    paths = [photo(tmp_path / f"p{i}.jpg", seed=i) for i in range(5)]
+    size = micro_model.backbone.image_size
+    transform = micro_model.image_transform()
+    float_path = torch.stack([transform(load_image(p, draft_size=(size, size))) for p in paths])
+
+    ok, emb, failed = embed_paths(micro_model, paths, workers=0, progress=False, decode="cpu")
+
+    assert ok == list(range(5)) and not failed
+    assert torch.equal(emb, micro_model.encode_pixels(float_path))
+
+
+def test_only_plain_jpegs_are_sent_to_the_device(tmp_path):
+    limit = 10**9
+    assert device_decodable(photo(tmp_path / "a.jpg").read_bytes(), limit)
+    assert not device_decodable(photo(tmp_path / "b.jpg", progressive=True).read_bytes(), limit)
+    assert not device_decodable(photo(tmp_path / "c.png").read_bytes(), limit)
+    grey = Image.open(photo(tmp_path / "d.jpg")).convert("L")
+    grey.save(tmp_path / "d.jpg")
+    assert not device_decodable((tmp_path / "d.jpg").read_bytes(), limit)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: Pillow's path turns it upright, nvJPEG would not
+    photo(tmp_path / "e.jpg", exif=exif)
+    assert not device_decodable((tmp_path / "e.jpg").read_bytes(), limit)
+    whole = photo(tmp_path / "f.jpg").read_bytes()
+    assert not device_decodable(whole[: len(whole) // 2], limit)  # cut short
+    assert not device_decodable(whole, 1000)  # over the pixel limit
+    assert not device_decodable(photo(tmp_path / "g.jpg", size=(2000, 60)).read_bytes(), limit)  # too thin
+
+
+def read_mixed_batch(micro_model, paths, decoder=None):
+    pipeline = micro_model.pixel_pipeline
+    dataset = ImagePathsDataset(paths, pipeline, micro_model.backbone.image_size, device_jpegs=True)
+    batch = collate_decoded([dataset[i] for i in range(len(paths))])
+    assemble = _BatchAssembler(pipeline, torch.device("cpu"), decoder or DeviceJpegDecoder(pipeline, "cpu"))
+    return batch, assemble(batch)
+
+
+def test_a_mixed_batch_decodes_jpegs_on_the_device_and_the_rest_in_workers(micro_model, tmp_path):
+    paths = [
+        photo(tmp_path / "plain.jpg", seed=1),
+        photo(tmp_path / "progressive.jpg", seed=2, progressive=True),
+        photo(tmp_path / "lossless.png", seed=3),
+        photo(tmp_path / "plain2.jpg", size=(180, 260), seed=4),
+    ]
+    (tmp_path / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    paths.append(tmp_path / "broken.jpg")
+
+    batch, (indices, pixels, failed) = read_mixed_batch(micro_model, paths)
+
+    assert batch.jpeg_indices == [0, 3] and batch.indices == [1, 2]
+    assert sorted(indices) == [0, 1, 2, 3] and [i for i, _ in failed] == [4]
+    assert "not a recognised image format" in failed[0][1]
+    # Worker rows are exactly the CPU reader's (draft decode); device rows are Pillow's full decode to
+    # within a level (nvJPEG cannot decode at a reduced DCT scale).
+    pipeline, size = micro_model.pixel_pipeline, micro_model.backbone.image_size
+    for row, i in enumerate(indices):
+        if i in batch.indices:
+            assert torch.equal(pixels[row], pipeline.to_uint8(load_image(paths[i], draft_size=(size, size))))
+        else:
+            want = pipeline.to_uint8(load_image(paths[i]))
+            assert (pixels[row].int() - want.int()).abs().max() <= 2
+    emb = micro_model.encode_pixels(pixels)
+    ref = micro_model.encode_pixels(torch.stack([pipeline.to_uint8(load_image(paths[i])) for i in indices]))
+    assert (emb * ref).sum(1).min() > 0.999
+
+
+def cut_short_with_end_marker(path) -> bytes:
+    """A JPEG whose scan data is cut to a few bytes but which still ends in an EOI marker: the header
+    check passes, and Pillow (like libjpeg) decodes it with the missing rows filled in."""
+    data = path.read_bytes()
+    sos = data.index(b"\xff\xda")
+    path.write_bytes(data[: sos + 20] + b"\xff\xd9")
+    return path.read_bytes()
+
+
+def rejecting(decoder, bad: bytes, calls: list):
+    def decode(payloads):
+        calls.append(len(payloads))
+        if any(p.numpy().tobytes() == bad for p in payloads):
+            raise RuntimeError("nvjpeg: bad bitstream")  # what torchvision raises when nvJPEG refuses a file
+        return decoder(payloads)
+
+    return decode
+
+
+def test_a_jpeg_the_device_rejects_is_redone_alone_then_decoded_by_pillow(micro_model, tmp_path):
+    good = photo(tmp_path / "good.jpg", seed=5)
+    bad = cut_short_with_end_marker(photo(tmp_path / "bad.jpg", seed=6))
+    assert device_decodable(bad, 10**9)
+    calls = []
+    decoder = rejecting(DeviceJpegDecoder(micro_model.pixel_pipeline, "cpu"), bad, calls)
+
+    batch, (indices, pixels, failed) = read_mixed_batch(micro_model, [good, tmp_path / "bad.jpg"], decoder)
+
+    assert batch.jpeg_indices == [0, 1] and calls == [2, 1, 1]  # the batch, then each file alone
+    assert indices == [0, 1] and not failed
+    assert torch.equal(pixels[1], micro_model.pixel_pipeline.to_uint8(load_image(bad)))
+
+
+def test_a_jpeg_neither_decoder_reads_is_reported(micro_model, tmp_path, monkeypatch):
+    good = photo(tmp_path / "good.jpg", seed=5)
+    bad = cut_short_with_end_marker(photo(tmp_path / "bad.jpg", seed=6))
+    decoder = rejecting(DeviceJpegDecoder(micro_model.pixel_pipeline, "cpu"), bad, [])
+
+    def pillow_refuses(source, **kwargs):
+        raise ImageDecodeError("cannot decode image (broken data stream)")
+
+    monkeypatch.setattr(loading, "load_image", pillow_refuses)
+    batch, (indices, pixels, failed) = read_mixed_batch(micro_model, [good, tmp_path / "bad.jpg"], decoder)
+
+    assert indices == [0] and pixels.shape[0] == 1
+    assert failed == [(1, "cannot decode image (broken data stream)")]
+
+
+def test_decode_gpu_is_refused_without_cuda(micro_model):
+    assert choose_decode("auto", torch.device("cpu"), micro_model.pixel_pipeline) is False
+    with pytest.raises(FashionSearchError, match="--decode gpu needs a CUDA device"):
+        choose_decode("gpu", torch.device("cpu"), micro_model.pixel_pipeline)
+
+
+def test_cli_decode_gpu_without_cuda_exits_2_with_one_line(tmp_path):
+    photo(tmp_path / "cat" / "a.jpg")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fashion_search.cli",
+            "index",
+            str(tmp_path / "cat"),
+            "--out",
+            str(tmp_path / "i"),
+        ]
+        + ["--model", "fs-micro", "--pretrained", "none", "--device", "cpu", "--decode", "gpu", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--decode gpu needs a CUDA device" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "i").exists()
