@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from fashion_search.data.images import load_image
 from fashion_search.data.loading import (
     ImagePathsDataset,
     _BatchAssembler,
+    ahead_in_thread,
     choose_decode,
     collate_decoded,
     embed_paths,
@@ -48,7 +50,7 @@ def test_uint8_reader_gives_the_transforms_exact_embeddings(micro_model, tmp_pat
 def test_only_plain_jpegs_are_sent_to_the_device(tmp_path):
     limit = 10**9
     assert device_decodable(photo(tmp_path / "a.jpg").read_bytes(), limit)
-    assert not device_decodable(photo(tmp_path / "b.jpg", progressive=True).read_bytes(), limit)
+    assert device_decodable(photo(tmp_path / "b.jpg", progressive=True).read_bytes(), limit)
     assert not device_decodable(photo(tmp_path / "c.png").read_bytes(), limit)
     grey = Image.open(photo(tmp_path / "d.jpg")).convert("L")
     grey.save(tmp_path / "d.jpg")
@@ -77,14 +79,16 @@ def test_a_mixed_batch_decodes_jpegs_on_the_device_and_the_rest_in_workers(micro
         photo(tmp_path / "progressive.jpg", seed=2, progressive=True),
         photo(tmp_path / "lossless.png", seed=3),
         photo(tmp_path / "plain2.jpg", size=(180, 260), seed=4),
+        photo(tmp_path / "grey.jpg", seed=7),
     ]
+    Image.open(paths[4]).convert("L").save(paths[4])
     (tmp_path / "broken.jpg").write_bytes(b"<html>not an image</html>")
     paths.append(tmp_path / "broken.jpg")
 
     batch, (indices, pixels, failed) = read_mixed_batch(micro_model, paths)
 
-    assert batch.jpeg_indices == [0, 3] and batch.indices == [1, 2]
-    assert sorted(indices) == [0, 1, 2, 3] and [i for i, _ in failed] == [4]
+    assert batch.jpeg_indices == [0, 1, 3] and batch.indices == [2, 4]
+    assert sorted(indices) == [0, 1, 2, 3, 4] and [i for i, _ in failed] == [5]
     assert "not a recognised image format" in failed[0][1]
     # Worker rows are exactly the CPU reader's (draft decode); device rows are Pillow's full decode to
     # within a level (nvJPEG cannot decode at a reduced DCT scale).
@@ -173,3 +177,30 @@ def test_cli_decode_gpu_without_cuda_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "--decode gpu needs a CUDA device" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "i").exists()
+
+
+def test_ahead_in_thread_keeps_order_reraises_and_stops_when_left():
+    assert list(ahead_in_thread(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("bad batch")
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for item in ahead_in_thread(failing(), depth=2):
+            got.append(item)
+    assert got == [1]
+
+    produced = []
+
+    def endless():
+        for i in range(10**6):
+            produced.append(i)
+            yield i
+
+    for item in ahead_in_thread(endless(), depth=2):
+        if item == 3:
+            break
+    time.sleep(0.3)
+    assert len(produced) <= 3 + 2 + 2  # the consumer's 4, the queue's 2, one in the thread's hand

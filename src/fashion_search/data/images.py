@@ -162,12 +162,18 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
     """Yield image files under `root` recursively, sorted, following symlinks without looping."""
-    root = Path(root)
+    for entry in iter_image_entries(root):
+        yield Path(entry.path)
+
+
+def iter_image_entries(root: str | os.PathLike) -> Iterator[os.DirEntry]:
+    """iter_image_files as os.DirEntry objects: a catalog scan of 50,000 files spends most of its time
+    building Path objects, which `scan_catalog` does not need (entry.path is a str under `root`)."""
     seen_dirs: set[tuple[int, int]] = set()
 
-    def walk(directory: Path) -> Iterator[Path]:
+    def walk(directory: str) -> Iterator[os.DirEntry]:
         try:
-            st = directory.stat()
+            st = os.stat(directory)
         except OSError:
             return
         key = (st.st_dev, st.st_ino)
@@ -175,20 +181,20 @@ def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
             return
         seen_dirs.add(key)
         try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
         except OSError:
             return
         for entry in entries:
-            path = Path(entry.path)
             try:
                 if entry.is_dir(follow_symlinks=True):
-                    yield from walk(path)
+                    yield from walk(entry.path)
                 elif entry.is_file(follow_symlinks=True) and is_image_file(entry.name):
-                    yield path
+                    yield entry
             except OSError:
                 continue
 
-    yield from walk(root)
+    yield from walk(os.fspath(root))
 
 
 def relative_id(path: Path, root: Path) -> str:

@@ -9,6 +9,8 @@ workers as usual, so one batch can mix both.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -133,6 +135,52 @@ class _BatchAssembler:
         return done, (torch.cat(parts) if parts else None)
 
 
+class _Raised(NamedTuple):
+    error: BaseException
+
+
+_END = object()
+
+
+def ahead_in_thread(items: Iterator, depth: int) -> Iterator:
+    """Yield what `items` yields, produced by a thread up to `depth` items ahead; its errors re-raised
+    here. Leaving early stops the thread at its next item."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            put(_Raised(exc))
+
+    thread = threading.Thread(target=produce, name="batch-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5.0)
+
+
 def iter_embedded(
     model,
     paths: Sequence[Path],
@@ -157,9 +205,14 @@ def iter_embedded(
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=device.type == "cuda",
     )
+    batches = (assemble(batch) for batch in loader)
+    if device.type == "cuda":
+        # Decode on the device, copies and the forward are all queued on one CUDA stream, so their
+        # order holds; issuing the next batch's from a thread keeps the GPU busy while this one's
+        # forward runs (without it the host serialises decode -> resize -> forward).
+        batches = ahead_in_thread(batches, depth=2)
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for batch in loader:
-            indices, pixels, failed = assemble(batch)
+        for indices, pixels, failed in batches:
             emb = model.encode_pixels(pixels) if pixels is not None else None
             bar.update(len(indices) + len(failed))
             yield indices, emb, failed

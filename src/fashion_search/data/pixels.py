@@ -8,9 +8,9 @@ a quarter of the traffic on a GPU.
 
 The same split lets JPEGs skip the CPU altogether on CUDA: `DeviceJpegDecoder` decodes a batch with
 nvJPEG (torchvision.io.decode_jpeg on the GPU) and applies the same geometry there. Only files that
-decode to the same picture as Pillow's path are sent that way (`device_decodable`): baseline 3-channel
-JPEGs without an EXIF rotation, within the pixel and aspect limits. Everything else -- PNG, WebP,
-progressive, CMYK, grey, rotated, truncated-looking files -- takes the CPU path in the workers.
+decode to the same picture as Pillow's path are sent that way (`device_decodable`): 3-channel JPEGs
+(baseline or progressive) without an EXIF rotation, within the pixel and aspect limits. Everything
+else -- PNG, WebP, CMYK, grey, rotated, cut-short files -- takes the CPU path in the workers.
 """
 
 from __future__ import annotations
@@ -87,9 +87,7 @@ def device_decodable(data: bytes, max_pixels: int) -> bool:
                 w, h = img.size
                 return (
                     img.format == "JPEG"  # not MPO (multi-picture) or another subtype
-                    and img.mode == "RGB"
-                    and not img.info.get("progressive")
-                    and not img.info.get("progression")
+                    and img.mode == "RGB"  # 3-channel YCbCr; grey and CMYK take the CPU path
                     and w * h <= max_pixels
                     and max(w, h) <= MAX_ASPECT * min(w, h)
                     and img.getexif().get(_EXIF_ORIENTATION, 1) == 1
@@ -99,25 +97,48 @@ def device_decodable(data: bytes, max_pixels: int) -> bool:
 
 
 class DeviceJpegDecoder:
-    """A batch of JPEG files' bytes -> (n, 3, S, S) uint8 on `device`, geometry as the PixelPipeline's."""
+    """A batch of JPEG files' bytes -> (n, 3, S, S) uint8 on `device`, geometry as the PixelPipeline's.
+
+    The geometry is torchvision's Resize(shortest side, antialias) + CenterCrop written out on float
+    tensors (its arithmetic: resize, crop, clamp, round), so that images of one size -- most of a shop's
+    catalog -- are resized together: a handful of kernel launches per size instead of per image.
+    """
 
     def __init__(self, pipeline: PixelPipeline, device: torch.device | str):
         shape = pipeline.resize_and_crop()
         if shape is None:
             raise ValueError("the model's preprocessing is not resize + centre crop; decode on the CPU")
-        self.size, self.interpolation = shape
+        self.size, interpolation = shape
+        self.mode = {T.InterpolationMode.BICUBIC: "bicubic", T.InterpolationMode.BILINEAR: "bilinear"}.get(
+            interpolation
+        )
+        if self.mode is None:
+            raise ValueError(f"unsupported interpolation {interpolation} for decoding on the device")
         self.device = torch.device(device)
 
     def __call__(self, payloads: Sequence[torch.Tensor]) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as F
-
         decoded = decode_jpegs(list(payloads), self.device)
         out = torch.empty((len(decoded), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
         for j, img in enumerate(decoded):
-            # Same size rule and filter as torchvision's Resize on a PIL image (shortest side -> size).
-            img = F.resize(img, [self.size], interpolation=self.interpolation, antialias=True)
-            out[j] = F.center_crop(img, [self.size, self.size])
+            by_shape.setdefault(tuple(img.shape), []).append(j)
+        for (_, h, w), rows in by_shape.items():
+            group = torch.stack([decoded[j] for j in rows]) if len(rows) > 1 else decoded[rows[0]][None]
+            out[rows] = self._resize_and_crop(group, h, w)
         return out
+
+    def _resize_and_crop(self, images: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        s = self.size
+        # torchvision's shortest-side rule: the long side is truncated, not rounded.
+        new_h, new_w = (int(s * h / w), s) if w <= h else (s, int(s * w / h))
+        x = images.to(torch.float32)
+        if (new_h, new_w) != (h, w):
+            x = torch.nn.functional.interpolate(
+                x, size=[new_h, new_w], mode=self.mode, align_corners=False, antialias=True
+            )
+        top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
+        x = x[:, :, top : top + s, left : left + s]
+        return x.clamp(0, 255).round_().to(torch.uint8)
 
 
 def decode_jpegs(payloads, device: torch.device | str):

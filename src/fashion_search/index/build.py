@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fashion_search.atomic import atomic_write_json
-from fashion_search.data.images import iter_image_files, relative_id
+from fashion_search.data.images import iter_image_entries
 from fashion_search.data.loading import iter_embedded
 from fashion_search.errors import FashionSearchError, IndexMismatchError
 from fashion_search.index.base import choose_index_kind, create_index
@@ -31,7 +31,7 @@ IDENTITY_KEYS = ("model", "pretrained", "fusion", "checkpoint_sha256", "dim")
 @dataclass
 class CatalogFile:
     id: str
-    path: Path
+    path: str
     signature: list[int]  # [size, mtime_ns]: a cheap "changed?" test that needs no read
 
 
@@ -58,12 +58,14 @@ class BuildReport:
 
 def scan_catalog(root: Path) -> list[CatalogFile]:
     files = []
-    for path in iter_image_files(root):
+    prefix = len(os.fspath(root).rstrip(os.sep)) + 1
+    for entry in iter_image_entries(root):
         try:
-            st = path.stat()
+            st = entry.stat(follow_symlinks=True)
         except OSError:
             continue
-        files.append(CatalogFile(relative_id(path, root), path, [st.st_size, st.st_mtime_ns]))
+        item_id = entry.path[prefix:].replace(os.sep, "/")  # relative_id without building Path objects
+        files.append(CatalogFile(item_id, entry.path, [st.st_size, st.st_mtime_ns]))
     return files
 
 
