@@ -135,18 +135,15 @@ def phase_goal(name: str, phase: dict, factor: float, note: str) -> dict:
     )
 
 
-def decode_cost(model, images: list[bytes]) -> dict:
-    """ms to decode + preprocess one query upload (the engine's path), outside any forward."""
-    import io
-
-    from fashion_search.data.images import load_image
-
-    transform = model.image_transform()
+def decode_cost(engine, images: list[bytes]) -> dict:
+    """ms to decode + preprocess one query upload (the engine's own path), outside any forward."""
     uploads = itertools.cycle(images)
-    samples = common.time_calls(
-        lambda: transform(load_image(io.BytesIO(next(uploads)))), len(images), warmup=1
-    )
-    return common.latency_ms(samples)
+
+    def decode():
+        engine.query_pixels(next(uploads))
+        common.sync_device(engine.model.device)
+
+    return common.latency_ms(common.time_calls(decode, len(images), warmup=1))
 
 
 def engine_queries(engine, images: list[bytes], texts: list[str], k: int, warmup: int, ceil: Ceiling) -> dict:
@@ -266,7 +263,7 @@ def main() -> None:
         common.log("ceiling: batch-1 image and text forwards, index search")
         ceil = Ceiling(model, texts[0], engine.index, args.k, args.seed)
         standalone = ceil.standalone(args.ceiling_repeat, args.search_repeat)
-        decode = decode_cost(model, images[: min(10, len(images))])
+        decode = decode_cost(engine, images[: min(10, len(images))])
 
         common.log(f"{args.queries} composed queries through the engine")
         composed = engine_queries(engine, engine_imgs, engine_txts, args.k, warmup, ceil)

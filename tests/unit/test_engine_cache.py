@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+from PIL import Image
+
 import fashion_search
 from conftest import write_image
 from fashion_search.index.build import build_index, index_source
@@ -14,7 +17,7 @@ def test_reweighting_and_k_reuse_cached_embeddings(tmp_path, monkeypatch):
     build_index(tmp_path / "cat", tmp_path / "idx", model, index_source(model), workers=0, progress=False)
     engine = fashion_search.load_engine(tmp_path / "idx")
     calls = {"images": 0, "texts": 0}
-    real_images, real_texts = engine.model.encode_images, engine.model.encode_texts
+    real_images, real_texts = engine.model.encode_pixels, engine.model.encode_texts
 
     def count_images(*a, **kw):
         calls["images"] += 1
@@ -24,7 +27,7 @@ def test_reweighting_and_k_reuse_cached_embeddings(tmp_path, monkeypatch):
         calls["texts"] += 1
         return real_texts(*a, **kw)
 
-    monkeypatch.setattr(engine.model, "encode_images", count_images)
+    monkeypatch.setattr(engine.model, "encode_pixels", count_images)
     monkeypatch.setattr(engine.model, "encode_texts", count_texts)
     query = (tmp_path / "cat" / "2.jpg").read_bytes()
     first = engine.search(image=query, text="is darker", text_weight=0.5, k=3)
@@ -36,3 +39,21 @@ def test_reweighting_and_k_reuse_cached_embeddings(tmp_path, monkeypatch):
     assert [r.id for r in again] == [r.id for r in first] and calls["images"] == 1
     engine.search(image=query, text="is lighter", k=3)
     assert calls == {"images": 1, "texts": 2}
+
+
+def test_a_catalog_photo_as_query_gets_its_own_vector_back(tmp_path):
+    """Queries are decoded like catalog files (JPEG draft mode): a large catalog photo used as the query
+    scores 1.0 against itself, not ~0.999 as with a full-resolution decode."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "cat").mkdir()
+    for n in range(3):
+        arr = np.linspace(0, 255, 400 * 300 * 3).reshape(300, 400, 3) + rng.normal(0, 30, (300, 400, 3))
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(tmp_path / "cat" / f"{n}.jpg")
+    model = fashion_search.create_model("fs-micro", pretrained="none")
+    build_index(tmp_path / "cat", tmp_path / "idx", model, index_source(model), workers=0, progress=False)
+    engine = fashion_search.load_engine(tmp_path / "idx")
+    stored = dict(zip(engine.index.ids(), engine.index.vectors()))["1.jpg"]
+    photo = (tmp_path / "cat" / "1.jpg").read_bytes()
+
+    assert np.allclose(engine.image_embedding(photo)[0].numpy(), stored, atol=1e-6)
+    assert engine.search(image=photo, k=1)[0].id == "1.jpg"

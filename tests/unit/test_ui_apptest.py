@@ -66,9 +66,9 @@ def test_mode_specific_hints(app):
 
 def test_slider_reruns_search_without_re_encoding(app, monkeypatch):
     encoded = []
-    original = RetrievalModel.encode_images
+    original = RetrievalModel.encode_pixels
     monkeypatch.setattr(
-        RetrievalModel, "encode_images", lambda self, imgs: encoded.append(len(imgs)) or original(self, imgs)
+        RetrievalModel, "encode_pixels", lambda self, px: encoded.append(len(px)) or original(self, px)
     )
     buf = io.BytesIO()
     garment_image((13, 57, 91), period=5).save(buf, format="PNG")  # never seen before: one encode

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -17,6 +18,8 @@ import torch
 from PIL import Image
 
 from fashion_search.data.images import DEFAULT_MAX_PIXELS, load_image
+from fashion_search.data.loading import choose_decode
+from fashion_search.data.pixels import DeviceJpegDecoder, device_decodable
 from fashion_search.errors import FashionSearchError
 from fashion_search.index.build import check_identity
 from fashion_search.index.store import CURRENT, load_index_dir, read_manifest
@@ -267,14 +270,34 @@ class SearchEngine:
         if cached is not None:
             return cached
         with _stage(timings, "decode"):
-            pil = (
-                image
-                if isinstance(image, Image.Image)
-                else load_image(io.BytesIO(raw), max_pixels=max_pixels)
-            )
-        emb = self._encode(self.model.encode_images, [pil], "image", timings)
+            if isinstance(image, Image.Image):
+                pixels = self.model.pixel_pipeline.to_uint8(image)[None]
+            else:
+                pixels = self.query_pixels(raw, max_pixels)
+        emb = self._encode(self.model.encode_pixels, pixels, "image", timings)
         self._image_cache.put(key, emb)
         return emb
+
+    def query_pixels(self, raw: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """(1, 3, S, S) uint8 pixels of an uploaded image, decoded the way the indexer decodes catalog
+        files (Pillow in JPEG draft mode; nvJPEG when the model runs on CUDA): a query photo that is also
+        in the catalog gets that item's own vector back, and a large upload decodes several times
+        faster than at full resolution."""
+        if self._device_decoder is not None and device_decodable(raw, max_pixels):
+            try:
+                return self._device_decoder([torch.frombuffer(bytearray(raw), dtype=torch.uint8)])
+            except RuntimeError:
+                pass  # nvJPEG refused it: Pillow decides (and explains a bad file)
+        size = self.model.backbone.image_size
+        image = load_image(io.BytesIO(raw), max_pixels=max_pixels, draft_size=(size, size))
+        return self.model.pixel_pipeline.to_uint8(image)[None]
+
+    @functools.cached_property
+    def _device_decoder(self) -> DeviceJpegDecoder | None:
+        pipeline = self.model.pixel_pipeline
+        if choose_decode("auto", self.model.device, pipeline):
+            return DeviceJpegDecoder(pipeline, self.model.device)
+        return None
 
     def _encode(self, encoder, batch: list, stage: str, timings: dict[str, float] | None) -> torch.Tensor:
         asked = time.perf_counter()
