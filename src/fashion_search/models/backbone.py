@@ -10,12 +10,12 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fashion_search.errors import FashionSearchError, PretrainedUnavailableError
+from fashion_search.models.openclip_import import enable_transformers, needs_transformers, open_clip
 
 # The project's own compact architectures (CPU training, the demo and tests) are plain OpenCLIP
 # model configs: data, not code branches.
@@ -201,6 +201,8 @@ def create_backbone(
         raise FashionSearchError(
             f"unknown model {model!r}: use an OpenCLIP architecture (e.g. ViT-B-32) or a compact one ({compact})"
         )
+    if model.startswith(("hf-hub:", "local-dir:")) or needs_transformers(model):
+        enable_transformers()  # its config is not known here, or it names a Hugging Face text tower
     weights, preprocess_overrides = _resolve_pretrained(model, pretrained, cache_dir)
     # open_clip logs a root-level warning for random init, which is what `none` asks for.
     quiet = contextlib.nullcontext() if weights else _logging_disabled(logging.WARNING)

@@ -6,13 +6,13 @@ import functools
 from collections.abc import Sequence
 
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torch import nn
 
 from fashion_search.data.pixels import PixelPipeline
 from fashion_search.models.backbone import ClipBackbone, autocast
 from fashion_search.models.fusion import Fusion
+from fashion_search.models.openclip_import import open_clip
 
 
 class RetrievalModel(nn.Module):
@@ -45,7 +45,9 @@ class RetrievalModel(nn.Module):
 
     def image_transform(self):
         """PIL image -> normalised tensor, exactly as the model was configured (no augmentation)."""
-        return image_transform_v2(PreprocessCfg(**self.backbone.preprocess_cfg), is_train=False)
+        return open_clip.transform.image_transform_v2(
+            open_clip.transform.PreprocessCfg(**self.backbone.preprocess_cfg), is_train=False
+        )
 
     @functools.cached_property
     def pixel_pipeline(self) -> PixelPipeline:
