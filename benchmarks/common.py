@@ -498,7 +498,7 @@ def make_jpeg_folder(
     if procs > 1:
         import multiprocessing
 
-        with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        with multiprocessing.get_context("fork").Pool(procs) as pool:
             sizes = pool.map(_write_jpeg, jobs, chunksize=8)
     else:
         sizes = [_write_jpeg(job) for job in jobs]

@@ -3,12 +3,17 @@
 forward  images/s of the model's forward on random tensors, on real preprocessed images, and through
          the indexer's own reader (`iter_embedded`) with 1 decode worker and with decoding inline:
          how much of the gap to the ceiling is the reader itself.
+startup  what a fresh `fashion-search index` process spends before its first batch, step by step in a
+         fresh interpreter: imports (torch, open_clip, the CLI's modules), model creation, moving it to
+         the device and its first forward, the nvJPEG probe, the catalog scan; plus the ten slowest
+         imports by `python -X importtime`
 rss      `build_index` over the images with RSS and Python-traced memory (tracemalloc) sampled every
          --every seconds: whether memory grows with the run, and whether that growth is Python's.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -22,7 +27,8 @@ import common
 
 def parse_args():
     p = common.base_parser(__doc__)
-    p.add_argument("mode", choices=("forward", "rss"))
+    p.add_argument("mode", choices=("forward", "rss", "startup"))
+    p.add_argument("--device", default=None, help="startup: the device to build the model on")
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--images", default=None, help="a folder of images (default: --n generated JPEGs)")
     p.add_argument("--n", type=int, default=384)
@@ -118,6 +124,60 @@ def rss_trace(model, images: Path, work: Path, args) -> dict:
     }
 
 
+STARTUP_STEPS = r"""
+import json, sys, time
+t0 = time.perf_counter(); steps = {}
+def mark(name):
+    global t0
+    now = time.perf_counter(); steps[name] = round(now - t0, 3); t0 = now
+import torch; mark("import_torch")
+import open_clip; mark("import_open_clip")
+import fashion_search.cli, fashion_search.index.build, fashion_search.service.engine; mark("import_fashion_search")
+from fashion_search.models.checkpoint import create_model
+model = create_model(sys.argv[1], "none", device="cpu"); mark("create_model_cpu")
+device = torch.device(sys.argv[2] or ("cuda" if torch.cuda.is_available() else "cpu"))
+model = model.to(device); mark("model_to_device")
+size = model.backbone.image_size
+model.encode_pixels(torch.zeros(8, 3, size, size, dtype=torch.uint8)); mark("first_forward")
+from fashion_search.data.pixels import nvjpeg_available
+nvjpeg_available(device); mark("nvjpeg_probe")
+from fashion_search.index.build import scan_catalog
+from pathlib import Path
+files = scan_catalog(Path(sys.argv[3]).resolve()); mark("scan_catalog")
+print(json.dumps({"steps_s": steps, "catalog_files": len(files)}))
+"""
+
+
+def startup(images: Path, args) -> dict:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", STARTUP_STEPS, args.model, args.device or "", str(images)]
+    steps = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    imports = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-c",
+            "import fashion_search.cli, open_clip, fashion_search.index.build",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
+    rows = []
+    for line in imports.splitlines():  # "import time: self [us] | cumulative | imported package"
+        parts = line.split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            rows.append((int(parts[1]), parts[2].rstrip()))
+    slowest = sorted(rows, reverse=True)[:10]
+    return {
+        **steps,
+        "slowest_imports_cumulative_s": [[name.strip(), round(us / 1e6, 3)] for us, name in slowest],
+    }
+
+
 def main() -> None:
     args = parse_args()
     load0 = os.getloadavg()
@@ -131,12 +191,14 @@ def main() -> None:
         if not args.images:
             common.log(f"writing {args.n} JPEGs to {images}")
             common.make_jpeg_folder(images, args.n, args.seed)
-        model = create_model(args.model, "none")
-        if args.mode == "forward":
+        if args.mode == "startup":
+            results = startup(images, args)
+        elif args.mode == "forward":
+            model = create_model(args.model, "none")
             results = forward(model, sorted(iter_image_files(images)), args)
             results["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
         else:
-            results = rss_trace(model, images, work, args)
+            results = rss_trace(create_model(args.model, "none"), images, work, args)
         common.emit(f"diagnose_index_{args.mode}", args, load0, {"results": results, "goals": []})
     finally:
         if not args.keep:

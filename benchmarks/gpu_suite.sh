@@ -10,6 +10,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
 #   PYTHONPATH=/tmp/site:$PWD/src bash benchmarks/gpu_suite.sh
 # SCALE=small runs the same steps tiny (a check of the script itself, on any machine; DEVICE=cpu).
+# SKIP_CPU_DECODE=1, SKIP_LARGE=1, SKIP_TRAIN=1 leave those steps out (a short rerun).
 set -uo pipefail
 
 PY=${PY:-python3}
@@ -25,6 +26,7 @@ if [ "${SCALE:-full}" = small ]; then
     INDEX=(--model fs-micro --batch-size 8 --workers 2 --ceiling-batches 2 --ceiling-every 0.5)
     IMAGES=(--n 16 --copies 2 --min-px 48 --max-px 96)
     ON_DEVICE=auto  # no GPU: auto decodes on the CPU
+    LARGE_COPIES=4
     QUERY=(--model fs-micro --items 500 --queries 3 --reweight-queries 12 --ceiling-repeat 3 --search-repeat 10
            --min-px 48 --max-px 96)
     TRAIN=(--model fs-micro --batch-size 8 --steps 2 --warmup 1 --synth 60 --synth-size 48 --workers 1)
@@ -35,6 +37,7 @@ else
     INDEX=(--batch-size 256 --workers 12 --ceiling-batches 10 --ceiling-every 5)
     IMAGES=(--n 2000 --copies 25)
     ON_DEVICE=gpu
+    LARGE_COPIES=100  # 200,000 files
     QUERY=(--items 100000 --queries 30)
     TRAIN=(--batch-size 256 --steps 10 --warmup 3 --synth 800 --workers 8)
 fi
@@ -52,11 +55,16 @@ step() {  # name, then the command; its stderr goes to $OUT/name.log
     fi
 }
 step decode "$PY" benchmarks/diagnose_decode.py "${DECODE[@]}"
-# The same 50,000 files indexed twice: JPEGs decoded on the GPU (nvJPEG), then by the CPU workers.
+# The same files indexed twice: JPEGs decoded on the GPU (nvJPEG), then by the CPU workers; then four
+# times as many links to them, on the GPU, where start-up weighs less.
 step index_gpu_decode "$PY" benchmarks/bench_index.py "${INDEX[@]}" "${IMAGES[@]}" --decode "$ON_DEVICE" --keep "$WORK/idx"
-step index_cpu_decode "$PY" benchmarks/bench_index.py "${INDEX[@]}" --images "$WORK/idx/images" --decode cpu
+[ "${SKIP_CPU_DECODE:-0}" = 1 ] ||
+    step index_cpu_decode "$PY" benchmarks/bench_index.py "${INDEX[@]}" --images "$WORK/idx/images" --decode cpu
+step startup "$PY" benchmarks/diagnose_index.py startup --images "$WORK/idx/images"
+[ "${SKIP_LARGE:-0}" = 1 ] ||
+    step index_gpu_decode_x4 "$PY" benchmarks/bench_index.py "${INDEX[@]}" "${IMAGES[@]}" --copies "$LARGE_COPIES" --decode "$ON_DEVICE"
 step query "$PY" benchmarks/bench_query.py "${QUERY[@]}"
-step train "$PY" benchmarks/bench_train.py "${TRAIN[@]}"
+[ "${SKIP_TRAIN:-0}" = 1 ] || step train "$PY" benchmarks/bench_train.py "${TRAIN[@]}"
 ls -la "$OUT" >&2
 "$PY" benchmarks/summarize.py "$OUT" >&2
 exit $status

@@ -26,6 +26,15 @@ def lines(doc: dict, name: str) -> list[str]:
             f"forward {res.get('forward', {}).get('images_per_s')} img/s, cpu {res.get('cpu')}"
         )
         out.append(f"{name}: agreement {res.get('agreement')}, progressive {res.get('progressive')}")
+    if doc.get("benchmark") == "diagnose_index_startup":
+        out.append(f"{name}: {res.get('steps_s')} ({res.get('catalog_files')} files)")
+        out.append(f"{name}: slowest imports {res.get('slowest_imports_cumulative_s', [])[:6]}")
+    if "engine_composed" in res:
+        out.append(
+            f"{name}: ceiling {res.get('ceiling', {}).get('p50_ms')} ms, decode {res.get('query_decode_preprocess_ms', {}).get('p50')} ms, "
+            f"engine stages {res['engine_composed'].get('stages_ms')}, "
+            f"server stages {res.get('http', {}).get('server_stages_ms')}"
+        )
     if "index_run" in res:
         run = res["index_run"]
         out.append(

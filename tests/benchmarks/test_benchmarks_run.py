@@ -233,12 +233,25 @@ def test_gpu_suite_script_runs_its_steps_small_on_cpu(tmp_path):
         ["bash", str(BENCH / "gpu_suite.sh")], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = ("decode", "index_gpu_decode", "index_cpu_decode", "query", "train")
+    names = (
+        "decode",
+        "index_gpu_decode",
+        "index_cpu_decode",
+        "startup",
+        "index_gpu_decode_x4",
+        "query",
+        "train",
+    )
     docs = {name: json.loads((out / f"{name}.json").read_text()) for name in names}
     assert docs["index_gpu_decode"]["results"]["dataset"]["copies"] == 2
     for name in ("index_gpu_decode", "index_cpu_decode"):  # 16 distinct JPEGs, linked twice, indexed twice
         assert docs[name]["results"]["index_run"]["images_indexed"] == 32
     assert docs["decode"]["results"]["device_decode"]["images_per_s"] > 0
+    assert docs["index_gpu_decode_x4"]["results"]["index_run"]["images_indexed"] == 64  # 16 x 4 links
+    assert (
+        docs["startup"]["results"]["catalog_files"] == 32
+        and "import_torch" in docs["startup"]["results"]["steps_s"]
+    )
     # The closing summary (the device tool returns only the output's tail): a line per goal and decode figures.
     assert "index_cpu_decode: index steady state" in proc.stderr and "device decode+geometry" in proc.stderr
     assert all(doc["config"]["device"] == "cpu" for doc in docs.values())
