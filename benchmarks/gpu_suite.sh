@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/BENCHMARKS.md in one go: decode diagnosis, indexing (JPEGs decoded on the GPU, then
 # on the CPU), query latency and training throughput on CUDA.
-# An estimated 6-8 minutes on one H100 (not yet run on a GPU); each step writes one JSON document into $OUT (default
+# ~8 minutes on one H200 (session 4: see benchmarks/README.md); each step writes one JSON document into $OUT (default
 # benchmarks/results/gpu-DATE) and a failing step does not stop the next.
 #
 # On a machine with this project installed:   OUT=somewhere bash benchmarks/gpu_suite.sh
