@@ -73,6 +73,8 @@ def cmd_index(args) -> int:
         progress=not args.quiet,
     )
     print(report.summary())
+    for line in report.warnings():
+        print(line, file=sys.stderr)
     return 0
 
 

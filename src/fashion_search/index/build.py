@@ -21,6 +21,7 @@ from fashion_search.data.images import iter_image_entries
 from fashion_search.data.loading import iter_embedded
 from fashion_search.errors import FashionSearchError, IndexMismatchError
 from fashion_search.index.base import choose_index_kind, create_index
+from fashion_search.index.selfcheck import recall_warning, sampled_recall
 from fashion_search.index.store import index_exists, load_index_dir, save_index_dir
 from fashion_search.models.retrieval import RetrievalModel
 
@@ -45,14 +46,24 @@ class BuildReport:
     seconds: float = 0.0
     index_kind: str = ""
     converted_from: str | None = None  # the kind an automatically chosen index outgrew this run
+    ann_recall: dict | None = None  # index.selfcheck.sampled_recall, measured when the index changed
+
+    def warnings(self) -> list[str]:
+        line = recall_warning(self.ann_recall, self.index_kind)
+        return [line] if line else []
 
     def summary(self) -> str:
         converted = (
             f"; {self.converted_from} index rebuilt as {self.index_kind}" if self.converted_from else ""
         )
+        recall = (
+            f"; {self.index_kind} recall@{self.ann_recall['k']} {self.ann_recall['recall']:.3f} on a sample"
+            if self.ann_recall
+            else ""
+        )
         return (
             f"indexed {self.items} items: {self.added} added, {self.removed} removed, {self.unchanged} unchanged, "
-            f"{len(self.skipped)} skipped (unreadable; see {REPORT_NAME}) in {self.seconds:.1f}s{converted}"
+            f"{len(self.skipped)} skipped (unreadable; see {REPORT_NAME}) in {self.seconds:.1f}s{converted}{recall}"
         )
 
 
@@ -251,6 +262,8 @@ def build_index(
     save()
     report.items = len(index)
     report.unchanged = report.items - report.added
+    if report.added or report.removed or report.converted_from:
+        report.ann_recall = sampled_recall(index)
     report.seconds = time.perf_counter() - started
     _write_report(out, report)
     return report
