@@ -8,7 +8,8 @@
 # On this workplace's device machine (its python3 has torch but not open_clip, faiss or fastapi), carry
 # the wheels that benchmarks/README.md ("GPU rows") says how to download, and run:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
-#   PYTHONPATH=/tmp/site:$PWD/src bash benchmarks/gpu_suite.sh
+#   export PYTHONPATH=/tmp/site:$PWD/src && OUT=/tmp/res timeout 540 bash benchmarks/gpu_suite.sh;
+#   tar czf $OUT/gpu_results.tgz -C /tmp res
 # SCALE=small runs the same steps tiny (a check of the script itself, on any machine; DEVICE=cpu).
 # SKIP_CPU_DECODE=1, SKIP_LARGE=1, SKIP_TRAIN=1 leave those steps out (a short rerun).
 set -uo pipefail

@@ -195,8 +195,3 @@ def iter_image_entries(root: str | os.PathLike) -> Iterator[os.DirEntry]:
                 continue
 
     yield from walk(os.fspath(root))
-
-
-def relative_id(path: Path, root: Path) -> str:
-    """The item id of an image: its path relative to the catalog root, POSIX style."""
-    return path.relative_to(root).as_posix()

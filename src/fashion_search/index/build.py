@@ -75,7 +75,7 @@ def scan_catalog(root: Path) -> list[CatalogFile]:
             st = entry.stat(follow_symlinks=True)
         except OSError:
             continue
-        item_id = entry.path[prefix:].replace(os.sep, "/")  # relative_id without building Path objects
+        item_id = entry.path[prefix:].replace(os.sep, "/")  # relative to the root, POSIX style
         files.append(CatalogFile(item_id, entry.path, [st.st_size, st.st_mtime_ns]))
     return files
 
