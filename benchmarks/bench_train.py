@@ -88,30 +88,16 @@ def ceiling_step(model, batch: dict, cfg, device):
 
 
 def loader_batches(data_dir: Path, model, cfg, workers: int):
-    """The training DataLoader as train() builds it: decode, paired augmentation, hard-negative batches."""
-    from torch.utils.data import DataLoader
+    """The training DataLoader exactly as train() builds it (training.loop.build_train_loader)."""
+    import dataclasses
 
     from fashion_search.data.fashioniq import FashionIQ
-    from fashion_search.training.data import (
-        GroupedBatchSampler,
-        PairAugment,
-        TripletDataset,
-        collate_triplets,
-    )
+    from fashion_search.training.loop import build_train_loader
 
     data = FashionIQ(data_dir)
     categories = [c for c in cfg.categories if c in data.categories("train")]
-    dataset = TripletDataset(data, "train", categories, model.image_transform(), PairAugment(), cfg.seed)
-    sampler = GroupedBatchSampler(
-        dataset.groups, cfg.batch_size, cfg.hard_negatives, cfg.seed, drop_last=True
-    )
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate_triplets,
-        persistent_workers=False,
-    )
+    cfg = dataclasses.replace(cfg, categories=categories, workers=workers)
+    dataset, sampler, loader = build_train_loader(model, data, cfg, model.device)
     return loader, len(sampler), len(dataset)
 
 

@@ -85,3 +85,30 @@ def test_similarity_groups_put_look_alike_targets_together(tmp_path, micro_model
     (root / "captions" / "cap.dress.train.json").write_text(json.dumps([]))
     groups = similarity_groups(micro_model, FashionIQ(root), triplets, group_size=8, seed=0)
     assert len(set(groups[:8])) == 1 and len(set(groups[8:])) == 1 and groups[0] != groups[8]
+
+
+def test_training_loader_ships_uint8_and_tokens_equal_to_the_float_path(tmp_path, micro_model):
+    """The loader's workers send uint8 pixels and token ids (a quarter of the bytes, no tokenising on the
+    training thread); normalised on the device they are exactly what the float transform gave."""
+    from fashion_search.config import TrainConfig
+    from fashion_search.data.fashioniq import FashionIQ
+    from fashion_search.data.synthetic import generate
+    from fashion_search.training.data import TripletDataset
+    from fashion_search.training.loop import build_train_loader
+
+    generate(tmp_path / "d", images_per_category=50, image_size=48, progress=False)
+    data = FashionIQ(tmp_path / "d")
+    cfg = TrainConfig(data=str(tmp_path / "d"), model="fs-micro", batch_size=8, workers=0, hard_negatives=2)
+    dataset, sampler, loader = build_train_loader(micro_model, data, cfg, torch.device("cpu"))
+    batch = next(iter(loader))
+    assert batch["reference"].dtype == torch.uint8 and batch["tokens"].dtype == torch.long
+
+    old = TripletDataset(
+        data, "train", cfg.categories, micro_model.image_transform(), PairAugment(), cfg.seed
+    )
+    first = next(iter(sampler))
+    want = [old[i] for i in first]
+    pipeline = micro_model.pixel_pipeline
+    assert torch.equal(pipeline.normalise(batch["reference"]), torch.stack([w["reference"] for w in want]))
+    assert torch.equal(pipeline.normalise(batch["target"]), torch.stack([w["target"] for w in want]))
+    assert torch.equal(batch["tokens"], micro_model.backbone.tokenize([w["text"] for w in want]))

@@ -8,6 +8,7 @@ RUN/history.json   loss, lr and val recalls per epoch;  RUN/config.yaml  the res
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -61,10 +62,18 @@ def train_step(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: tor
         if cfg.amp and device.type == "cuda"
         else contextlib.nullcontext()
     )
+    pixels = torch.cat([batch["reference"], batch["target"]]).to(device, non_blocking=True)
+    if (
+        pixels.dtype == torch.uint8
+    ):  # the loader's uint8 geometry (data.pixels): normalised here, on the device
+        pixels = model.pixel_pipeline.normalise(pixels)
+    tokens = batch.get("tokens")
+    if tokens is None:
+        tokens = backbone.tokenize(batch["text"])
     with amp:
-        images = backbone.image_features(torch.cat([batch["reference"], batch["target"]]).to(device))
+        images = backbone.image_features(pixels)
         ref, tgt = images.chunk(2)
-        txt = backbone.text_features(backbone.tokenize(batch["text"]).to(device))
+        txt = backbone.text_features(tokens.to(device, non_blocking=True))
         query = model.fusion(ref, txt)
         scale = backbone.logit_scale.exp().clamp(max=100.0)
         loss = composed_loss(query.float(), tgt.float(), scale, batch["target_id"])
@@ -100,20 +109,17 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     return run
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Fine-tune on the train split, validate each epoch, keep the best checkpoint."""
-    if not cfg.out:
-        raise FashionSearchError("--out RUN is required")
-    run = _prepare_run_dir(cfg, resume)
-    data = FashionIQ(cfg.data)
-    device = resolve_device(cfg.device)
-    _seed_everything(cfg.seed)
-    model = create_model(cfg.model, cfg.pretrained, fusion=cfg.fusion, device=device)
+def build_train_loader(
+    model: RetrievalModel, data: FashionIQ, cfg: TrainConfig, device: torch.device
+) -> tuple[TripletDataset, GroupedBatchSampler, DataLoader]:
+    """The training data pipeline (benchmarks/bench_train.py measures this same loader): decode + paired
+    augmentation + uint8 geometry + tokenising in the workers, hard-negative batches; train_step
+    normalises the pixels on the device."""
     dataset = TripletDataset(
         data,
         "train",
         cfg.categories,
-        model.image_transform(),
+        model.pixel_pipeline.to_uint8,
         PairAugment() if cfg.augment else None,
         cfg.seed,
     )
@@ -128,9 +134,23 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         dataset,
         batch_sampler=sampler,
         num_workers=cfg.workers,
-        collate_fn=collate_triplets,
+        collate_fn=functools.partial(collate_triplets, tokenize=model.backbone.tokenizer),
         persistent_workers=False,
+        pin_memory=device.type == "cuda",
     )
+    return dataset, sampler, loader
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Fine-tune on the train split, validate each epoch, keep the best checkpoint."""
+    if not cfg.out:
+        raise FashionSearchError("--out RUN is required")
+    run = _prepare_run_dir(cfg, resume)
+    data = FashionIQ(cfg.data)
+    device = resolve_device(cfg.device)
+    _seed_everything(cfg.seed)
+    model = create_model(cfg.model, cfg.pretrained, fusion=cfg.fusion, device=device)
+    dataset, sampler, loader = build_train_loader(model, data, cfg, device)
     steps_per_epoch = min(len(sampler), cfg.max_steps_per_epoch or len(sampler))
     optimizer = build_optimizer(model, cfg)
     scheduler = cosine_with_warmup(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio)
