@@ -51,6 +51,13 @@ def parse_args():
     p.add_argument("--max-px", type=int, default=1000, help="largest query image side")
     p.add_argument("--device", default=None)
     p.add_argument("--no-http", action="store_true", help="skip the live-server measurements")
+    p.add_argument(
+        "--phases",
+        choices=("alternating", "sequential"),
+        default="alternating",
+        help="alternating: engine query i, then HTTP query i, ... (both see the same machine drift); "
+        "sequential: all engine queries, then all HTTP queries (sessions 1-4)",
+    )
     p.add_argument("--keep", default=None, metavar="DIR", help="keep the index under DIR")
     return p.parse_args()
 
@@ -146,20 +153,46 @@ def decode_cost(engine, images: list[bytes]) -> dict:
     return common.latency_ms(common.time_calls(decode, len(images), warmup=1))
 
 
-def engine_queries(engine, images: list[bytes], texts: list[str], k: int, warmup: int, ceil: Ceiling) -> dict:
-    """engine.search, each with an image and a text the engine has not seen, a ceiling sample before each."""
-    samples, ceiling, search, stages = [], [], [], []
-    for i, (img, txt) in enumerate(zip(images, texts)):
+def engine_query(engine, k: int, ceil: Ceiling):
+    """One composed query through engine.search (an image and a text it has not seen), a ceiling
+    sample just before it."""
+
+    def run(img: bytes, txt: str) -> dict:
         c, srch = ceil.sample()
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         engine.search(image=img, text=txt, k=k, timings=timings)
+        return {"seconds": time.perf_counter() - t0, "ceiling": c, "search": srch, "stages": timings}
+
+    return run
+
+
+def engine_summary(records: list[dict]) -> dict:
+    summary = phase_summary(*(list(col) for col in _columns(records)), 1.15)
+    return {**summary, "stages_ms": stage_medians([r["stages"] for r in records])}
+
+
+def _columns(records: list[dict]):
+    return [r["seconds"] for r in records], [r["ceiling"] for r in records], [r["search"] for r in records]
+
+
+def run_queries(phases: dict, n: int, warmup: int, alternate: bool) -> dict[str, list[dict]]:
+    """phases: name -> (run(img, txt) -> record, images, texts). Sequential: each phase's n queries in
+    turn; alternating: query i of every phase before query i + 1 of any, so that every phase sees the
+    same drift of the machine's speed (this VM's drifts 5-10% over minutes) -- the first `warmup` of
+    each phase are dropped."""
+    out: dict[str, list[dict]] = {name: [] for name in phases}
+    order = (
+        [(i, name) for i in range(n) for name in phases]
+        if alternate
+        else [(i, name) for name in phases for i in range(n)]
+    )
+    for i, name in order:
+        run, images, texts = phases[name]
+        record = run(images[i], texts[i])
         if i >= warmup:
-            samples.append(time.perf_counter() - t0)
-            ceiling.append(c)
-            search.append(srch)
-            stages.append(timings)
-    return {**phase_summary(samples, ceiling, search, 1.15), "stages_ms": stage_medians(stages)}
+            out[name].append(record)
+    return out
 
 
 def stage_medians(stages: list[dict[str, float]]) -> dict[str, float]:
@@ -183,34 +216,36 @@ def reweight_settings(n: int) -> list[tuple[float, int]]:
     return list(itertools.islice(itertools.cycle(itertools.product(weights, ks)), n))
 
 
-def http_queries(
-    base: str, images: list[bytes], texts: list[str], k: int, warmup: int, ceil: Ceiling
-) -> dict:
-    """Client-side round trips of POST /search (keep-alive) and the server's took_ms; a ceiling sample
-    (in this process, while the server idles) before each request."""
-    import httpx
+def http_query(client, k: int, ceil: Ceiling):
+    """One POST /search (keep-alive) with a new image and text: the client's round trip, the server's
+    took_ms and Server-Timing split; a ceiling sample (in this process, while the server idles) before."""
 
-    rtt, took, ceiling, search, stages = [], [], [], [], []
-    with httpx.Client(base_url=base, timeout=120.0) as client:
-        for i, (img, txt) in enumerate(zip(images, texts)):
-            c, srch = ceil.sample()
-            t0 = time.perf_counter()
-            r = client.post(
-                "/search", files={"image": ("q.jpg", img, "image/jpeg")}, data={"text": txt, "k": str(k)}
-            )
-            elapsed = time.perf_counter() - t0
-            r.raise_for_status()
-            if i >= warmup:
-                rtt.append(elapsed)
-                took.append(r.json()["took_ms"] / 1000.0)
-                ceiling.append(c)
-                search.append(srch)
-                stages.append(server_timing(r.headers.get("server-timing", "")))
+    def run(img: bytes, txt: str) -> dict:
+        c, srch = ceil.sample()
+        t0 = time.perf_counter()
+        r = client.post(
+            "/search", files={"image": ("q.jpg", img, "image/jpeg")}, data={"text": txt, "k": str(k)}
+        )
+        elapsed = time.perf_counter() - t0
+        r.raise_for_status()
+        stages = server_timing(r.headers.get("server-timing", ""))
+        return {
+            "seconds": elapsed,
+            "ceiling": c,
+            "search": srch,
+            "stages": stages,
+            "took": r.json()["took_ms"],
+        }
+
+    return run
+
+
+def http_summary(records: list[dict]) -> dict:
     return {
-        **phase_summary(rtt, ceiling, search, 1.25),
-        "server_took_ms": common.latency_ms(took),
+        **phase_summary(*(list(col) for col in _columns(records)), 1.25),
+        "server_took_ms": common.latency_ms([r["took"] / 1000.0 for r in records]),
         # The server's own split (Server-Timing header): compare with engine_composed.stages_ms.
-        "server_stages_ms": stage_medians(stages),
+        "server_stages_ms": stage_medians([r["stages"] for r in records]),
     }
 
 
@@ -265,70 +300,85 @@ def main() -> None:
         standalone = ceil.standalone(args.ceiling_repeat, args.search_repeat)
         decode = decode_cost(engine, images[: min(10, len(images))])
 
-        common.log(f"{args.queries} composed queries through the engine")
-        composed = engine_queries(engine, engine_imgs, engine_txts, args.k, warmup, ceil)
-
-        settings = reweight_settings(args.reweight_queries)
-        engine.search(image=images[0], text=texts[0], k=args.k)  # fills both caches
-        next_setting = iter(settings)
-
-        def reweigh():
-            w, k = next(next_setting)
-            engine.search(image=images[0], text=texts[0], text_weight=w, k=k)
-
-        reweight_ms = common.latency_ms(common.time_calls(reweigh, len(settings) - 1, warmup=1))
-        goals = [phase_goal("composed query p50, engine (new image + text)", composed, 1.15, "")]
-        goals.append(
-            common.goal_row(
-                "re-weight / k only p50, engine (cached embeddings)",
-                reweight_ms["p50"],
-                "ms",
-                "<= 10 ms at 100k items",
-                reweight_ms["p50"] <= 10.0 if args.items >= 100_000 else None,
-                note=f"{args.items:,} items, {built['kind']} index"
-                + ("" if args.items >= 100_000 else "; the goal applies at 100k"),
-            )
-        )
-        results = {
-            "model": args.model,
-            "device": str(device),
-            "items": args.items,
-            "index": built,
-            "k": args.k,
-            "ceiling": standalone,
-            "query_decode_preprocess_ms": decode,
-            "engine_composed": composed,
-            "engine_reweight_ms": reweight_ms,
-        }
-
+        server, base, ready_s = None, None, None
         if not args.no_http:
             port = common.free_port()
             base = f"http://127.0.0.1:{port}"
             common.log(f"starting fashion-search serve on {base}")
             server = common.start_server(index_dir, port, args.device)
-            try:
+        try:
+            phases = {"engine": (engine_query(engine, args.k, ceil), engine_imgs, engine_txts)}
+            client = None
+            if server is not None:
+                import httpx
+
                 ready_s = common.wait_healthy(server, base)
-                common.log(f"{args.queries} composed queries over HTTP")
-                http = http_queries(base, http_imgs, http_txts, args.k, warmup, ceil)
+                client = httpx.Client(base_url=base, timeout=120.0)
+                phases["http"] = (http_query(client, args.k, ceil), http_imgs, http_txts)
+            alternate = args.phases == "alternating"
+            common.log(f"{args.queries} composed queries per phase ({', '.join(phases)}; {args.phases})")
+            records = run_queries(phases, n_img, warmup, alternate)
+            if client is not None:
+                client.close()
+            composed = engine_summary(records["engine"])
+
+            settings = reweight_settings(args.reweight_queries)
+            engine.search(image=images[0], text=texts[0], k=args.k)  # fills both caches
+            next_setting = iter(settings)
+
+            def reweigh():
+                w, k = next(next_setting)
+                engine.search(image=images[0], text=texts[0], text_weight=w, k=k)
+
+            reweight_ms = common.latency_ms(common.time_calls(reweigh, len(settings) - 1, warmup=1))
+            goals = [phase_goal("composed query p50, engine (new image + text)", composed, 1.15, "")]
+            goals.append(
+                common.goal_row(
+                    "re-weight / k only p50, engine (cached embeddings)",
+                    reweight_ms["p50"],
+                    "ms",
+                    "<= 10 ms at 100k items",
+                    reweight_ms["p50"] <= 10.0 if args.items >= 100_000 else None,
+                    note=f"{args.items:,} items, {built['kind']} index"
+                    + ("" if args.items >= 100_000 else "; the goal applies at 100k"),
+                )
+            )
+            results = {
+                "model": args.model,
+                "device": str(device),
+                "items": args.items,
+                "index": built,
+                "k": args.k,
+                "phases": args.phases,
+                "ceiling": standalone,
+                "query_decode_preprocess_ms": decode,
+                "engine_composed": composed,
+                "engine_reweight_ms": reweight_ms,
+            }
+            if server is not None:
+                http = http_summary(records["http"])
                 http["reweight_round_trip_ms"] = http_reweight(
                     base, images[1], texts[1], settings[: max(20, len(settings) // 4)]
                 )
-                memory = {
-                    "vmhwm_mb": common.vm_hwm_mb(server.proc.pid),
-                    "pss_mb": common.pss_mb(server.proc.pid),
-                }
-            finally:
-                server.stop()
-            http.update(startup_to_healthy_s=round(ready_s, 3), server_memory=memory)
-            results["http"] = http
-            goals.append(
-                phase_goal(
-                    "composed query p50, HTTP (live uvicorn, new image + text)",
-                    http,
-                    1.25,
-                    "client round trip over keep-alive; ",
+                http.update(
+                    startup_to_healthy_s=round(ready_s, 3),
+                    server_memory={
+                        "vmhwm_mb": common.vm_hwm_mb(server.proc.pid),
+                        "pss_mb": common.pss_mb(server.proc.pid),
+                    },
                 )
-            )
+                results["http"] = http
+                goals.append(
+                    phase_goal(
+                        "composed query p50, HTTP (live uvicorn, new image + text)",
+                        http,
+                        1.25,
+                        "client round trip over keep-alive; ",
+                    )
+                )
+        finally:
+            if server is not None:
+                server.stop()
         common.emit("query", args, load0, {"results": results, "goals": goals})
     finally:
         if not args.keep:

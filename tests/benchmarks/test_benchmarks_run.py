@@ -255,3 +255,25 @@ def test_gpu_suite_script_runs_its_steps_small_on_cpu(tmp_path):
     # The closing summary (the device tool returns only the output's tail): a line per goal and decode figures.
     assert "index_cpu_decode: index steady state" in proc.stderr and "device decode+geometry" in proc.stderr
     assert all(doc["config"]["device"] == "cpu" for doc in docs.values())
+
+
+def test_query_phases_alternate_so_both_see_the_same_machine():
+    """bench_query's default runs engine query i, then HTTP query i: a drift of the machine's speed over
+    minutes hits both phases alike (it did not, sequentially: section 2 of docs/BENCHMARKS.md)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_query
+    finally:
+        sys.path.remove(str(BENCH))
+    calls = []
+
+    def runner(name):
+        return lambda img, txt: calls.append((name, img)) or {"name": name, "img": img}
+
+    phases = {"engine": (runner("engine"), [0, 1, 2], "abc"), "http": (runner("http"), [0, 1, 2], "abc")}
+    kept = bench_query.run_queries(phases, 3, warmup=1, alternate=True)
+    assert calls == [("engine", 0), ("http", 0), ("engine", 1), ("http", 1), ("engine", 2), ("http", 2)]
+    assert [r["img"] for r in kept["engine"]] == [1, 2] and [r["img"] for r in kept["http"]] == [1, 2]
+    calls.clear()
+    bench_query.run_queries(phases, 3, warmup=1, alternate=False)
+    assert calls == [("engine", 0), ("engine", 1), ("engine", 2), ("http", 0), ("http", 1), ("http", 2)]
