@@ -58,6 +58,14 @@ def parse_args():
         help="alternating: engine query i, then HTTP query i, ... (both see the same machine drift); "
         "sequential: all engine queries, then all HTTP queries (sessions 1-4)",
     )
+    p.add_argument(
+        "--idle-gap",
+        type=float,
+        default=0.25,
+        help="seconds of idleness before every ceiling sample and every query (0: back to back, as in "
+        "sessions 1-4). A forward right after another runs faster than one after idleness "
+        "(`diagnose_index.py idle`); a server's query always comes after idleness, so the ceiling must too",
+    )
     p.add_argument("--keep", default=None, metavar="DIR", help="keep the index under DIR")
     return p.parse_args()
 
@@ -153,12 +161,14 @@ def decode_cost(engine, images: list[bytes]) -> dict:
     return common.latency_ms(common.time_calls(decode, len(images), warmup=1))
 
 
-def engine_query(engine, k: int, ceil: Ceiling):
+def engine_query(engine, k: int, ceil: Ceiling, gap: float):
     """One composed query through engine.search (an image and a text it has not seen), a ceiling
-    sample just before it."""
+    sample before it, each after `gap` seconds of idleness (see --idle-gap)."""
 
     def run(img: bytes, txt: str) -> dict:
+        time.sleep(gap)
         c, srch = ceil.sample()
+        time.sleep(gap)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         engine.search(image=img, text=txt, k=k, timings=timings)
@@ -216,12 +226,15 @@ def reweight_settings(n: int) -> list[tuple[float, int]]:
     return list(itertools.islice(itertools.cycle(itertools.product(weights, ks)), n))
 
 
-def http_query(client, k: int, ceil: Ceiling):
+def http_query(client, k: int, ceil: Ceiling, gap: float):
     """One POST /search (keep-alive) with a new image and text: the client's round trip, the server's
-    took_ms and Server-Timing split; a ceiling sample (in this process, while the server idles) before."""
+    took_ms and Server-Timing split; a ceiling sample (in this process, while the server idles) before,
+    each after `gap` seconds of idleness."""
 
     def run(img: bytes, txt: str) -> dict:
+        time.sleep(gap)
         c, srch = ceil.sample()
+        time.sleep(gap)
         t0 = time.perf_counter()
         r = client.post(
             "/search", files={"image": ("q.jpg", img, "image/jpeg")}, data={"text": txt, "k": str(k)}
@@ -307,14 +320,14 @@ def main() -> None:
             common.log(f"starting fashion-search serve on {base}")
             server = common.start_server(index_dir, port, args.device)
         try:
-            phases = {"engine": (engine_query(engine, args.k, ceil), engine_imgs, engine_txts)}
+            phases = {"engine": (engine_query(engine, args.k, ceil, args.idle_gap), engine_imgs, engine_txts)}
             client = None
             if server is not None:
                 import httpx
 
                 ready_s = common.wait_healthy(server, base)
                 client = httpx.Client(base_url=base, timeout=120.0)
-                phases["http"] = (http_query(client, args.k, ceil), http_imgs, http_txts)
+                phases["http"] = (http_query(client, args.k, ceil, args.idle_gap), http_imgs, http_txts)
             alternate = args.phases == "alternating"
             common.log(f"{args.queries} composed queries per phase ({', '.join(phases)}; {args.phases})")
             records = run_queries(phases, n_img, warmup, alternate)
@@ -350,6 +363,7 @@ def main() -> None:
                 "index": built,
                 "k": args.k,
                 "phases": args.phases,
+                "idle_gap_s": args.idle_gap,
                 "ceiling": standalone,
                 "query_decode_preprocess_ms": decode,
                 "engine_composed": composed,

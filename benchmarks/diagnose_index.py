@@ -7,6 +7,9 @@ startup  what a fresh `fashion-search index` process spends before its first bat
          fresh interpreter: imports (torch, open_clip, the CLI's modules), model creation, moving it to
          the device and its first forward, the nvJPEG probe, the catalog scan; plus the ten slowest
          imports by `python -X importtime`
+idle     batch-1 image + text forwards (a query's two forwards) right after another forward and after
+         --gap seconds of idleness, in the main thread and in a worker thread (where a server runs
+         them): what a query pays for arriving at an idle process
 rss      `build_index` over the images with RSS and Python-traced memory (tracemalloc) sampled every
          --every seconds: whether memory grows with the run, and whether that growth is Python's.
 """
@@ -27,7 +30,9 @@ import common
 
 def parse_args():
     p = common.base_parser(__doc__)
-    p.add_argument("mode", choices=("forward", "rss", "startup"))
+    p.add_argument("mode", choices=("forward", "rss", "startup", "idle"))
+    p.add_argument("--gap", type=float, default=0.2, help="idle: seconds of idleness before a forward")
+    p.add_argument("--rounds", type=int, default=8, help="idle: samples per condition")
     p.add_argument("--device", default=None, help="startup: the device to build the model on")
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--images", default=None, help="a folder of images (default: --n generated JPEGs)")
@@ -178,6 +183,51 @@ def startup(images: Path, args) -> dict:
     }
 
 
+def idle_cost(model, args) -> dict:
+    """Median ms of one batch-1 image + text forward per condition, the conditions interleaved round by
+    round so that a drift of the machine's speed hits them alike."""
+    import concurrent.futures
+
+    import torch
+
+    size = model.backbone.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
+    tokens = model.backbone.tokenize(["is red and sleeveless"])
+
+    def forwards() -> float:
+        started = time.perf_counter()
+        model.encode_pixels(pixels)
+        with torch.inference_mode():
+            model.backbone.text_features(tokens)
+        return time.perf_counter() - started
+
+    worker = concurrent.futures.ThreadPoolExecutor(1)
+    in_worker = lambda: worker.submit(forwards).result()  # noqa: E731
+    conditions = {
+        "main_thread_back_to_back": (0.0, forwards),
+        "main_thread_after_idle": (args.gap, forwards),
+        "worker_thread_back_to_back": (0.0, in_worker),
+        "worker_thread_after_idle": (args.gap, in_worker),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in conditions}
+    for _ in range(args.rounds):
+        for name, (gap, run) in conditions.items():
+            run()  # every condition starts from a forward in its own thread
+            time.sleep(gap)
+            samples[name].append(run())
+    worker.shutdown()
+    ms = {name: round(1000 * statistics.median(v), 2) for name, v in samples.items()}
+    return {
+        "gap_s": args.gap,
+        "rounds": args.rounds,
+        "median_ms": ms,
+        "after_idle_vs_back_to_back": {
+            "main_thread": round(ms["main_thread_after_idle"] / ms["main_thread_back_to_back"], 3),
+            "worker_thread": round(ms["worker_thread_after_idle"] / ms["worker_thread_back_to_back"], 3),
+        },
+    }
+
+
 def main() -> None:
     args = parse_args()
     load0 = os.getloadavg()
@@ -188,11 +238,13 @@ def main() -> None:
     work = common.work_dir(args.keep, "diagnose-index-")
     try:
         images = Path(args.images) if args.images else work / "images"
-        if not args.images:
+        if not args.images and args.mode != "idle":
             common.log(f"writing {args.n} JPEGs to {images}")
             common.make_jpeg_folder(images, args.n, args.seed)
         if args.mode == "startup":
             results = startup(images, args)
+        elif args.mode == "idle":
+            results = idle_cost(create_model(args.model, "none"), args)
         elif args.mode == "forward":
             model = create_model(args.model, "none")
             results = forward(model, sorted(iter_image_files(images)), args)

@@ -172,17 +172,21 @@ def test_memory_sampler_reads_the_expensive_proc_files_rarely(monkeypatch):
     assert calls["tree"] <= 2 and calls["pss"] <= 1  # ~100 samples, yet one tree walk and one PSS read
 
 
-@pytest.mark.parametrize("mode", ["forward", "rss"])
+@pytest.mark.parametrize("mode", ["forward", "rss", "idle"])
 def test_diagnose_index_runs(tmp_path, mode):
     out = tmp_path / f"{mode}.json"
     cmd = [sys.executable, str(BENCH / "diagnose_index.py"), mode, "--model", "fs-micro", "--n", "8"]
     cmd += ["--batch-size", "4", "--batches", "2", "--every", "0.05", "--threads", "1", "--out", str(out)]
+    cmd += ["--rounds", "2", "--gap", "0.05"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     results = json.loads(out.read_text())["results"]
     if mode == "forward":
         assert {"random_tensors", "real_tensors", "reader_workers_1", "reader_workers_0"} <= set(
             results["ratios"]
         )
+    elif mode == "idle":
+        assert set(results["after_idle_vs_back_to_back"]) == {"main_thread", "worker_thread"}
+        assert all(v > 0 for v in results["median_ms"].values())
     else:
         assert results["images"] == 8 and results["samples"]["rows"][0][1] > 0
 
