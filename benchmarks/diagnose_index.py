@@ -10,6 +10,10 @@ startup  what a fresh `fashion-search index` process spends before its first bat
 idle     batch-1 image + text forwards (a query's two forwards) right after another forward and after
          --gap seconds of idleness, in the main thread and in a worker thread (where a server runs
          them): what a query pays for arriving at an idle process
+stack    the same forwards, after the same idleness, in this process and in a child process that runs
+         them as a server could (`serve_stack_child.py`: plain loop; asyncio loop in the main thread with
+         the forwards in its executor, as uvicorn + a sync endpoint; inline on the loop; the loop in a
+         background thread with the forwards on the main thread)
 rss      `build_index` over the images with RSS and Python-traced memory (tracemalloc) sampled every
          --every seconds: whether memory grows with the run, and whether that growth is Python's.
 """
@@ -30,7 +34,7 @@ import common
 
 def parse_args():
     p = common.base_parser(__doc__)
-    p.add_argument("mode", choices=("forward", "rss", "startup", "idle"))
+    p.add_argument("mode", choices=("forward", "rss", "startup", "idle", "stack"))
     p.add_argument("--gap", type=float, default=0.2, help="idle: seconds of idleness before a forward")
     p.add_argument("--rounds", type=int, default=8, help="idle: samples per condition")
     p.add_argument("--device", default=None, help="startup: the device to build the model on")
@@ -228,6 +232,65 @@ def idle_cost(model, args) -> dict:
     }
 
 
+STACK_MODES = ("plain", "executor", "inline", "loop_in_thread")
+
+
+def stack_cost(model, args) -> dict:
+    """Median ms of a query's forwards here and in a child per serving mode, alternating here / child,
+    each after --gap seconds of idleness."""
+    import subprocess
+    import sys
+
+    import torch
+
+    size = model.backbone.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
+    tokens = model.backbone.tokenize(["is red and sleeveless"])
+
+    def forwards() -> float:
+        started = time.perf_counter()
+        model.encode_pixels(pixels)
+        with torch.inference_mode():
+            model.backbone.text_features(tokens)
+        return time.perf_counter() - started
+
+    child_script = str(Path(__file__).with_name("serve_stack_child.py"))
+    out = {}
+    for mode in STACK_MODES:
+        child = subprocess.Popen(
+            [sys.executable, child_script, args.model, mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"serve_stack_child.py {mode} did not start")
+
+            def in_child(child=child) -> float:
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                return float(child.stdout.readline())
+
+            forwards(), in_child()
+            here, there = [], []
+            for _ in range(args.rounds):
+                time.sleep(args.gap)
+                here.append(forwards())
+                time.sleep(args.gap)
+                there.append(in_child())
+        finally:
+            child.stdin.close()
+            child.wait(timeout=60)
+        here_ms, there_ms = 1000 * statistics.median(here), 1000 * statistics.median(there)
+        out[mode] = {
+            "here_ms": round(here_ms, 2),
+            "child_ms": round(there_ms, 2),
+            "ratio": round(there_ms / here_ms, 3),
+        }
+    return {"gap_s": args.gap, "rounds": args.rounds, "modes": out}
+
+
 def main() -> None:
     args = parse_args()
     load0 = os.getloadavg()
@@ -238,13 +301,15 @@ def main() -> None:
     work = common.work_dir(args.keep, "diagnose-index-")
     try:
         images = Path(args.images) if args.images else work / "images"
-        if not args.images and args.mode != "idle":
+        if not args.images and args.mode not in ("idle", "stack"):
             common.log(f"writing {args.n} JPEGs to {images}")
             common.make_jpeg_folder(images, args.n, args.seed)
         if args.mode == "startup":
             results = startup(images, args)
         elif args.mode == "idle":
             results = idle_cost(create_model(args.model, "none"), args)
+        elif args.mode == "stack":
+            results = stack_cost(create_model(args.model, "none"), args)
         elif args.mode == "forward":
             model = create_model(args.model, "none")
             results = forward(model, sorted(iter_image_files(images)), args)
