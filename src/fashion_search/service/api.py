@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import mimetypes
-import signal
 import threading
 import time
 from collections import OrderedDict
@@ -22,7 +21,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fashion_search.errors import FashionSearchError
 from fashion_search.service.engine import MAX_K, SearchEngine
-from fashion_search.service.runner import MainThreadRunner
 
 log = logging.getLogger("fashion_search.api")
 
@@ -342,30 +340,11 @@ def serve(args) -> int:
         reload_interval=getattr(args, "reload_interval", 0.0),
     )
     print(f"fashion-search API on http://{args.host}:{args.port} ({len(engine)} items; docs at /docs)")
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level="info",
-            timeout_graceful_shutdown=getattr(args, "graceful_timeout", 10.0),
-        )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=getattr(args, "graceful_timeout", 10.0),
     )
-
-    # uvicorn serves from a background thread and the main thread runs the model's forwards
-    # (service/runner.py). uvicorn installs its signal handlers only on the main thread, so these do its
-    # part: the first SIGINT/SIGTERM starts the graceful shutdown, a second one forces it.
-    def on_signal(signum, frame) -> None:
-        if server.should_exit:
-            server.force_exit = True
-        server.should_exit = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    runner = MainThreadRunner()
-    engine.run_forward = runner
-    thread = threading.Thread(target=server.run, name="uvicorn")
-    thread.start()
-    runner.run_until(lambda: not thread.is_alive())
-    thread.join()
-    return 0 if server.started else 1
+    return 0

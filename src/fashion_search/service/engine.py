@@ -11,7 +11,6 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,10 +28,6 @@ from fashion_search.models.fusion import check_text_weight
 from fashion_search.models.retrieval import RetrievalModel
 
 MAX_K = 1000
-
-
-def _call(fn):
-    return fn()
 
 
 def _add(timings: dict[str, float] | None, stage: str, seconds: float) -> None:
@@ -137,9 +132,6 @@ class SearchEngine:
         self.index_dir = Path(index_dir) if index_dir else None
         self._snap = _Snapshot.of(index, manifest)
         self._model_lock = threading.Lock()  # one forward at a time: predictable latency, bounded memory
-        # Where forwards run: in the calling thread, or handed to a runner (`serve` passes one that runs
-        # them on the main thread: service/runner.py says why).
-        self.run_forward: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = _call
         self._reload_lock = threading.Lock()
         self._image_cache, self._text_cache = _LRU(256), _LRU(1024)
         self._last_check, self._failed_version = 0.0, None
@@ -311,7 +303,7 @@ class SearchEngine:
         asked = time.perf_counter()
         with self._model_lock:
             started = time.perf_counter()
-            emb = self.run_forward(lambda: encoder(batch))
+            emb = encoder(batch)
         _add(timings, "wait", started - asked)  # behind other requests' forwards
         _add(timings, stage, time.perf_counter() - started)
         return emb
