@@ -439,6 +439,25 @@ def parse_int_list(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x.strip()]
 
 
+def query_forwards(model, seed: int = 0):
+    """A callable timing one query's forwards -- batch-1 image forward on a ready tensor + text forward on
+    ready tokens -- in seconds: the unit the idle and stack diagnoses compare."""
+    import torch
+
+    size = model.backbone.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    tokens = model.backbone.tokenize(["is red and sleeveless"])
+
+    def forwards() -> float:
+        started = time.perf_counter()
+        model.encode_pixels(pixels)
+        with torch.inference_mode():
+            model.backbone.text_features(tokens)
+        return time.perf_counter() - started
+
+    return forwards
+
+
 # -- test data ----------------------------------------------------------------------------------------
 def synth_photo(rng: np.random.Generator, width: int, height: int) -> Any:
     """A product-photo-like RGB image: smooth background, a garment-ish shape, fine texture.

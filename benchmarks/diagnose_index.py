@@ -192,19 +192,7 @@ def idle_cost(model, args) -> dict:
     round so that a drift of the machine's speed hits them alike."""
     import concurrent.futures
 
-    import torch
-
-    size = model.backbone.image_size
-    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
-    tokens = model.backbone.tokenize(["is red and sleeveless"])
-
-    def forwards() -> float:
-        started = time.perf_counter()
-        model.encode_pixels(pixels)
-        with torch.inference_mode():
-            model.backbone.text_features(tokens)
-        return time.perf_counter() - started
-
+    forwards = common.query_forwards(model, args.seed)
     worker = concurrent.futures.ThreadPoolExecutor(1)
     in_worker = lambda: worker.submit(forwards).result()  # noqa: E731
     conditions = {
@@ -241,19 +229,7 @@ def stack_cost(model, args) -> dict:
     import subprocess
     import sys
 
-    import torch
-
-    size = model.backbone.image_size
-    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
-    tokens = model.backbone.tokenize(["is red and sleeveless"])
-
-    def forwards() -> float:
-        started = time.perf_counter()
-        model.encode_pixels(pixels)
-        with torch.inference_mode():
-            model.backbone.text_features(tokens)
-        return time.perf_counter() - started
-
+    forwards = common.query_forwards(model, args.seed)
     child_script = str(Path(__file__).with_name("serve_stack_child.py"))
     out = {}
     for mode in STACK_MODES:

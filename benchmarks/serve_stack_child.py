@@ -13,25 +13,14 @@ import json
 import queue
 import sys
 import threading
-import time
 
-import torch
+import common
 
 from fashion_search.models.checkpoint import create_model
 
 
 def main(model_name: str, mode: str) -> None:
-    model = create_model(model_name, "none", device="cpu")
-    size = model.backbone.image_size
-    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    tokens = model.backbone.tokenize(["is red and sleeveless"])
-
-    def forwards() -> float:
-        started = time.perf_counter()
-        model.encode_pixels(pixels)
-        with torch.inference_mode():
-            model.backbone.text_features(tokens)
-        return time.perf_counter() - started
+    forwards = common.query_forwards(create_model(model_name, "none", device="cpu"))
 
     def answer(seconds: float) -> None:
         print(json.dumps(seconds), flush=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,16 @@ def write_image(path: Path, colour=(200, 30, 30), size=(48, 40), mode="RGB", fmt
         img = img.convert(mode)
     img.save(path, format=fmt)
     return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m fashion_search.cli ARGS` in a real process (its exit code and stderr as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fashion_search.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ the device (exercised here with torchvision's CPU decoder: the same code as on C
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_cli
 from fashion_search.data import loading
 from fashion_search.data.images import load_image
 from fashion_search.data.loading import (
@@ -160,19 +159,9 @@ def test_decode_gpu_is_refused_without_cuda(micro_model):
 
 def test_cli_decode_gpu_without_cuda_exits_2_with_one_line(tmp_path):
     photo(tmp_path / "cat" / "a.jpg")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fashion_search.cli",
-            "index",
-            str(tmp_path / "cat"),
-            "--out",
-            str(tmp_path / "i"),
-        ]
-        + ["--model", "fs-micro", "--pretrained", "none", "--device", "cpu", "--decode", "gpu", "--quiet"],
-        capture_output=True,
-        text=True,
+    proc = run_cli(
+        *("index", tmp_path / "cat", "--out", tmp_path / "i", "--model", "fs-micro", "--pretrained", "none"),
+        *("--device", "cpu", "--decode", "gpu", "--quiet"),
     )
     assert proc.returncode == 2, proc.stderr
     assert "--decode gpu needs a CUDA device" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
