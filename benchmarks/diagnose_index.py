@@ -13,7 +13,8 @@ idle     batch-1 image + text forwards (a query's two forwards) right after anot
 stack    the same forwards, after the same idleness, in this process and in a child process that runs
          them as a server could (`serve_stack_child.py`: plain loop; asyncio loop in the main thread with
          the forwards in its executor, as uvicorn + a sync endpoint; inline on the loop; the loop in a
-         background thread with the forwards on the main thread)
+         background thread with the forwards on the main thread; a minimal FastAPI app under uvicorn,
+         sync and async endpoint)
 rss      `build_index` over the images with RSS and Python-traced memory (tracemalloc) sampled every
          --every seconds: whether memory grows with the run, and whether that growth is Python's.
 """
@@ -220,7 +221,7 @@ def idle_cost(model, args) -> dict:
     }
 
 
-STACK_MODES = ("plain", "executor", "inline", "loop_in_thread")
+STACK_MODES = ("plain", "executor", "inline", "loop_in_thread", "uvicorn_sync", "uvicorn_async")
 
 
 def stack_cost(model, args) -> dict:
@@ -233,20 +234,40 @@ def stack_cost(model, args) -> dict:
     child_script = str(Path(__file__).with_name("serve_stack_child.py"))
     out = {}
     for mode in STACK_MODES:
+        over_http = mode.startswith("uvicorn_")
+        port = common.free_port() if over_http else None
         child = subprocess.Popen(
-            [sys.executable, child_script, args.model, mode],
+            [sys.executable, child_script, args.model, mode, *([str(port)] if over_http else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         try:
-            if child.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"serve_stack_child.py {mode} did not start")
+            if over_http:
+                import httpx
 
-            def in_child(child=child) -> float:
-                child.stdin.write("go\n")
-                child.stdin.flush()
-                return float(child.stdout.readline())
+                client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0)
+                deadline = time.monotonic() + 180
+                while True:  # the app answers once the model is built and uvicorn listens
+                    try:
+                        client.get("/forwards").raise_for_status()
+                        break
+                    except httpx.TransportError:
+                        if child.poll() is not None or time.monotonic() > deadline:
+                            raise RuntimeError(f"serve_stack_child.py {mode} did not start") from None
+                        time.sleep(0.2)
+
+                def in_child(client=client) -> float:
+                    return float(client.get("/forwards").json()["seconds"])
+
+            else:
+                if child.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"serve_stack_child.py {mode} did not start")
+
+                def in_child(child=child) -> float:
+                    child.stdin.write("go\n")
+                    child.stdin.flush()
+                    return float(child.stdout.readline())
 
             forwards(), in_child()
             here, there = [], []
@@ -257,6 +278,8 @@ def stack_cost(model, args) -> dict:
                 there.append(in_child())
         finally:
             child.stdin.close()
+            if over_http:
+                child.terminate()
             child.wait(timeout=60)
         here_ms, there_ms = 1000 * statistics.median(here), 1000 * statistics.median(there)
         out[mode] = {

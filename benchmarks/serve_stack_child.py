@@ -3,7 +3,9 @@ default) per line read on stdin, run the way a server could run them, the second
 
 Modes: plain (a loop in the main thread), executor (an asyncio loop in the main thread, forwards in its
 default executor: what uvicorn + a sync FastAPI endpoint do), inline (forwards on the loop's thread),
-loop_in_thread (the asyncio loop in a background thread, forwards on the main thread).
+loop_in_thread (the asyncio loop in a background thread, forwards on the main thread); and
+uvicorn_sync / uvicorn_async: a minimal FastAPI app under uvicorn (asyncio loop, h11) on 127.0.0.1:PORT
+(argv[3]) whose GET /forwards runs them in a sync / an async endpoint and answers {"seconds": ...}.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from fashion_search.models.checkpoint import create_model
 
 def main(model_name: str, mode: str) -> None:
     forwards = common.query_forwards(create_model(model_name, "none", device="cpu"))
+    if mode.startswith("uvicorn_"):
+        serve_minimal_app(forwards, mode, int(sys.argv[3]))
+        return
 
     def answer(seconds: float) -> None:
         print(json.dumps(seconds), flush=True)
@@ -66,6 +71,26 @@ def main(model_name: str, mode: str) -> None:
         return forwards()
 
     asyncio.run(serve(in_executor if mode == "executor" else inline))
+
+
+def serve_minimal_app(forwards, mode: str, port: int) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    if mode == "uvicorn_sync":
+
+        @app.get("/forwards")
+        def sync_forwards() -> dict:
+            return {"seconds": forwards()}
+    else:
+
+        @app.get("/forwards")
+        async def async_forwards() -> dict:
+            return {"seconds": forwards()}
+
+    forwards()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="asyncio", http="h11")
 
 
 if __name__ == "__main__":

@@ -185,7 +185,14 @@ def test_diagnose_index_runs(tmp_path, mode):
             results["ratios"]
         )
     elif mode == "stack":
-        assert set(results["modes"]) == {"plain", "executor", "inline", "loop_in_thread"}
+        assert set(results["modes"]) == {
+            "plain",
+            "executor",
+            "inline",
+            "loop_in_thread",
+            "uvicorn_sync",
+            "uvicorn_async",
+        }
         assert all(m["child_ms"] > 0 and m["here_ms"] > 0 for m in results["modes"].values())
     elif mode == "idle":
         assert set(results["after_idle_vs_back_to_back"]) == {"main_thread", "worker_thread"}
