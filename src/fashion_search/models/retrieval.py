@@ -57,6 +57,12 @@ class RetrievalModel(nn.Module):
             raise ValueError("the model's image transform does not end in ToTensor + Normalize")
         return pipeline
 
+    def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels on the model's device as the image tower takes them: the transform's float output as
+        is, or its uint8 geometry (pixel_pipeline, what the loaders ship) normalised there."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        return self.pixel_pipeline.normalise(pixels) if pixels.dtype == torch.uint8 else pixels
+
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """A batch of preprocessed images -> (n, dim) float32 on the CPU.
@@ -65,11 +71,8 @@ class RetrievalModel(nn.Module):
         is normalised here on the model's device.
         """
         self.eval()
-        pixels = pixels.to(self.device, non_blocking=True)
-        if pixels.dtype == torch.uint8:
-            pixels = self.pixel_pipeline.normalise(pixels)
         with autocast(self.device):
-            feats = self.backbone.image_features(pixels)
+            feats = self.backbone.image_features(self.model_input(pixels))
         return feats.float().cpu()
 
     @torch.inference_mode()

@@ -62,11 +62,7 @@ def train_step(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: tor
         if cfg.amp and device.type == "cuda"
         else contextlib.nullcontext()
     )
-    pixels = torch.cat([batch["reference"], batch["target"]]).to(device, non_blocking=True)
-    if (
-        pixels.dtype == torch.uint8
-    ):  # the loader's uint8 geometry (data.pixels): normalised here, on the device
-        pixels = model.pixel_pipeline.normalise(pixels)
+    pixels = model.model_input(torch.cat([batch["reference"], batch["target"]]))
     tokens = batch.get("tokens")
     if tokens is None:
         tokens = backbone.tokenize(batch["text"])
