@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from fashion_search.data import loading
+from fashion_search.data import pixels as pixels_module
 from fashion_search.data.images import load_image
 from fashion_search.data.loading import (
     ImagePathsDataset,
@@ -112,14 +112,18 @@ def cut_short_with_end_marker(path) -> bytes:
     return path.read_bytes()
 
 
-def rejecting(decoder, bad: bytes, calls: list):
-    def decode(payloads):
-        calls.append(len(payloads))
-        if any(p.numpy().tobytes() == bad for p in payloads):
-            raise RuntimeError("nvjpeg: bad bitstream")  # what torchvision raises when nvJPEG refuses a file
-        return decoder(payloads)
+class Rejecting(DeviceJpegDecoder):
+    """The real decoder (torchvision on the CPU), except that it refuses one file as nvJPEG would."""
 
-    return decode
+    def __init__(self, pipeline, bad: bytes, calls: list):
+        super().__init__(pipeline, "cpu")
+        self.bad, self.calls = bad, calls
+
+    def __call__(self, payloads):
+        self.calls.append(len(payloads))
+        if any(p.numpy().tobytes() == self.bad for p in payloads):
+            raise RuntimeError("nvjpeg: bad bitstream")  # what torchvision raises when nvJPEG refuses a file
+        return super().__call__(payloads)
 
 
 def test_a_jpeg_the_device_rejects_is_redone_alone_then_decoded_by_pillow(micro_model, tmp_path):
@@ -127,7 +131,7 @@ def test_a_jpeg_the_device_rejects_is_redone_alone_then_decoded_by_pillow(micro_
     bad = cut_short_with_end_marker(photo(tmp_path / "bad.jpg", seed=6))
     assert device_decodable(bad, 10**9)
     calls = []
-    decoder = rejecting(DeviceJpegDecoder(micro_model.pixel_pipeline, "cpu"), bad, calls)
+    decoder = Rejecting(micro_model.pixel_pipeline, bad, calls)
 
     batch, (indices, pixels, failed) = read_mixed_batch(micro_model, [good, tmp_path / "bad.jpg"], decoder)
 
@@ -139,12 +143,12 @@ def test_a_jpeg_the_device_rejects_is_redone_alone_then_decoded_by_pillow(micro_
 def test_a_jpeg_neither_decoder_reads_is_reported(micro_model, tmp_path, monkeypatch):
     good = photo(tmp_path / "good.jpg", seed=5)
     bad = cut_short_with_end_marker(photo(tmp_path / "bad.jpg", seed=6))
-    decoder = rejecting(DeviceJpegDecoder(micro_model.pixel_pipeline, "cpu"), bad, [])
+    decoder = Rejecting(micro_model.pixel_pipeline, bad, [])
 
     def pillow_refuses(source, **kwargs):
         raise ImageDecodeError("cannot decode image (broken data stream)")
 
-    monkeypatch.setattr(loading, "load_image", pillow_refuses)
+    monkeypatch.setattr(pixels_module, "load_image", pillow_refuses)
     batch, (indices, pixels, failed) = read_mixed_batch(micro_model, [good, tmp_path / "bad.jpg"], decoder)
 
     assert indices == [0] and pixels.shape[0] == 1

@@ -123,14 +123,10 @@ class _BatchAssembler:
         done, parts = [], []
         for i, data in jpegs:
             try:
-                parts.append(self.decoder([data]))
-            except RuntimeError:
-                try:
-                    image = load_image(data.numpy().tobytes())
-                    parts.append(self.pipeline.to_uint8(image)[None].to(self.device))
-                except ImageDecodeError as exc:
-                    failed.append((i, str(exc)))
-                    continue
+                parts.append(self.decoder.one(data.numpy().tobytes(), self.pipeline, DEFAULT_MAX_PIXELS))
+            except ImageDecodeError as exc:
+                failed.append((i, str(exc)))
+                continue
             done.append(i)
         return done, (torch.cat(parts) if parts else None)
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from fashion_search.data.images import MAX_ASPECT
+from fashion_search.data.images import MAX_ASPECT, load_image
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -126,6 +126,14 @@ class DeviceJpegDecoder:
             group = torch.stack([decoded[j] for j in rows]) if len(rows) > 1 else decoded[rows[0]][None]
             out[rows] = self._resize_and_crop(group, h, w)
         return out
+
+    def one(self, data: bytes, pipeline: PixelPipeline, max_pixels: int) -> torch.Tensor:
+        """One file's (1, 3, S, S) uint8 on the device; a file nvJPEG refuses is decoded by Pillow at full
+        size (as nvJPEG would have), and one Pillow refuses too raises its ImageDecodeError."""
+        try:
+            return self([torch.frombuffer(bytearray(data), dtype=torch.uint8)])
+        except RuntimeError:
+            return pipeline.to_uint8(load_image(data, max_pixels=max_pixels))[None].to(self.device)
 
     def _resize_and_crop(self, images: torch.Tensor, h: int, w: int) -> torch.Tensor:
         s = self.size

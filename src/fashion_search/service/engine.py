@@ -284,10 +284,7 @@ class SearchEngine:
         in the catalog gets that item's own vector back, and a large upload decodes several times
         faster than at full resolution."""
         if self._device_decoder is not None and device_decodable(raw, max_pixels):
-            try:
-                return self._device_decoder([torch.frombuffer(bytearray(raw), dtype=torch.uint8)])
-            except RuntimeError:
-                pass  # nvJPEG refused it: Pillow decides (and explains a bad file)
+            return self._device_decoder.one(raw, self.model.pixel_pipeline, max_pixels)
         size = self.model.backbone.image_size
         image = load_image(io.BytesIO(raw), max_pixels=max_pixels, draft_size=(size, size))
         return self.model.pixel_pipeline.to_uint8(image)[None]
@@ -299,7 +296,7 @@ class SearchEngine:
             return DeviceJpegDecoder(pipeline, self.model.device)
         return None
 
-    def _encode(self, encoder, batch: list, stage: str, timings: dict[str, float] | None) -> torch.Tensor:
+    def _encode(self, encoder, batch, stage: str, timings: dict[str, float] | None) -> torch.Tensor:
         asked = time.perf_counter()
         with self._model_lock:
             started = time.perf_counter()
