@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -161,36 +162,30 @@ def decode_cost(engine, images: list[bytes]) -> dict:
     return common.latency_ms(common.time_calls(decode, len(images), warmup=1))
 
 
-def engine_query(engine, k: int, ceil: Ceiling, gap: float):
-    """One composed query through engine.search (an image and a text it has not seen), a ceiling
-    sample before it, each after `gap` seconds of idleness (see --idle-gap)."""
+def engine_query(engine, k: int):
+    """One composed query through engine.search (an image and a text it has not seen)."""
 
     def run(img: bytes, txt: str) -> dict:
-        time.sleep(gap)
-        c, srch = ceil.sample()
-        time.sleep(gap)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         engine.search(image=img, text=txt, k=k, timings=timings)
-        return {"seconds": time.perf_counter() - t0, "ceiling": c, "search": srch, "stages": timings}
+        return {"seconds": time.perf_counter() - t0, "stages": timings}
 
     return run
 
 
-def engine_summary(records: list[dict]) -> dict:
-    summary = phase_summary(*(list(col) for col in _columns(records)), 1.15)
-    return {**summary, "stages_ms": stage_medians([r["stages"] for r in records])}
+def summary(records: list[dict], factor: float) -> dict:
+    """A phase against the ceiling and search sampled before each of its queries, and its stage medians."""
+    cols = ([r[key] for r in records] for key in ("seconds", "ceiling", "search"))
+    return {**phase_summary(*cols, factor), "stages_ms": stage_medians([r["stages"] for r in records])}
 
 
-def _columns(records: list[dict]):
-    return [r["seconds"] for r in records], [r["ceiling"] for r in records], [r["search"] for r in records]
-
-
-def run_queries(phases: dict, n: int, warmup: int, alternate: bool) -> dict[str, list[dict]]:
-    """phases: name -> (run(img, txt) -> record, images, texts). Sequential: each phase's n queries in
-    turn; alternating: query i of every phase before query i + 1 of any, so that every phase sees the
-    same drift of the machine's speed (this VM's drifts 5-10% over minutes) -- the first `warmup` of
-    each phase are dropped."""
+def run_queries(phases: dict, n: int, warmup: int, alternate: bool, ceil: Ceiling, gap: float) -> dict:
+    """phases: name -> (run(img, txt) -> record, images, texts). Before every query: `gap` seconds of
+    idleness, a ceiling sample, `gap` again (see --idle-gap). Sequential: each phase's n queries in turn;
+    alternating: query i of every phase before query i + 1 of any, so that every phase sees the same
+    drift of the machine's speed (this VM's drifts 5-10% over minutes). The first `warmup` of each phase
+    are dropped."""
     out: dict[str, list[dict]] = {name: [] for name in phases}
     order = (
         [(i, name) for i in range(n) for name in phases]
@@ -199,7 +194,10 @@ def run_queries(phases: dict, n: int, warmup: int, alternate: bool) -> dict[str,
     )
     for i, name in order:
         run, images, texts = phases[name]
-        record = run(images[i], texts[i])
+        time.sleep(gap)
+        c, srch = ceil.sample()
+        time.sleep(gap)
+        record = {**run(images[i], texts[i]), "ceiling": c, "search": srch}
         if i >= warmup:
             out[name].append(record)
     return out
@@ -226,15 +224,11 @@ def reweight_settings(n: int) -> list[tuple[float, int]]:
     return list(itertools.islice(itertools.cycle(itertools.product(weights, ks)), n))
 
 
-def http_query(client, k: int, ceil: Ceiling, gap: float):
+def http_query(client, k: int):
     """One POST /search (keep-alive) with a new image and text: the client's round trip, the server's
-    took_ms and Server-Timing split; a ceiling sample (in this process, while the server idles) before,
-    each after `gap` seconds of idleness."""
+    took_ms and its Server-Timing split as the record's stages."""
 
     def run(img: bytes, txt: str) -> dict:
-        time.sleep(gap)
-        c, srch = ceil.sample()
-        time.sleep(gap)
         t0 = time.perf_counter()
         r = client.post(
             "/search", files={"image": ("q.jpg", img, "image/jpeg")}, data={"text": txt, "k": str(k)}
@@ -242,24 +236,9 @@ def http_query(client, k: int, ceil: Ceiling, gap: float):
         elapsed = time.perf_counter() - t0
         r.raise_for_status()
         stages = server_timing(r.headers.get("server-timing", ""))
-        return {
-            "seconds": elapsed,
-            "ceiling": c,
-            "search": srch,
-            "stages": stages,
-            "took": r.json()["took_ms"],
-        }
+        return {"seconds": elapsed, "stages": stages, "took": r.json()["took_ms"]}
 
     return run
-
-
-def http_summary(records: list[dict]) -> dict:
-    return {
-        **phase_summary(*(list(col) for col in _columns(records)), 1.25),
-        "server_took_ms": common.latency_ms([r["took"] / 1000.0 for r in records]),
-        # The server's own split (Server-Timing header): compare with engine_composed.stages_ms.
-        "server_stages_ms": stage_medians([r["stages"] for r in records]),
-    }
 
 
 def http_reweight(base: str, image: bytes, text: str, settings: list[tuple[float, int]]) -> dict:
@@ -319,21 +298,19 @@ def main() -> None:
             base = f"http://127.0.0.1:{port}"
             common.log(f"starting fashion-search serve on {base}")
             server = common.start_server(index_dir, port, args.device)
+        stack = contextlib.ExitStack()
         try:
-            phases = {"engine": (engine_query(engine, args.k, ceil, args.idle_gap), engine_imgs, engine_txts)}
-            client = None
+            phases = {"engine": (engine_query(engine, args.k), engine_imgs, engine_txts)}
             if server is not None:
                 import httpx
 
                 ready_s = common.wait_healthy(server, base)
-                client = httpx.Client(base_url=base, timeout=120.0)
-                phases["http"] = (http_query(client, args.k, ceil, args.idle_gap), http_imgs, http_txts)
+                client = stack.enter_context(httpx.Client(base_url=base, timeout=120.0))
+                phases["http"] = (http_query(client, args.k), http_imgs, http_txts)
             alternate = args.phases == "alternating"
             common.log(f"{args.queries} composed queries per phase ({', '.join(phases)}; {args.phases})")
-            records = run_queries(phases, n_img, warmup, alternate)
-            if client is not None:
-                client.close()
-            composed = engine_summary(records["engine"])
+            records = run_queries(phases, n_img, warmup, alternate, ceil, args.idle_gap)
+            composed = summary(records["engine"], 1.15)
 
             settings = reweight_settings(args.reweight_queries)
             engine.search(image=images[0], text=texts[0], k=args.k)  # fills both caches
@@ -370,7 +347,10 @@ def main() -> None:
                 "engine_reweight_ms": reweight_ms,
             }
             if server is not None:
-                http = http_summary(records["http"])
+                http = summary(records["http"], 1.25)
+                # The server's own split (Server-Timing): compare with engine_composed.stages_ms.
+                http["server_stages_ms"] = http.pop("stages_ms")
+                http["server_took_ms"] = common.latency_ms([r["took"] / 1000.0 for r in records["http"]])
                 http["reweight_round_trip_ms"] = http_reweight(
                     base, images[1], texts[1], settings[: max(20, len(settings) // 4)]
                 )
@@ -391,6 +371,7 @@ def main() -> None:
                     )
                 )
         finally:
+            stack.close()
             if server is not None:
                 server.stop()
         common.emit("query", args, load0, {"results": results, "goals": goals})

@@ -288,13 +288,28 @@ def test_query_phases_alternate_so_both_see_the_same_machine():
     def runner(name):
         return lambda img, txt: calls.append((name, img)) or {"name": name, "img": img}
 
+    class Ceiling:  # a ceiling sample before every query: (forwards s, search s)
+        def sample(self):
+            calls.append(("ceiling", None))
+            return 0.1, 0.01
+
     phases = {"engine": (runner("engine"), [0, 1, 2], "abc"), "http": (runner("http"), [0, 1, 2], "abc")}
-    kept = bench_query.run_queries(phases, 3, warmup=1, alternate=True)
+    kept = bench_query.run_queries(phases, 3, warmup=1, alternate=True, ceil=Ceiling(), gap=0.0)
+    assert calls[:4] == [("ceiling", None), ("engine", 0), ("ceiling", None), ("http", 0)]
+    assert kept["engine"][0]["ceiling"] == 0.1 and kept["http"][0]["search"] == 0.01
+    calls[:] = [c for c in calls if c[0] != "ceiling"]
     assert calls == [("engine", 0), ("http", 0), ("engine", 1), ("http", 1), ("engine", 2), ("http", 2)]
     assert [r["img"] for r in kept["engine"]] == [1, 2] and [r["img"] for r in kept["http"]] == [1, 2]
     calls.clear()
-    bench_query.run_queries(phases, 3, warmup=1, alternate=False)
-    assert calls == [("engine", 0), ("engine", 1), ("engine", 2), ("http", 0), ("http", 1), ("http", 2)]
+    bench_query.run_queries(phases, 3, warmup=1, alternate=False, ceil=Ceiling(), gap=0.0)
+    assert [c for c in calls if c[0] != "ceiling"] == [
+        ("engine", 0),
+        ("engine", 1),
+        ("engine", 2),
+        ("http", 0),
+        ("http", 1),
+        ("http", 2),
+    ]
 
 
 def test_index_phases_split_startup_steady_state_and_tail():
