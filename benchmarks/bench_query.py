@@ -77,24 +77,10 @@ class Ceiling:
     """
 
     def __init__(self, model, text: str, index, k: int, seed: int):
-        import torch
-
-        from fashion_search.models.backbone import autocast
-
         self.device = model.device
-        size = model.backbone.image_size
-        pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-        tokens = model.backbone.tokenize([text]).to(self.device)
         queries = common.unit_vectors(64, model.dim, seed + 999_999)
         self._next_query = iter(range(10**12))
-
-        @torch.inference_mode()
-        def text_forward():
-            with autocast(self.device):
-                return model.backbone.text_features(tokens).float().cpu()
-
-        self.image_forward = lambda: model.encode_pixels(pixels)
-        self.text_forward = text_forward
+        self.image_forward, self.text_forward = common.query_towers(model, text)
         self.search = lambda: index.search(queries[next(self._next_query) % len(queries)][None], k)
         self.tokenize = lambda: model.backbone.tokenize([text])
 

@@ -439,20 +439,34 @@ def parse_int_list(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x.strip()]
 
 
-def query_forwards(model, seed: int = 0):
-    """A callable timing one query's forwards -- batch-1 image forward on a ready tensor + text forward on
-    ready tokens -- in seconds: the unit the idle and stack diagnoses compare."""
+def query_towers(model, text: str = "is red and sleeveless", seed: int = 0):
+    """(image_forward, text_forward): a query's two batch-1 forwards on ready inputs (a seeded random
+    image tensor, tokens made once), each returning its embedding on the CPU."""
     import torch
+
+    from fashion_search.models.backbone import autocast
 
     size = model.backbone.image_size
     pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    tokens = model.backbone.tokenize(["is red and sleeveless"])
+    tokens = model.backbone.tokenize([text]).to(model.device)
+
+    @torch.inference_mode()
+    def text_forward():
+        with autocast(model.device):
+            return model.backbone.text_features(tokens).float().cpu()
+
+    return (lambda: model.encode_pixels(pixels)), text_forward
+
+
+def query_forwards(model, seed: int = 0):
+    """A callable timing one query's two forwards (query_towers) in seconds: the unit the idle and stack
+    diagnoses compare."""
+    image_forward, text_forward = query_towers(model, seed=seed)
 
     def forwards() -> float:
         started = time.perf_counter()
-        model.encode_pixels(pixels)
-        with torch.inference_mode():
-            model.backbone.text_features(tokens)
+        image_forward()
+        text_forward()
         return time.perf_counter() - started
 
     return forwards
