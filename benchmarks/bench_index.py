@@ -118,12 +118,8 @@ def decode_cost(model, paths: list[Path], device_jpegs: bool = False) -> dict:
     if not paths:
         return {}
     ds = ImagePathsDataset(paths, model.pixel_pipeline, model.backbone.image_size, device_jpegs=device_jpegs)
-    ds[0]  # warm Pillow's and torchvision's lazy imports
-    started = time.perf_counter()
-    for i in range(len(ds)):
-        ds[i]
-    ms = (time.perf_counter() - started) * 1000.0 / len(ds)
-    return {"images": len(ds), "ms_per_image": round(ms, 3), "images_per_s_one_core": round(1000.0 / ms, 2)}
+    ms = common.ms_per_item(ds.__getitem__, range(len(ds)))
+    return {"images": len(ds), "ms_per_image": ms, "images_per_s_one_core": round(1000.0 / ms, 2)}
 
 
 def progress_events(chunks: list[tuple[float, bytes]]) -> list[tuple[float, int, int]]:

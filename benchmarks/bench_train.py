@@ -89,14 +89,12 @@ def ceiling_step(model, batch: dict, cfg, device):
 
 def loader_batches(data_dir: Path, model, cfg, workers: int):
     """The training DataLoader exactly as train() builds it (training.loop.build_train_loader)."""
-    import dataclasses
-
     from fashion_search.data.fashioniq import FashionIQ
     from fashion_search.training.loop import build_train_loader
 
     data = FashionIQ(data_dir)
     categories = [c for c in cfg.categories if c in data.categories("train")]
-    cfg = dataclasses.replace(cfg, categories=categories, workers=workers)
+    cfg = cfg.replace(categories=categories, workers=workers)
     dataset, sampler, loader = build_train_loader(model, data, cfg, model.device)
     return loader, len(sampler), len(dataset)
 

@@ -439,6 +439,15 @@ def parse_int_list(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x.strip()]
 
 
+def ms_per_item(fn, items) -> float:
+    """Mean ms of fn(item) over items, in this thread, after one untimed call (lazy imports, caches)."""
+    fn(items[0])
+    started = time.perf_counter()
+    for item in items:
+        fn(item)
+    return round((time.perf_counter() - started) * 1000.0 / len(items), 3)
+
+
 def query_towers(model, text: str = "is red and sleeveless", seed: int = 0):
     """(image_forward, text_forward): a query's two batch-1 forwards on ready inputs (a seeded random
     image tensor, tokens made once), each returning its embedding on the CPU."""

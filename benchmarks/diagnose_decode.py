@@ -35,14 +35,6 @@ def parse_args():
     return p.parse_args()
 
 
-def per_image_ms(fn, items) -> float:
-    fn(items[0])  # lazy imports
-    started = time.perf_counter()
-    for item in items:
-        fn(item)
-    return round((time.perf_counter() - started) * 1000.0 / len(items), 3)
-
-
 def timed_batch(fn, device, repeat: int) -> dict:
     """Wall and host-CPU ms per call of fn (device synchronised), median over `repeat` after a warm-up."""
     fn()
@@ -87,9 +79,9 @@ def main() -> None:
             "dataset": dataset,
             "nvjpeg": nvjpeg_available(device),
             "cpu": {
-                "decode_to_uint8_ms": per_image_ms(lambda i: cpu_ds[i], sample),
-                "read_and_check_ms": per_image_ms(lambda i: gpu_ds[i], sample),
-                "full_decode_to_uint8_ms": per_image_ms(
+                "decode_to_uint8_ms": common.ms_per_item(lambda i: cpu_ds[i], sample),
+                "read_and_check_ms": common.ms_per_item(lambda i: gpu_ds[i], sample),
+                "full_decode_to_uint8_ms": common.ms_per_item(
                     lambda i: pipeline.to_uint8(load_image(paths[i])), sample
                 ),
             },
