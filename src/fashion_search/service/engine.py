@@ -26,6 +26,7 @@ from fashion_search.index.store import CURRENT, load_index_dir, read_manifest
 from fashion_search.models.checkpoint import create_model, load_checkpoint
 from fashion_search.models.fusion import check_text_weight
 from fashion_search.models.retrieval import RetrievalModel
+from fashion_search.service.model_thread import ModelThread
 
 MAX_K = 1000
 
@@ -124,14 +125,25 @@ class SearchEngine:
 
     The index, its manifest and the derived id set live in one immutable snapshot; each call reads the
     snapshot once, so a concurrent reload() makes it see the old index or the new one, never a mix.
+
+    Every tensor operation (decoding a query to pixels, the forwards, fusion) runs on the engine's
+    ModelThread, one at a time, whichever thread calls, and so does every index search (FAISS uses
+    PyTorch's OpenMP runtime); open() builds the model there too. Why: service/model_thread.py.
     """
 
-    def __init__(self, model: RetrievalModel, index, manifest: dict, index_dir: Path | None = None):
+    def __init__(
+        self,
+        model: RetrievalModel,
+        index,
+        manifest: dict,
+        index_dir: Path | None = None,
+        model_thread: ModelThread | None = None,
+    ):
         check_identity(manifest["model"], model, f"index {index_dir or ''}".strip())
         self.model = model
+        self.model_thread = model_thread or ModelThread()
         self.index_dir = Path(index_dir) if index_dir else None
         self._snap = _Snapshot.of(index, manifest)
-        self._model_lock = threading.Lock()  # one forward at a time: predictable latency, bounded memory
         self._reload_lock = threading.Lock()
         self._image_cache, self._text_cache = _LRU(256), _LRU(1024)
         self._last_check, self._failed_version = 0.0, None
@@ -147,11 +159,21 @@ class SearchEngine:
     ) -> SearchEngine:
         """Load an index and the model that built it (or check that the given one matches)."""
         manifest = read_manifest(Path(index_dir))
-        encoder = _model_for(manifest, checkpoint, model, pretrained, device)
-        # Mapped, not read: the engine never writes to the index, the float32 row store is only paged in
-        # when a query needs it (filters' exact fallback), and server processes share one page-cached copy.
-        index, manifest = load_index_dir(Path(index_dir), mmap=True)
-        return cls(encoder, index, manifest, Path(index_dir))
+        model_thread = ModelThread()
+        try:
+            encoder = model_thread.run(_model_for, manifest, checkpoint, model, pretrained, device)
+            # Mapped, not read: the engine never writes to the index, the float32 row store is only paged
+            # in when a query needs it (filters' exact fallback), and server processes share one
+            # page-cached copy.
+            index, manifest = load_index_dir(Path(index_dir), mmap=True)
+            return cls(encoder, index, manifest, Path(index_dir), model_thread)
+        except BaseException:
+            model_thread.close()
+            raise
+
+    def close(self) -> None:
+        """End the model thread (queued work finishes first); the engine cannot embed queries after."""
+        self.model_thread.close()
 
     # -- the live index version -----------------------------------------------------------------
     @property
@@ -269,12 +291,17 @@ class SearchEngine:
         cached = self._image_cache.get(key)
         if cached is not None:
             return cached
-        with _stage(timings, "decode"):
-            if isinstance(image, Image.Image):
-                pixels = self.model.pixel_pipeline.to_uint8(image)[None]
-            else:
-                pixels = self.query_pixels(raw, max_pixels)
-        emb = self._encode(self.model.encode_pixels, pixels, "image", timings)
+
+        def decode_and_embed() -> torch.Tensor:
+            with _stage(timings, "decode"):
+                if isinstance(image, Image.Image):
+                    pixels = self.model.pixel_pipeline.to_uint8(image)[None]
+                else:
+                    pixels = self.query_pixels(raw, max_pixels)
+            with _stage(timings, "image"):
+                return self.model.encode_pixels(pixels)
+
+        emb = self._on_model_thread(timings, decode_and_embed)
         self._image_cache.put(key, emb)
         return emb
 
@@ -283,6 +310,9 @@ class SearchEngine:
         files (Pillow in JPEG draft mode; nvJPEG when the model runs on CUDA): a query photo that is also
         in the catalog gets that item's own vector back, and a large upload decodes several times
         faster than at full resolution."""
+        return self.model_thread.run(self._query_pixels, raw, max_pixels)
+
+    def _query_pixels(self, raw: bytes, max_pixels: int) -> torch.Tensor:
         if self._device_decoder is not None and device_decodable(raw, max_pixels):
             return self._device_decoder.one(raw, self.model.pixel_pipeline, max_pixels)
         size = self.model.backbone.image_size
@@ -296,14 +326,15 @@ class SearchEngine:
             return DeviceJpegDecoder(pipeline, self.model.device)
         return None
 
-    def _encode(self, encoder, batch, stage: str, timings: dict[str, float] | None) -> torch.Tensor:
+    def _on_model_thread(self, timings: dict[str, float] | None, fn, *args):
+        """fn(*args) on the model thread; the time queued behind other queries' work is stage "wait"."""
         asked = time.perf_counter()
-        with self._model_lock:
-            started = time.perf_counter()
-            emb = encoder(batch)
-        _add(timings, "wait", started - asked)  # behind other requests' forwards
-        _add(timings, stage, time.perf_counter() - started)
-        return emb
+
+        def job():
+            _add(timings, "wait", time.perf_counter() - asked)
+            return fn(*args)
+
+        return self.model_thread.run(job)
 
     def text_embedding(self, text: str, timings: dict[str, float] | None = None) -> torch.Tensor:
         if not isinstance(text, str) or not text.strip():
@@ -311,7 +342,12 @@ class SearchEngine:
         cached = self._text_cache.get(text)
         if cached is not None:
             return cached
-        emb = self._encode(self.model.encode_texts, [text], "text", timings)
+
+        def embed() -> torch.Tensor:
+            with _stage(timings, "text"):
+                return self.model.encode_texts([text])
+
+        emb = self._on_model_thread(timings, embed)
         self._text_cache.put(text, emb)
         return emb
 
@@ -327,7 +363,7 @@ class SearchEngine:
         w = check_text_weight(text_weight)
         if image is not None and text and text.strip():
             img, txt = self.image_embedding(image, timings=timings), self.text_embedding(text, timings)
-            return self.model.compose(img, txt, w)
+            return self._on_model_thread(None, self.model.compose, img, txt, w)
         if image is not None:
             return self.image_embedding(image, timings=timings)
         return self.text_embedding(text, timings)
@@ -357,8 +393,14 @@ class SearchEngine:
         if len(snap.index) == 0:
             return []
         allowed = (lambda i: i.startswith(category + "/")) if category else None
-        with _stage(timings, "search"):
-            scores, ids = snap.index.search(query.numpy(), min(k, len(snap.index)), allowed=allowed)
+
+        def search_index():
+            # On the model thread too: FAISS binds to the OpenMP runtime PyTorch loaded, so a search on
+            # another thread would start the second pool that model_thread.py is there to prevent.
+            with _stage(timings, "search"):
+                return snap.index.search(query.numpy(), min(k, len(snap.index)), allowed=allowed)
+
+        scores, ids = self._on_model_thread(None, search_index)
         return [
             SearchResult(id=i, score=float(s), path=str(snap.catalog_root / i))
             for s, i in zip(scores[0], ids[0])

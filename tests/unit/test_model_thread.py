@@ -1,0 +1,120 @@
+"""Every tensor operation of a SearchEngine runs on its one model thread, whatever thread calls
+(a second OpenMP pool makes CPU forwards ~25% slower: service/model_thread.py)."""
+
+from __future__ import annotations
+
+import functools
+import io
+import threading
+
+import pytest
+
+from fashion_search.service import engine as engine_module
+from fashion_search.service.engine import SearchEngine
+from fashion_search.service.model_thread import ModelThread
+from service_fixtures import COLOURS, build_service_index, garment_image
+
+
+@pytest.fixture(scope="module")
+def service_index(tmp_path_factory):
+    return build_service_index(tmp_path_factory.mktemp("model-thread"))
+
+
+def _recording(fn, seen: list[tuple[str, int]], name: str):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        seen.append((name, threading.get_ident()))
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _jpeg(n: int) -> bytes:
+    buf = io.BytesIO()
+    garment_image(COLOURS[n % len(COLOURS)], period=2 + n, size=(160, 200)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_the_engine_builds_its_model_and_runs_every_tensor_operation_on_one_thread(
+    service_index, monkeypatch
+):
+    seen: list[tuple[str, int]] = []
+    monkeypatch.setattr(engine_module, "_model_for", _recording(engine_module._model_for, seen, "build"))
+    engine = SearchEngine.open(service_index, device="cpu")
+    try:
+        model = engine.model
+        for name in ("encode_pixels", "encode_texts", "compose"):
+            setattr(model, name, _recording(getattr(model, name), seen, name))
+        engine.query_pixels = _recording(engine.query_pixels, seen, "decode")
+        engine.index.search = _recording(engine.index.search, seen, "search")
+
+        callers: list[int] = []
+        errors: list[BaseException] = []
+
+        def query(n: int) -> None:
+            callers.append(threading.get_ident())
+            try:
+                engine.search(image=_jpeg(n), text=f"is darker {n}", text_weight=0.3, k=3)
+                engine.search(image=_jpeg(n), text=f"is darker {n}", text_weight=0.7, k=3)  # cached: compose
+                engine.search(text=f"has stripes {n}", k=3)
+            except BaseException as exc:  # noqa: BLE001 -- reported below, on the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=query, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        query(3)  # and from the test's own thread
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert {name for name, _ in seen} == {
+            "build",
+            "encode_pixels",
+            "encode_texts",
+            "compose",
+            "decode",
+            "search",
+        }
+        assert {ident for _, ident in seen} == {engine.model_thread.ident}
+        assert engine.model_thread.ident not in callers
+    finally:
+        engine.close()
+
+
+def test_the_wait_behind_other_queries_and_the_stages_are_still_timed(service_index):
+    engine = SearchEngine.open(service_index, device="cpu")
+    try:
+        timings: dict[str, float] = {}
+        engine.search(image=_jpeg(5), text="is longer", k=2, timings=timings)
+        assert {"wait", "decode", "image", "text", "search"} <= set(timings)
+        assert all(ms >= 0 for ms in timings.values())
+    finally:
+        engine.close()
+
+
+def test_model_thread_returns_results_raises_errors_and_runs_nested_calls_inline():
+    worker = ModelThread()
+    try:
+        assert worker.run(threading.get_ident) == worker.ident != threading.get_ident()
+        assert worker.run(lambda: worker.run(threading.get_ident)) == worker.ident  # no deadlock
+        with pytest.raises(ZeroDivisionError):
+            worker.run(lambda: 1 / 0)
+        assert worker.run(sum, [1, 2, 3]) == 6  # the thread survives an error
+    finally:
+        worker.close()
+    with pytest.raises(RuntimeError):
+        worker.run(int)
+
+
+def test_an_engine_whose_model_cannot_be_built_leaves_no_thread_behind(service_index, monkeypatch):
+    def broken(*args, **kwargs):
+        raise engine_module.FashionSearchError("no such model")
+
+    monkeypatch.setattr(engine_module, "_model_for", broken)
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(engine_module.FashionSearchError, match="no such model"):
+        SearchEngine.open(service_index, device="cpu")
+    for t in threading.enumerate():
+        if t.ident not in before:
+            t.join(timeout=5)
+            assert not t.is_alive(), f"{t.name} still running"
