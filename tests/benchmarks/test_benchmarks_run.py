@@ -205,6 +205,24 @@ def test_diagnose_index_runs(tmp_path, mode):
         assert results["images"] == 8 and results["samples"]["rows"][0][1] > 0
 
 
+def test_diagnose_threads_runs_every_layout_in_its_own_process(tmp_path):
+    out = tmp_path / "threads.json"
+    cmd = [sys.executable, str(BENCH / "diagnose_threads.py"), "--model", "fs-micro", "--rounds", "2"]
+    cmd += ["--gap", "0.01", "--items", "300", "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    layouts = json.loads(out.read_text())["results"]["layouts"]
+    assert list(layouts) == [
+        "main",
+        "second_thread",
+        "model_thread",
+        "faiss_on_main",
+        "faiss_on_model_thread",
+    ]
+    for row in layouts.values():
+        assert row["image_ms"] > 0 and row["text_ms"] > 0 and row["vs_main"] > 0
+    assert layouts["main"]["threads_in_process"] == 1 and layouts["model_thread"]["threads_in_process"] == 2
+
+
 def _common():
     sys.path.insert(0, str(BENCH))
     try:
