@@ -236,6 +236,7 @@ def measure(index, queries: np.ndarray, truth: np.ndarray, k: int, n_timed: int)
 
 def run_size(data_kind: str, n: int, args, kinds: list[str]) -> dict:
     from fashion_search.index.exact import exact_topk
+    from fashion_search.index.selfcheck import sampled_recall
 
     clusters = args.clusters or max(16, round(math.sqrt(n)))
     common.log(
@@ -300,6 +301,9 @@ def run_size(data_kind: str, n: int, args, kinds: list[str]) -> dict:
             trained = isinstance(index._index, faiss.IndexIVF)
             entry["nlist"] = index._index.nlist if trained else None
             entry["note"] = None if trained else "too few vectors to train: a flat scan"
+        # What every `fashion-search index` run that changes an HNSW/IVF index adds (index/selfcheck.py):
+        # recall@10 on 200 of its own vectors against exact search, at the default settings.
+        entry["selfcheck"] = sampled_recall(index)
         timed = args.exact_queries if kind == "exact" and args.exact_queries else args.queries
         for name, value in sweep_settings(kind, index, args):
             apply_setting(index, name, value)

@@ -125,6 +125,8 @@ def test_bench_ann(runs):
         ]
         exact, flat = run["indexes"][0], run["indexes"][1]
         assert exact["settings"][0]["recall_at_10"] == 1.0 == flat["settings"][0]["recall_at_10"]
+        assert exact["selfcheck"] is None is flat["selfcheck"]  # only approximate indexes are checked
+        assert all(0 <= by_kind["selfcheck"]["recall"] <= 1 for by_kind in run["indexes"][3:])
         assert [s["value"] for s in run["indexes"][3]["settings"]] == [16, 64]
         assert all(i["files_bytes_per_item"] >= 32 * 4 for i in run["indexes"])
         by = {(i["kind"], i["storage"]): i for i in run["indexes"]}
