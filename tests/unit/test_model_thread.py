@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import io
+import multiprocessing
 import threading
 
 import pytest
@@ -118,3 +119,25 @@ def test_an_engine_whose_model_cannot_be_built_leaves_no_thread_behind(service_i
         if t.ident not in before:
             t.join(timeout=5)
             assert not t.is_alive(), f"{t.name} still running"
+
+
+def _run_in_forked_child(worker: ModelThread, answer) -> None:
+    answer.put(worker.run(lambda: 6 * 7))
+
+
+def test_a_forked_child_gets_its_own_model_thread_instead_of_waiting_forever():
+    worker = ModelThread()
+    try:
+        worker.run(int)
+        context = multiprocessing.get_context("fork")
+        answer = context.Queue()
+        child = context.Process(target=_run_in_forked_child, args=(worker, answer))
+        child.start()
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+            pytest.fail("run() in a forked child hung: the inherited pool has no thread there")
+        assert child.exitcode == 0 and answer.get(timeout=5) == 42
+        assert worker.run(lambda: 1) == 1  # the parent's thread is untouched
+    finally:
+        worker.close()

@@ -22,6 +22,7 @@ another thread ~30% slower; index searches therefore run on this thread as well.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -35,13 +36,22 @@ class ModelThread:
     """A single worker thread; run(fn) executes fn there and returns its result (or raises its error)."""
 
     def __init__(self, name: str = "fashion-search-model"):
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._pool = pool
+        self._name = name
+        self._start()
+
+    def _start(self) -> None:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+        self._pool, self._pid = pool, os.getpid()
         self.ident = pool.submit(threading.get_ident).result()
         # An engine dropped without close() must not leave its idle thread behind until exit.
         self._finalizer = weakref.finalize(self, pool.shutdown, wait=False)
 
     def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        if os.getpid() != self._pid and self._finalizer.alive:
+            # A forked child (e.g. a pre-forking server that loaded the engine first) inherits the pool
+            # but not its thread: work submitted there would wait forever. Start the child's own.
+            self._finalizer.detach()
+            self._start()
         if threading.get_ident() == self.ident:  # already here (fn calling back into the engine)
             return fn(*args, **kwargs)
         return self._pool.submit(fn, *args, **kwargs).result()
