@@ -186,7 +186,7 @@ def create_app(
     rate_burst: int | None = None,
     reload_interval: float = 0.0,
 ) -> FastAPI:
-    """The API over an opened engine; the engine's own locks make the threadpool endpoints safe.
+    """The API over an opened engine; the engine's model thread makes the threadpool endpoints safe.
 
     rate_limit: requests per second per client address (0: off), with bursts of `rate_burst`
     (default 2 s worth). reload_interval: seconds between checks for a rebuilt index (0: off).
