@@ -105,10 +105,15 @@ class Ceiling:
         return self.model_thread.run(timed)
 
     def standalone(self, repeat: int, search_repeat: int) -> dict:
-        image = common.time_calls(self.image_forward, repeat, warmup=3, device=self.device)
-        txt = common.time_calls(self.text_forward, repeat, warmup=3, device=self.device)
-        tok = common.time_calls(self.tokenize, repeat, warmup=1)
-        search = common.time_calls(self.search, search_repeat, warmup=5)
+        """Each part timed back to back, on the model thread like sample()."""
+
+        def timed(fn, n: int, warmup: int) -> list[float]:
+            return self.model_thread.run(common.time_calls, fn, n, warmup=warmup, device=self.device)
+
+        image = timed(self.image_forward, repeat, 3)
+        txt = timed(self.text_forward, repeat, 3)
+        tok = timed(self.tokenize, repeat, 1)
+        search = timed(self.search, search_repeat, 5)
         img_ms, txt_ms = common.latency_ms(image), common.latency_ms(txt)
         return {
             "p50_ms": round(img_ms["p50"] + txt_ms["p50"], 3),

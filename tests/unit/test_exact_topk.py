@@ -38,6 +38,8 @@ def _check(matrix, queries, k, rows=None):
         (20_000, 9, 10, 9 * 6000, 4096),  # wide blocks, then floors
         (20_000, 5, 100, 1 << 24, 4096),  # k too large for the sample: partitioned whole
         (30, 4, 50, 1 << 24, 1 << 16),  # k > n: everything, sorted
+        (2000, 400, 10, 400 * 10, 1 << 16),  # blocks exactly k wide: each kept whole, then merged
+        (3000, 2, 10, 2 * 1500, 256),  # low floor threshold: a sample stride below 1 is clamped
     ],
 )
 def test_exact_topk_equals_sorting_every_score(monkeypatch, n, q, k, chunk_pairs, floor_min):
@@ -65,3 +67,16 @@ def test_exact_topk_with_many_equal_scores_and_a_row_subset(monkeypatch):
 def test_exact_topk_of_nothing():
     scores, found = exact_topk(np.zeros((0, 4), np.float32), np.ones((2, 4), np.float32), 5)
     assert scores.shape == found.shape == (2, 0)
+
+
+def test_a_nan_score_does_not_hide_the_rest_of_the_catalog(monkeypatch):
+    monkeypatch.setattr(exact, "_CHUNK_PAIRS", 4 * 5)  # blocks of k = 5 rows: the first is kept whole
+    rng = np.random.default_rng(5)
+    matrix = rng.standard_normal((200, 8)).astype(np.float32)
+    matrix[3] = np.nan  # in the first block
+    queries = np.ascontiguousarray(matrix[[5, 6, 7, 8]])  # each query's best match is in the second block
+    scores, found = exact_topk(matrix, queries, 5)
+    finite = np.delete(np.arange(200), 3)
+    want = _reference(matrix[finite], queries, 5)
+    np.testing.assert_array_equal(scores, want)  # the NaN row is never among the best
+    assert 3 not in found

@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import io
 import multiprocessing
+import sys
 import threading
+import time
 
 import pytest
 
@@ -82,13 +84,34 @@ def test_the_engine_builds_its_model_and_runs_every_tensor_operation_on_one_thre
         engine.close()
 
 
-def test_the_wait_behind_other_queries_and_the_stages_are_still_timed(service_index):
+def test_time_queued_behind_other_work_on_the_model_thread_is_the_wait_stage(service_index):
     engine = SearchEngine.open(service_index, device="cpu")
     try:
+        engine.search(text="warm up", k=2)
+        started = threading.Event()
+
+        def busy() -> None:
+            started.set()
+            time.sleep(0.4)  # another request's forward, say
+
+        other = threading.Thread(target=engine.model_thread.run, args=(busy,))
+        other.start()
+        started.wait(5)
         timings: dict[str, float] = {}
         engine.search(image=_jpeg(5), text="is longer", k=2, timings=timings)
+        other.join()
         assert {"wait", "decode", "image", "text", "search"} <= set(timings)
-        assert all(ms >= 0 for ms in timings.values())
+        assert timings["wait"] >= 300  # ms: the query queued behind `busy`
+        assert timings["image"] < timings["wait"]  # and the forward itself is timed apart from it
+
+        cached: dict[str, float] = {}  # both embeddings cached: fusion and search still queue
+        other = threading.Thread(target=engine.model_thread.run, args=(busy,))
+        started.clear()
+        other.start()
+        started.wait(5)
+        engine.search(image=_jpeg(5), text="is longer", text_weight=0.8, k=2, timings=cached)
+        other.join()
+        assert cached["wait"] >= 300 and "image" not in cached
     finally:
         engine.close()
 
@@ -122,22 +145,38 @@ def test_an_engine_whose_model_cannot_be_built_leaves_no_thread_behind(service_i
 
 
 def _run_in_forked_child(worker: ModelThread, answer) -> None:
-    answer.put(worker.run(lambda: 6 * 7))
+    # Eight threads make the child's first calls at once, as a pre-forked server's request threads do.
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: a race shows up if there is one
+    idents: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def first_call() -> None:
+        barrier.wait()
+        idents.append(worker.run(threading.get_ident))
+
+    threads = [threading.Thread(target=first_call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    answer.put((len(idents), len(set(idents)), worker.run(lambda: 6 * 7)))
 
 
-def test_a_forked_child_gets_its_own_model_thread_instead_of_waiting_forever():
+def test_a_forked_child_gets_one_model_thread_of_its_own_even_when_threads_race_for_it():
     worker = ModelThread()
     try:
         worker.run(int)
         context = multiprocessing.get_context("fork")
-        answer = context.Queue()
-        child = context.Process(target=_run_in_forked_child, args=(worker, answer))
-        child.start()
-        child.join(timeout=30)
-        if child.is_alive():
-            child.kill()
-            pytest.fail("run() in a forked child hung: the inherited pool has no thread there")
-        assert child.exitcode == 0 and answer.get(timeout=5) == 42
+        for _ in range(5):
+            answer = context.Queue()
+            child = context.Process(target=_run_in_forked_child, args=(worker, answer))
+            child.start()
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+                pytest.fail("run() in a forked child hung: a call went to the inherited pool")
+            assert child.exitcode == 0
+            assert answer.get(timeout=5) == (8, 1, 42)  # 8 answers, all from one new model thread
         assert worker.run(lambda: 1) == 1  # the parent's thread is untouched
     finally:
         worker.close()

@@ -37,7 +37,7 @@ def _block_top(sims: np.ndarray, kk: int, floor: np.ndarray | None) -> tuple[np.
         if width < _FLOOR_MIN_COLUMNS or kk * 64 > _SAMPLE_COLUMNS:
             cols = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
             return np.take_along_axis(sims, cols, axis=1), cols
-        sample = sims[:, :: width // _SAMPLE_COLUMNS]
+        sample = sims[:, :: max(1, width // _SAMPLE_COLUMNS)]
         floor = -np.partition(-sample, kk - 1, axis=1)[:, kk - 1]
     out_scores = np.full((rows, kk), -np.inf, dtype=np.float32)
     out_cols = np.full((rows, kk), -1, dtype=np.int64)
@@ -68,7 +68,8 @@ def exact_topk(
     best_scores = best_rows = None
     for start in range(0, n, width):
         sims = np.asarray(queries @ candidates[start : start + width].T, dtype=np.float32)
-        floor = None if best_scores is None else best_scores.min(axis=1)
+        # A NaN among the best so far (only from non-finite input) must not become a floor nothing passes.
+        floor = None if best_scores is None else np.nan_to_num(best_scores, nan=-np.inf).min(axis=1)
         block_scores, block_cols = _block_top(sims, kk, floor)
         block_rows = np.where(block_cols >= 0, block_cols + start, -1)
         if best_scores is None:

@@ -363,7 +363,7 @@ class SearchEngine:
         w = check_text_weight(text_weight)
         if image is not None and text and text.strip():
             img, txt = self.image_embedding(image, timings=timings), self.text_embedding(text, timings)
-            return self._on_model_thread(None, self.model.compose, img, txt, w)
+            return self._on_model_thread(timings, self.model.compose, img, txt, w)
         if image is not None:
             return self.image_embedding(image, timings=timings)
         return self.text_embedding(text, timings)
@@ -400,7 +400,7 @@ class SearchEngine:
             with _stage(timings, "search"):
                 return snap.index.search(query.numpy(), min(k, len(snap.index)), allowed=allowed)
 
-        scores, ids = self._on_model_thread(None, search_index)
+        scores, ids = self._on_model_thread(timings, search_index)
         return [
             SearchResult(id=i, score=float(s), path=str(snap.catalog_root / i))
             for s, i in zip(scores[0], ids[0])

@@ -18,6 +18,11 @@ FAISS counts too: the faiss-cpu wheel ships its own libgomp, but once PyTorch (i
 libraries loaded RTLD_GLOBAL) has put libgomp in the global symbol scope, FAISS's OpenMP calls bind to
 PyTorch's copy (LD_DEBUG=bindings shows it). An HNSW index built on the main thread made the forwards on
 another thread ~30% slower; index searches therefore run on this thread as well.
+
+The price: under concurrent load an upload's decode (~4 ms on the 2-core CPU), a fusion and an index
+search (~2 ms at 100k, HNSW) queue behind whatever forward is running (~140 ms), so a re-weighted query
+with cached embeddings can wait one forward; with both cores already busy in that forward, running them
+beside it would not have been much faster. The engine reports the queueing as the "wait" stage.
 """
 
 from __future__ import annotations
@@ -31,30 +36,52 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+_LIVE: weakref.WeakSet[ModelThread] = weakref.WeakSet()
+
+
+def _fresh_locks_in_child() -> None:
+    # Runs in a forked child before any other of its threads exists: a parent thread may have held the
+    # lock at the moment of the fork, and it would stay held in the child forever.
+    for worker in list(_LIVE):
+        worker._restart_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks_in_child)
+
 
 class ModelThread:
     """A single worker thread; run(fn) executes fn there and returns its result (or raises its error)."""
 
     def __init__(self, name: str = "fashion-search-model"):
         self._name = name
+        self._restart_lock = threading.Lock()
         self._start()
+        _LIVE.add(self)
 
     def _start(self) -> None:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
-        self._pool, self._pid = pool, os.getpid()
-        self.ident = pool.submit(threading.get_ident).result()
+        ident = pool.submit(threading.get_ident).result()
         # An engine dropped without close() must not leave its idle thread behind until exit.
-        self._finalizer = weakref.finalize(self, pool.shutdown, wait=False)
+        finalizer = weakref.finalize(self, pool.shutdown, wait=False)
+        self._pool, self.ident, self._finalizer = pool, ident, finalizer
+        self._pid = os.getpid()  # last: a thread that sees this pid sees this pool and ident
 
     def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        if os.getpid() != self._pid and self._finalizer.alive:
-            # A forked child (e.g. a pre-forking server that loaded the engine first) inherits the pool
-            # but not its thread: work submitted there would wait forever. Start the child's own.
-            self._finalizer.detach()
-            self._start()
+        if self._pid != os.getpid():
+            self._start_in_child()
         if threading.get_ident() == self.ident:  # already here (fn calling back into the engine)
             return fn(*args, **kwargs)
         return self._pool.submit(fn, *args, **kwargs).result()
+
+    def _start_in_child(self) -> None:
+        """A forked child (e.g. a pre-forking server that loaded the engine first) inherits the pool but
+        not its thread: work submitted there would wait forever. The first caller starts the child's
+        own thread; callers arriving meanwhile wait for it rather than start one each."""
+        with self._restart_lock:
+            if self._pid != os.getpid() and self._finalizer.alive:
+                self._finalizer.detach()
+                self._start()
 
     def close(self) -> None:
         """Let queued work finish, then end the thread; a later run() raises RuntimeError."""
