@@ -225,6 +225,16 @@ def test_diagnose_threads_runs_every_layout_in_its_own_process(tmp_path):
     assert layouts["main"]["threads_in_process"] == 1 and layouts["model_thread"]["threads_in_process"] == 2
 
 
+def test_diagnose_compile_runs_eager_and_compiled_forwards(tmp_path):
+    out = tmp_path / "compile.json"
+    cmd = [sys.executable, str(BENCH / "diagnose_compile.py"), "--model", "fs-micro", "--batch-size", "4"]
+    cmd += ["--repeat", "2", "--batch-repeat", "2", "--backend", "eager", "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["results"]["forwards"]
+    assert set(rows) == {"image_batch_1", "text_batch_1", "image_batch_4"}
+    assert all(r["eager_ms"] > 0 and r["compiled_ms"] > 0 and r["first_call_s"] > 0 for r in rows.values())
+
+
 def _common():
     sys.path.insert(0, str(BENCH))
     try:
