@@ -328,6 +328,8 @@ class SearchEngine:
 
     def _on_model_thread(self, timings: dict[str, float] | None, fn, *args):
         """fn(*args) on the model thread; the time queued behind other queries' work is stage "wait"."""
+        if threading.get_ident() == self.model_thread.ident:
+            return fn(*args)  # a call from within a job already there: nothing was queued
         asked = time.perf_counter()
 
         def job():
@@ -389,18 +391,18 @@ class SearchEngine:
             raise FashionSearchError(
                 f"unknown category {category!r} (known: {', '.join(snap.categories) or 'none'})"
             )
-        query = self.query_embedding(image, text, text_weight, timings)
-        if len(snap.index) == 0:
-            return []
         allowed = (lambda i: i.startswith(category + "/")) if category else None
 
-        def search_index():
-            # On the model thread too: FAISS binds to the OpenMP runtime PyTorch loaded, so a search on
-            # another thread would start the second pool that model_thread.py is there to prevent.
+        def embed_and_search():
+            # One hop to the model thread for the whole query; the index search belongs there too:
+            # FAISS binds to the OpenMP runtime PyTorch loaded (model_thread.py).
+            query = self.query_embedding(image, text, text_weight, timings)
+            if len(snap.index) == 0:
+                return [[]], [[]]
             with _stage(timings, "search"):
                 return snap.index.search(query.numpy(), min(k, len(snap.index)), allowed=allowed)
 
-        scores, ids = self._on_model_thread(timings, search_index)
+        scores, ids = self._on_model_thread(timings, embed_and_search)
         return [
             SearchResult(id=i, score=float(s), path=str(snap.catalog_root / i))
             for s, i in zip(scores[0], ids[0])
