@@ -89,20 +89,17 @@ class Ceiling:
         )
         self.tokenize = lambda: model.backbone.tokenize([text])
 
-    def _timed(self, fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        common.sync_device(self.device)
-        return time.perf_counter() - t0
-
     def sample(self) -> tuple[float, float]:
         """(seconds of image + text forward, seconds of one index search), timed on the model thread
         where the engine runs them (the hop to it is the engine's cost, not the ceiling's)."""
 
-        def timed() -> tuple[float, float]:
-            return self._timed(self.image_forward) + self._timed(self.text_forward), self._timed(self.search)
+        def timed(fn) -> float:
+            return common.timed_call(fn, self.device)
 
-        return self.model_thread.run(timed)
+        def sample_all() -> tuple[float, float]:
+            return timed(self.image_forward) + timed(self.text_forward), timed(self.search)
+
+        return self.model_thread.run(sample_all)
 
     def standalone(self, repeat: int, search_repeat: int) -> dict:
         """Each part timed back to back, on the model thread like sample()."""

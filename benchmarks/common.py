@@ -57,6 +57,14 @@ def sync_device(device: Any = None) -> None:
             torch.cuda.synchronize()
 
 
+def timed_call(fn: Callable[[], Any], device: Any = None) -> float:
+    """Seconds of one fn() call, the device's queued work included."""
+    t0 = time.perf_counter()
+    fn()
+    sync_device(device)
+    return time.perf_counter() - t0
+
+
 def time_calls(
     fn: Callable[[], Any], repeat: int, warmup: int = 1, device: Any = None, min_seconds: float = 0.0
 ) -> list[float]:
@@ -71,10 +79,7 @@ def time_calls(
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < repeat or time.perf_counter() - started < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        sync_device(device)
-        samples.append(time.perf_counter() - t0)
+        samples.append(timed_call(fn, device))
     return samples
 
 
@@ -468,8 +473,8 @@ def query_towers(model, text: str = "is red and sleeveless", seed: int = 0):
 
 
 def query_forwards(model, seed: int = 0):
-    """A callable timing one query's two forwards (query_towers) in seconds: the unit the idle and stack
-    diagnoses compare."""
+    """A callable timing one query's two forwards (query_towers) in seconds: the unit the idle diagnosis
+    compares."""
     image_forward, text_forward = query_towers(model, seed=seed)
 
     def forwards() -> float:

@@ -14,7 +14,6 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 
 import common
 
@@ -68,25 +67,21 @@ def measure(args) -> dict:
         for name, fn in towers.items():
             setattr(clip, name, fn)
 
-    def timed(fn) -> float:
-        started = time.perf_counter()
-        fn()
-        common.sync_device(model.device)
-        return time.perf_counter() - started
-
     rows = {}
     for name, (fn, n) in forwards.items():
         use(eager)
-        timed(fn)
+        common.timed_call(fn, model.device)
         use(compiled)
         common.log(f"{name}: compiling (backend {args.backend})")
-        first_s = timed(fn)  # the first call compiles (batch 1 and batch N are separate graphs)
-        timed(fn)
+        first_s = common.timed_call(
+            fn, model.device
+        )  # the first call compiles (batch 1 and batch N are separate graphs)
+        common.timed_call(fn, model.device)
         times = {"eager": [], "compiled": []}
         for _ in range(n):  # alternating, so both see the same drift of the machine's speed
             for variant, towers in (("eager", eager), ("compiled", compiled)):
                 use(towers)
-                times[variant].append(timed(fn))
+                times[variant].append(common.timed_call(fn, model.device))
         eager_ms, compiled_ms = (round(1000 * statistics.median(times[v]), 3) for v in ("eager", "compiled"))
         rows[name] = {
             "eager_ms": eager_ms,

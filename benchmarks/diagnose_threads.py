@@ -19,6 +19,7 @@ woken through the kernel between parallel regions).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -40,14 +41,8 @@ def parse_args():
     p.add_argument("--gap", type=float, default=0.25, help="seconds of idleness before each query")
     p.add_argument("--items", type=int, default=100_000, help="vectors in the faiss_* layouts' HNSW index")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
-    p.add_argument("--child", default=None, help=argparse_hidden())
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one layout, in a child
     return p.parse_args()
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def child(layout: str, args) -> dict:
@@ -67,12 +62,9 @@ def child(layout: str, args) -> dict:
 
         vectors = common.unit_vectors(args.items, model.dim, args.seed)
         index = faiss.IndexHNSWFlat(model.dim, 32, faiss.METRIC_INNER_PRODUCT)
-        on_main = layout == "faiss_on_main"
-        (index.add if on_main else lambda x: worker.run(index.add, x))(vectors)
-        query = vectors[:1]
-        search = (
-            (lambda: index.search(query, 10)) if on_main else (lambda: worker.run(index.search, query, 10))
-        )
+        place = (lambda fn, *a: fn(*a)) if layout == "faiss_on_main" else worker.run
+        place(index.add, vectors)
+        search = lambda: place(index.search, vectors[:1], 10)  # noqa: E731
 
     def one_query() -> tuple[float, float, float, int]:
         before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
