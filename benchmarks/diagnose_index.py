@@ -8,13 +8,8 @@ startup  what a fresh `fashion-search index` process spends before its first bat
          the device and its first forward, the nvJPEG probe, the catalog scan; plus the ten slowest
          imports by `python -X importtime`
 idle     batch-1 image + text forwards (a query's two forwards) right after another forward and after
-         --gap seconds of idleness, in the main thread and in a worker thread (where a server runs
-         them): what a query pays for arriving at an idle process
-stack    the same forwards, after the same idleness, in this process and in a child process that runs
-         them as a server could (`serve_stack_child.py`: plain loop; asyncio loop in the main thread with
-         the forwards in its executor, as uvicorn + a sync endpoint; inline on the loop; the loop in a
-         background thread with the forwards on the main thread; a minimal FastAPI app under uvicorn,
-         sync and async endpoint)
+         --gap seconds of idleness, on the thread that built the model: what a query pays for
+         arriving at an idle process (which thread runs them is diagnose_threads.py's question)
 rss      `build_index` over the images with RSS and Python-traced memory (tracemalloc) sampled every
          --every seconds: whether memory grows with the run, and whether that growth is Python's.
 """
@@ -35,7 +30,7 @@ import common
 
 def parse_args():
     p = common.base_parser(__doc__)
-    p.add_argument("mode", choices=("forward", "rss", "startup", "idle", "stack"))
+    p.add_argument("mode", choices=("forward", "rss", "startup", "idle"))
     p.add_argument("--gap", type=float, default=0.2, help="idle: seconds of idleness before a forward")
     p.add_argument("--rounds", type=int, default=8, help="idle: samples per condition")
     p.add_argument("--device", default=None, help="startup: the device to build the model on")
@@ -189,105 +184,24 @@ def startup(images: Path, args) -> dict:
 
 
 def idle_cost(model, args) -> dict:
-    """Median ms of one batch-1 image + text forward per condition, the conditions interleaved round by
-    round so that a drift of the machine's speed hits them alike."""
-    import concurrent.futures
-
+    """Median ms of one batch-1 image + text forward right after another and after --gap seconds of
+    idleness, the two interleaved round by round so that a drift of the machine's speed hits them alike.
+    All on this thread: a forward on a second thread would start a second OpenMP pool and slow both
+    (diagnose_threads.py)."""
     forwards = common.query_forwards(model, args.seed)
-    worker = concurrent.futures.ThreadPoolExecutor(1)
-    in_worker = lambda: worker.submit(forwards).result()  # noqa: E731
-    conditions = {
-        "main_thread_back_to_back": (0.0, forwards),
-        "main_thread_after_idle": (args.gap, forwards),
-        "worker_thread_back_to_back": (0.0, in_worker),
-        "worker_thread_after_idle": (args.gap, in_worker),
-    }
-    samples: dict[str, list[float]] = {name: [] for name in conditions}
+    samples: dict[str, list[float]] = {"back_to_back": [], "after_idle": []}
     for _ in range(args.rounds):
-        for name, (gap, run) in conditions.items():
-            run()  # every condition starts from a forward in its own thread
+        for name, gap in (("back_to_back", 0.0), ("after_idle", args.gap)):
+            forwards()
             time.sleep(gap)
-            samples[name].append(run())
-    worker.shutdown()
+            samples[name].append(forwards())
     ms = {name: round(1000 * statistics.median(v), 2) for name, v in samples.items()}
     return {
         "gap_s": args.gap,
         "rounds": args.rounds,
         "median_ms": ms,
-        "after_idle_vs_back_to_back": {
-            "main_thread": round(ms["main_thread_after_idle"] / ms["main_thread_back_to_back"], 3),
-            "worker_thread": round(ms["worker_thread_after_idle"] / ms["worker_thread_back_to_back"], 3),
-        },
+        "after_idle_vs_back_to_back": round(ms["after_idle"] / ms["back_to_back"], 3),
     }
-
-
-STACK_MODES = ("plain", "executor", "inline", "loop_in_thread", "uvicorn_sync", "uvicorn_async")
-
-
-def stack_cost(model, args) -> dict:
-    """Median ms of a query's forwards here and in a child per serving mode, alternating here / child,
-    each after --gap seconds of idleness."""
-    import subprocess
-    import sys
-
-    forwards = common.query_forwards(model, args.seed)
-    child_script = str(Path(__file__).with_name("serve_stack_child.py"))
-    out = {}
-    for mode in STACK_MODES:
-        over_http = mode.startswith("uvicorn_")
-        port = common.free_port() if over_http else None
-        child = subprocess.Popen(
-            [sys.executable, child_script, args.model, mode, *([str(port)] if over_http else [])],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            if over_http:
-                import httpx
-
-                client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0)
-                deadline = time.monotonic() + 180
-                while True:  # the app answers once the model is built and uvicorn listens
-                    try:
-                        client.get("/forwards").raise_for_status()
-                        break
-                    except httpx.TransportError:
-                        if child.poll() is not None or time.monotonic() > deadline:
-                            raise RuntimeError(f"serve_stack_child.py {mode} did not start") from None
-                        time.sleep(0.2)
-
-                def in_child(client=client) -> float:
-                    return float(client.get("/forwards").json()["seconds"])
-
-            else:
-                if child.stdout.readline().strip() != "ready":
-                    raise RuntimeError(f"serve_stack_child.py {mode} did not start")
-
-                def in_child(child=child) -> float:
-                    child.stdin.write("go\n")
-                    child.stdin.flush()
-                    return float(child.stdout.readline())
-
-            forwards(), in_child()
-            here, there = [], []
-            for _ in range(args.rounds):
-                time.sleep(args.gap)
-                here.append(forwards())
-                time.sleep(args.gap)
-                there.append(in_child())
-        finally:
-            child.stdin.close()
-            if over_http:
-                child.terminate()
-            child.wait(timeout=60)
-        here_ms, there_ms = 1000 * statistics.median(here), 1000 * statistics.median(there)
-        out[mode] = {
-            "here_ms": round(here_ms, 2),
-            "child_ms": round(there_ms, 2),
-            "ratio": round(there_ms / here_ms, 3),
-        }
-    return {"gap_s": args.gap, "rounds": args.rounds, "modes": out}
 
 
 def main() -> None:
@@ -300,15 +214,13 @@ def main() -> None:
     work = common.work_dir(args.keep, "diagnose-index-")
     try:
         images = Path(args.images) if args.images else work / "images"
-        if not args.images and args.mode not in ("idle", "stack"):
+        if not args.images and args.mode != "idle":
             common.log(f"writing {args.n} JPEGs to {images}")
             common.make_jpeg_folder(images, args.n, args.seed)
         if args.mode == "startup":
             results = startup(images, args)
         elif args.mode == "idle":
             results = idle_cost(create_model(args.model, "none"), args)
-        elif args.mode == "stack":
-            results = stack_cost(create_model(args.model, "none"), args)
         elif args.mode == "forward":
             model = create_model(args.model, "none")
             results = forward(model, sorted(iter_image_files(images)), args)
