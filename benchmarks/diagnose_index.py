@@ -6,7 +6,8 @@ forward  images/s of the model's forward on random tensors, on real preprocessed
 startup  what a fresh `fashion-search index` process spends before its first batch, step by step in a
          fresh interpreter: imports (torch, open_clip, the CLI's modules), model creation, moving it to
          the device and its first forward, the nvJPEG probe, the catalog scan; plus the ten slowest
-         imports by `python -X importtime`
+         imports by `python -X importtime`. open_clip is imported the CLI's way (openclip_import,
+         without `transformers`); `transformers_imported` says whether anything imported it anyway
 idle     batch-1 image + text forwards (a query's two forwards) right after another forward and after
          --gap seconds of idleness, on the thread that built the model: what a query pays for
          arriving at an idle process (which thread runs them is diagnose_threads.py's question)
@@ -136,7 +137,7 @@ def mark(name):
     global t0
     now = time.perf_counter(); steps[name] = round(now - t0, 3); t0 = now
 import torch; mark("import_torch")
-import open_clip; mark("import_open_clip")
+from fashion_search.models.openclip_import import open_clip; mark("import_open_clip")  # as the CLI does
 import fashion_search.cli, fashion_search.index.build, fashion_search.service.engine; mark("import_fashion_search")
 from fashion_search.models.checkpoint import create_model
 model = create_model(sys.argv[1], "none", device="cpu"); mark("create_model_cpu")
@@ -149,7 +150,7 @@ nvjpeg_available(device); mark("nvjpeg_probe")
 from fashion_search.index.build import scan_catalog
 from pathlib import Path
 files = scan_catalog(Path(sys.argv[3]).resolve()); mark("scan_catalog")
-print(json.dumps({"steps_s": steps, "catalog_files": len(files)}))
+print(json.dumps({"steps_s": steps, "catalog_files": len(files), "transformers_imported": "transformers" in sys.modules}))
 """
 
 
@@ -165,7 +166,7 @@ def startup(images: Path, args) -> dict:
             "-X",
             "importtime",
             "-c",
-            "import fashion_search.cli, open_clip, fashion_search.index.build",
+            "import fashion_search.cli, fashion_search.index.build",
         ],
         capture_output=True,
         text=True,

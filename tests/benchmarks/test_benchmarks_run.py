@@ -83,7 +83,7 @@ def test_bench_index(runs):
     assert r["ceiling"]["images_per_s"] > 0 and r["decode_preprocess"]["ms_per_image"] > 0
     run = r["index_run"]
     assert run["images_indexed"] == 48 and run["unchanged"] == 50 and run["skipped"] == 0
-    assert run["phases"]["startup_s"] > 0
+    assert run["phases"]["startup_s"] > 0 and run["build_stages"]["wait_s"] > 0
     # 12 tiny batches can finish between two reads of the progress pipe (seen in CI once the reader
     # shipped uint8): then the script says so instead of inventing a rate.
     steady = run["phases"]["steady_images_per_s"]
@@ -195,6 +195,24 @@ def test_diagnose_index_runs(tmp_path, mode):
         assert all(v > 0 for v in results["median_ms"].values()) and results["after_idle_vs_back_to_back"] > 0
     else:
         assert results["images"] == 8 and results["samples"]["rows"][0][1] > 0
+
+
+def test_diagnose_index_startup_imports_open_clip_the_way_the_cli_does(tmp_path):
+    """A plain `import open_clip` pulls in an installed `transformers` (~10 s on the H200 machine), which
+    the CLI avoids: the start-up diagnosis must time the CLI's import, not that one."""
+    fake = tmp_path / "site" / "transformers"
+    fake.mkdir(parents=True)
+    log = tmp_path / "imported.log"
+    (fake / "__init__.py").write_text(f"open({str(log)!r}, 'a').write('imported')\n")
+    out = tmp_path / "startup.json"
+    cmd = [sys.executable, str(BENCH / "diagnose_index.py"), "startup", "--model", "fs-micro", "--n", "4"]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    subprocess.run(
+        [*cmd, "--device", "cpu", "--out", str(out)], check=True, env=env, capture_output=True, timeout=300
+    )
+    results = json.loads(out.read_text())["results"]
+    assert results["catalog_files"] == 4 and results["steps_s"]["import_open_clip"] >= 0
+    assert results["transformers_imported"] is False and not log.exists()
 
 
 def test_diagnose_threads_runs_every_layout_in_its_own_process(tmp_path):
