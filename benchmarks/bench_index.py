@@ -327,6 +327,9 @@ def main() -> None:
                     # build_index's own time vs. the rest: imports, model creation, interpreter exit.
                     "in_build_s": report.get("seconds"),
                     "outside_build_s": round(wall - report.get("seconds", 0.0), 3),
+                    # Inside build_index: prepare / wait for embeddings / write to the index / save /
+                    # selfcheck (report.json); little "wait" means the index, not the model, set the pace.
+                    "build_stages": report.get("stages"),
                     "memory": run.memory_report(),
                 },
                 "ratios": {

@@ -197,3 +197,24 @@ def test_ahead_in_thread_keeps_order_reraises_and_stops_when_left():
             break
     time.sleep(0.3)
     assert len(produced) <= 3 + 2 + 2  # the consumer's 4, the queue's 2, one in the thread's hand
+
+
+def test_ahead_in_thread_gathers_what_is_ready_in_order_and_still_reraises():
+    def numbers(n, fail=False):
+        yield from range(n)
+        if fail:
+            raise ValueError("bad batch")
+
+    groups = []
+    for group in ahead_in_thread(numbers(40), depth=4, gather=True):
+        groups.append(group)
+        time.sleep(0.02)  # a slow consumer: the producer fills the queue meanwhile
+    assert [x for g in groups for x in g] == list(range(40))
+    assert max(map(len, groups)) > 1 and all(1 <= len(g) <= 4 for g in groups)
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for group in ahead_in_thread(numbers(5, fail=True), depth=8, gather=True):
+            got += group
+            time.sleep(0.05)
+    assert got == list(range(5))  # what came before the error is delivered first

@@ -138,9 +138,17 @@ class _Raised(NamedTuple):
 _END = object()
 
 
-def ahead_in_thread(items: Iterator, depth: int) -> Iterator:
+def _is_item(x) -> bool:
+    return x is not _END and not isinstance(x, _Raised)
+
+
+def ahead_in_thread(items: Iterator, depth: int, gather: bool = False) -> Iterator:
     """Yield what `items` yields, produced by a thread up to `depth` items ahead; its errors re-raised
-    here. Leaving early stops the thread at its next item."""
+    here. Leaving early stops the thread at its next item.
+
+    With `gather=True` it yields lists instead: everything ready at that moment (at least one item, at
+    most `depth`), in order, so a consumer that falls behind catches up in bigger bites.
+    """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -166,12 +174,19 @@ def ahead_in_thread(items: Iterator, depth: int) -> Iterator:
     thread.start()
     try:
         while True:
-            item = ready.get()
-            if item is _END:
+            taken = [ready.get()]
+            while gather and len(taken) < depth and _is_item(taken[-1]):
+                try:
+                    taken.append(ready.get_nowait())
+                except queue.Empty:
+                    break
+            good = taken if _is_item(taken[-1]) else taken[:-1]  # nothing is queued after an end
+            if good:
+                yield good if gather else good[0]
+            if taken[-1] is _END:
                 return
-            if isinstance(item, _Raised):
-                raise item.error
-            yield item
+            if isinstance(taken[-1], _Raised):
+                raise taken[-1].error
     finally:
         stop.set()
         thread.join(timeout=5.0)

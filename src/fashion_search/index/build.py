@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from fashion_search.atomic import atomic_write_json
 from fashion_search.data.images import iter_image_entries
-from fashion_search.data.loading import iter_embedded
+from fashion_search.data.loading import ahead_in_thread, iter_embedded
 from fashion_search.errors import FashionSearchError, IndexMismatchError
 from fashion_search.index.base import choose_index_kind, create_index
 from fashion_search.index.selfcheck import recall_warning, sampled_recall
@@ -47,6 +47,14 @@ class BuildReport:
     index_kind: str = ""
     converted_from: str | None = None  # the kind an automatically chosen index outgrew this run
     ann_recall: dict | None = None  # index.selfcheck.sampled_recall, measured when the index changed
+    # Where build_index's own thread spent its time: scanning the folder, waiting for embeddings, adding
+    # them to the index, saving, measuring recall. "wait" near zero means the index was the bottleneck.
+    stages: dict = field(default_factory=dict)
+
+    def timed(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - since
+        return now
 
     def warnings(self) -> list[str]:
         line = recall_warning(self.ann_recall, self.index_kind)
@@ -112,7 +120,10 @@ def check_identity(manifest_identity: dict, model: RetrievalModel, where: str) -
 
 
 def _write_report(out: Path, report: BuildReport) -> None:
-    atomic_write_json(out / REPORT_NAME, {**report.__dict__, "seconds": round(report.seconds, 3)})
+    stages = {f"{k}_s": round(v, 3) for k, v in report.stages.items()}
+    atomic_write_json(
+        out / REPORT_NAME, {**report.__dict__, "seconds": round(report.seconds, 3), "stages": stages}
+    )
 
 
 def _check_layout(index, kind: str, storage: str | None, out: Path) -> None:
@@ -145,6 +156,24 @@ def _follow_catalog_size(index, n_items: int):
     bigger = create_index(wanted, index.dim, storage=index.storage)
     bigger.add(index.ids(), index.vectors())
     return bigger
+
+
+def _write_groups(embedded, model: RetrievalModel):
+    """Embedded batches in the groups build_index writes them.
+
+    On a GPU the host would sit idle during each forward while the index's own CPU work (HNSW graph
+    insertion: ~1,100 vectors/s per two cores here, docs/BENCHMARKS.md) waits for it, so embedding runs
+    ahead in a thread and the index takes everything ready in one add. On the CPU both would compete
+    for the same cores, and a second thread running OpenMP kernels (faiss, torch) slows the forwards
+    (service/model_thread.py): one thread, one batch at a time.
+    """
+    if _overlap_writes(model):
+        return ahead_in_thread(embedded, depth=16, gather=True)
+    return ([batch] for batch in embedded)
+
+
+def _overlap_writes(model: RetrievalModel) -> bool:
+    return model.device.type == "cuda"
 
 
 def build_index(
@@ -243,27 +272,39 @@ def build_index(
         )
 
     last_save = time.monotonic()
-    batches = iter_embedded(
+    embedded = iter_embedded(
         model, [f.path for f in todo], batch_size=batch_size, workers=workers, progress=False, decode=decode
     )
+    clock = report.timed("prepare", started)  # scan, the existing index, what changed
     with tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress) as bar:
-        for indices, emb, failed in batches:
-            for i, reason in failed:
-                report.skipped.append({"id": todo[i].id, "reason": reason})
-                bad[todo[i].id] = {"sig": todo[i].signature, "reason": reason}
-            if emb is not None:
-                index.add([todo[i].id for i in indices], emb.numpy().astype(np.float32))
-                files.update({todo[i].id: todo[i].signature for i in indices})
-                report.added += len(indices)
-            bar.update(len(indices) + len(failed))
+        for group in _write_groups(embedded, model):
+            clock = report.timed("wait", clock)
+            ids, vectors, done = [], [], 0
+            for indices, emb, failed in group:
+                for i, reason in failed:
+                    report.skipped.append({"id": todo[i].id, "reason": reason})
+                    bad[todo[i].id] = {"sig": todo[i].signature, "reason": reason}
+                if emb is not None:
+                    ids += [todo[i].id for i in indices]
+                    vectors.append(emb.numpy().astype(np.float32, copy=False))
+                done += len(indices) + len(failed)
+            if ids:
+                index.add(ids, np.concatenate(vectors))
+                files.update({i: current[i].signature for i in ids})
+                report.added += len(ids)
+            bar.update(done)
+            clock = report.timed("write", clock)
             if time.monotonic() - last_save >= save_seconds:
                 save()
                 last_save = time.monotonic()
+                clock = report.timed("save", clock)
     save()
+    clock = report.timed("save", clock)
     report.items = len(index)
     report.unchanged = report.items - report.added
     if report.added or report.removed or report.converted_from:
         report.ann_recall = sampled_recall(index)
+        report.timed("selfcheck", clock)
     report.seconds = time.perf_counter() - started
     _write_report(out, report)
     return report

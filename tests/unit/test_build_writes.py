@@ -1,0 +1,81 @@
+"""build_index's write side. On a GPU, embedding runs ahead in a thread and the index takes everything
+ready in one add (index.build._write_groups): that must build exactly the index that one batch at a time
+builds, and a failing write must stop the run with the last save intact."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import write_image
+from fashion_search.index import build
+from fashion_search.index.build import build_index
+from fashion_search.index.faiss_index import FaissIndex
+from fashion_search.index.store import load_index_dir
+
+SOURCE = {"model": "fs-micro", "pretrained": "none", "fusion": "sum", "checkpoint": None}
+
+
+@pytest.fixture
+def shop(tmp_path):
+    root = tmp_path / "shop"
+    for i in range(24):
+        write_image(root / f"item{i:02d}.jpg", ((41 * i) % 256, (97 * i) % 256, (13 * i) % 256))
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def slow_first_add(monkeypatch, calls: list[int], fail_after: int | None = None):
+    """Count the index's adds; the first one is slow, so batches pile up behind it, as behind a big HNSW add."""
+    original = FaissIndex.add
+
+    def add(self, ids, vectors):
+        calls.append(len(ids))
+        if fail_after is not None and len(calls) > fail_after:
+            raise OSError(28, "No space left on device")
+        if len(calls) == 1:
+            time.sleep(0.5)
+        return original(self, ids, vectors)
+
+    monkeypatch.setattr(FaissIndex, "add", add)
+
+
+def test_overlapped_writes_build_the_same_index_in_fewer_adds(shop, tmp_path, micro_model, monkeypatch):
+    kwargs = {"workers": 0, "batch_size": 2, "progress": False, "index_kind": "hnsw"}
+    one_by_one = build_index(shop, tmp_path / "inline", micro_model, SOURCE, **kwargs)
+
+    calls: list[int] = []
+    slow_first_add(monkeypatch, calls)
+    monkeypatch.setattr(build, "_overlap_writes", lambda model: True)
+    gathered = build_index(shop, tmp_path / "ahead", micro_model, SOURCE, **kwargs)
+
+    assert sum(calls) == 24 and len(calls) < 12 and max(calls) > 2  # batches of 2 taken together
+    for field in ("items", "added", "removed", "unchanged", "skipped", "index_kind"):
+        assert getattr(gathered, field) == getattr(one_by_one, field), field
+    (a, ma), (b, mb) = load_index_dir(tmp_path / "inline"), load_index_dir(tmp_path / "ahead")
+    assert a.ids() == b.ids() and np.array_equal(a.vectors(), b.vectors())
+    assert ma["files"] == mb["files"] and ma["skipped"] == mb["skipped"] and "broken.jpg" in mb["skipped"]
+    stages = json.loads((tmp_path / "ahead" / "report.json").read_text())["stages"]
+    assert set(stages) == {"prepare_s", "wait_s", "write_s", "save_s", "selfcheck_s"}
+    assert stages["write_s"] >= 0.5 and sum(stages.values()) <= gathered.seconds + 0.01  # the slow add
+
+
+def test_a_failing_write_stops_the_overlapped_run_and_keeps_the_last_save(
+    shop, tmp_path, micro_model, monkeypatch
+):
+    calls: list[int] = []
+    slow_first_add(monkeypatch, calls, fail_after=1)
+    monkeypatch.setattr(build, "_overlap_writes", lambda model: True)
+    out = tmp_path / "index"
+    with pytest.raises(OSError, match="No space left"):
+        build_index(shop, out, micro_model, SOURCE, workers=0, batch_size=2, progress=False, save_seconds=0)
+    index, manifest = load_index_dir(out)  # the save after the first add
+    assert len(index) == calls[0] and set(manifest["files"]) == set(index.ids())
+    deadline = time.monotonic() + 5
+    while any(t.name == "batch-ahead" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "batch-ahead" for t in threading.enumerate())
