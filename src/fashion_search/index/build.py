@@ -162,10 +162,11 @@ def _write_groups(embedded, model: RetrievalModel):
     """Embedded batches in the groups build_index writes them.
 
     On a GPU the host would sit idle during each forward while the index's own CPU work (HNSW graph
-    insertion: ~1,100 vectors/s per two cores here, docs/BENCHMARKS.md) waits for it, so embedding runs
-    ahead in a thread and the index takes everything ready in one add. On the CPU both would compete
-    for the same cores, and a second thread running OpenMP kernels (faiss, torch) slows the forwards
-    (service/model_thread.py): one thread, one batch at a time.
+    insertion) waits for it, so embedding runs ahead in a thread and the index takes everything ready in
+    one add: bigger adds parallelise better (HNSW on two cores: 1,360 vectors/s in adds of 256, 1,980 in
+    adds of 4,096; docs/BENCHMARKS.md section 1). On the CPU both would compete for the same cores, and
+    a second thread running OpenMP kernels (faiss, torch) slows the forwards (service/model_thread.py):
+    one thread, one batch at a time.
     """
     if _overlap_writes(model):
         return ahead_in_thread(embedded, depth=16, gather=True)
