@@ -27,7 +27,10 @@ def lines(doc: dict, name: str) -> list[str]:
         )
         out.append(f"{name}: agreement {res.get('agreement')}, progressive {res.get('progressive')}")
     if doc.get("benchmark") == "diagnose_index_startup":
-        out.append(f"{name}: {res.get('steps_s')} ({res.get('catalog_files')} files)")
+        out.append(
+            f"{name}: {res.get('steps_s')} ({res.get('catalog_files')} files, "
+            f"transformers imported: {res.get('transformers_imported')})"
+        )
         out.append(f"{name}: slowest imports {res.get('slowest_imports_cumulative_s', [])[:6]}")
     if "engine_composed" in res:
         out.append(
@@ -35,11 +38,13 @@ def lines(doc: dict, name: str) -> list[str]:
             f"engine stages {res['engine_composed'].get('stages_ms')}, "
             f"server stages {res.get('http', {}).get('server_stages_ms')}"
         )
+    if doc.get("benchmark") == "diagnose_compile":
+        out.append(f"{name}: mode {res.get('mode')} on {res.get('device')}: {res.get('forwards')}")
     if "index_run" in res:
         run = res["index_run"]
         out.append(
             f"{name}: {run.get('images_indexed')} images in {run.get('wall_s')} s = {run.get('images_per_s')} img/s, "
-            f"phases {run.get('phases')}, decode {res.get('decode_preprocess')}"
+            f"phases {run.get('phases')}, build stages {run.get('build_stages')}, decode {res.get('decode_preprocess')}"
         )
     return out
 

@@ -242,6 +242,12 @@ def test_diagnose_compile_runs_eager_and_compiled_forwards(tmp_path):
     assert set(rows) == {"image_batch_1", "text_batch_1", "image_batch_4"}
     assert all(r["eager_ms"] > 0 and r["compiled_ms"] > 0 and r["first_call_s"] > 0 for r in rows.values())
 
+    # Batch-1 towers only, in the mode that replays CUDA graphs on a GPU (gpu_suite.sh's compile step).
+    cmd[cmd.index("--batch-size") + 1] = "0"
+    subprocess.run([*cmd, "--mode", "reduce-overhead"], check=True, capture_output=True, timeout=300)
+    doc = json.loads(out.read_text())["results"]
+    assert doc["mode"] == "reduce-overhead" and set(doc["forwards"]) == {"image_batch_1", "text_batch_1"}
+
 
 def _common():
     sys.path.insert(0, str(BENCH))
@@ -296,6 +302,7 @@ def test_gpu_suite_script_runs_its_steps_small_on_cpu(tmp_path):
         "startup",
         "index_gpu_decode_x4",
         "query",
+        "compile_query",
         "train",
     )
     docs = {name: json.loads((out / f"{name}.json").read_text()) for name in names}
@@ -310,6 +317,7 @@ def test_gpu_suite_script_runs_its_steps_small_on_cpu(tmp_path):
     )
     # The closing summary (the device tool returns only the output's tail): a line per goal and decode figures.
     assert "index_cpu_decode: index steady state" in proc.stderr and "device decode+geometry" in proc.stderr
+    assert "compile_query: mode reduce-overhead" in proc.stderr and "build stages {'prepare_s'" in proc.stderr
     assert all(doc["config"]["device"] == "cpu" for doc in docs.values())
 
 
