@@ -11,6 +11,9 @@ startup  what a fresh `fashion-search index` process spends before its first bat
 idle     batch-1 image + text forwards (a query's two forwards) right after another forward and after
          --gap seconds of idleness, on the thread that built the model: what a query pays for
          arriving at an idle process (which thread runs them is diagnose_threads.py's question)
+load     building a model from its checkpoint (`load_checkpoint`, what `index`/`serve`/`search --checkpoint`
+         pay first) against building it with random weights (`create_model ... none`), --rounds each,
+         alternating; the checkpoint is written once from the random-weight model
 rss      `build_index` over the images with RSS and Python-traced memory (tracemalloc) sampled every
          --every seconds: whether memory grows with the run, and whether that growth is Python's.
 """
@@ -31,10 +34,10 @@ import common
 
 def parse_args():
     p = common.base_parser(__doc__)
-    p.add_argument("mode", choices=("forward", "rss", "startup", "idle"))
+    p.add_argument("mode", choices=("forward", "rss", "startup", "idle", "load"))
     p.add_argument("--gap", type=float, default=0.2, help="idle: seconds of idleness before a forward")
     p.add_argument("--rounds", type=int, default=8, help="idle: samples per condition")
-    p.add_argument("--device", default=None, help="startup: the device to build the model on")
+    p.add_argument("--device", default=None, help="startup, load: the device to build the model on")
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--images", default=None, help="a folder of images (default: --n generated JPEGs)")
     p.add_argument("--n", type=int, default=384)
@@ -205,6 +208,34 @@ def idle_cost(model, args) -> dict:
     }
 
 
+def load_cost(work: Path, args) -> dict:
+    from fashion_search.models.checkpoint import (
+        atomic_torch_save,
+        create_model,
+        load_checkpoint,
+        model_payload,
+    )
+
+    path = work / "checkpoint.pt"
+    atomic_torch_save(model_payload(create_model(args.model, "none", device=args.device)), path)
+    samples: dict[str, list[float]] = {"create_model_none": [], "load_checkpoint": []}
+    for _ in range(args.rounds):
+        for name, build in (
+            ("create_model_none", lambda: create_model(args.model, "none", device=args.device)),
+            ("load_checkpoint", lambda: load_checkpoint(path, device=args.device)),
+        ):
+            started = time.perf_counter()
+            build()
+            samples[name].append(time.perf_counter() - started)
+    return {
+        "model": args.model,
+        "checkpoint_mb": round(path.stat().st_size / 2**20, 1),
+        "rounds": args.rounds,
+        "median_s": {name: round(statistics.median(v), 3) for name, v in samples.items()},
+        "all_s": {name: [round(x, 3) for x in v] for name, v in samples.items()},
+    }
+
+
 def main() -> None:
     args = parse_args()
     load0 = os.getloadavg()
@@ -215,11 +246,13 @@ def main() -> None:
     work = common.work_dir(args.keep, "diagnose-index-")
     try:
         images = Path(args.images) if args.images else work / "images"
-        if not args.images and args.mode != "idle":
+        if not args.images and args.mode not in ("idle", "load"):
             common.log(f"writing {args.n} JPEGs to {images}")
             common.make_jpeg_folder(images, args.n, args.seed)
         if args.mode == "startup":
             results = startup(images, args)
+        elif args.mode == "load":
+            results = load_cost(work, args)
         elif args.mode == "idle":
             results = idle_cost(create_model(args.model, "none"), args)
         elif args.mode == "forward":

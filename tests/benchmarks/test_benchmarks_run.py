@@ -178,7 +178,7 @@ def test_memory_sampler_reads_the_expensive_proc_files_rarely(monkeypatch):
     assert calls["tree"] <= 2 and calls["pss"] <= 1  # ~100 samples, yet one tree walk and one PSS read
 
 
-@pytest.mark.parametrize("mode", ["forward", "rss", "idle"])
+@pytest.mark.parametrize("mode", ["forward", "rss", "idle", "load"])
 def test_diagnose_index_runs(tmp_path, mode):
     out = tmp_path / f"{mode}.json"
     cmd = [sys.executable, str(BENCH / "diagnose_index.py"), mode, "--model", "fs-micro", "--n", "8"]
@@ -189,6 +189,11 @@ def test_diagnose_index_runs(tmp_path, mode):
     if mode == "forward":
         assert {"random_tensors", "real_tensors", "reader_workers_1", "reader_workers_0"} <= set(
             results["ratios"]
+        )
+    elif mode == "load":
+        assert (
+            set(results["median_s"]) == {"create_model_none", "load_checkpoint"}
+            and results["checkpoint_mb"] > 0
         )
     elif mode == "idle":
         assert set(results["median_ms"]) == {"back_to_back", "after_idle"}

@@ -135,3 +135,59 @@ def test_transformers_is_imported_only_for_models_that_need_it(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "after fs-micro: False True" in proc.stdout
     assert "after enable: True False" in proc.stdout and log.read_text() == "imported\n"
+
+
+def test_loading_a_checkpoint_skips_the_random_init_and_restores_every_weight(
+    tmp_path, micro_model, monkeypatch
+):
+    from fashion_search.models.checkpoint import (
+        atomic_torch_save,
+        file_sha256,
+        load_checkpoint,
+        model_payload,
+    )
+
+    atomic_torch_save(model_payload(micro_model), tmp_path / "m.pt")
+    calls = []
+    original = torch.nn.init.kaiming_uniform_
+    monkeypatch.setattr(
+        torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: calls.append(1) or original(t, *a, **k)
+    )
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert not calls  # nn.Linear's init never ran: the checkpoint overwrites every weight anyway
+    for (name, a), b in zip(micro_model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert loaded.checkpoint_sha256 == file_sha256(tmp_path / "m.pt")
+    assert torch.nn.init.kaiming_uniform_ is not backbone._left_as_is
+    create_model("fs-micro", "none")
+    assert calls  # random weights are still initialised
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_not_left_uninitialised(tmp_path, micro_model):
+    from fashion_search.models.checkpoint import atomic_torch_save, load_checkpoint, model_payload
+
+    payload = model_payload(micro_model)
+    del payload["state_dict"]["backbone.clip.visual.conv1.weight"]
+    atomic_torch_save(payload, tmp_path / "m.pt")
+    with pytest.raises(FashionSearchError, match="does not fit.*conv1.weight"):
+        load_checkpoint(tmp_path / "m.pt")
+
+
+def test_a_model_built_while_another_skips_its_init_is_still_initialised(micro_model):
+    """torch.nn.init is process-wide: a random-weight model built by a second thread while a checkpoint's
+    model is constructed must wait, not come out with uninitialised weights."""
+    import threading
+
+    reference = create_model("fs-micro", "none")
+    built = {}
+    with backbone.model_construction(init_weights=False):
+        thread = threading.Thread(target=lambda: built.setdefault("m", create_model("fs-micro", "none")))
+        thread.start()
+        thread.join(timeout=0.5)
+        assert thread.is_alive()  # waiting for the lock
+    thread.join(timeout=60)
+    for (name, a), b in zip(reference.state_dict().items(), built["m"].state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(RuntimeError), backbone.model_construction(init_weights=False):
+        raise RuntimeError("construction failed")
+    assert torch.nn.init.normal_ is not backbone._left_as_is  # restored after an error too

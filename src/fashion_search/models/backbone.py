@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -129,6 +130,53 @@ def _resolve_pretrained(model: str, pretrained: str, cache_dir: str | None) -> t
     return cached, {k: cfg[k] for k in keys if k in cfg}
 
 
+# torch.nn.init's in-place initialisers: what nn.Linear, nn.LayerNorm, nn.MultiheadAttention and
+# open_clip's init_parameters call while a model is constructed.
+_INITIALISERS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "eye_",
+    "dirac_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+    "sparse_",
+)
+_BUILD_LOCK = threading.Lock()
+
+
+def _left_as_is(tensor, *args, **kwargs):
+    return tensor
+
+
+@contextlib.contextmanager
+def model_construction(init_weights: bool = True):
+    """Held while a backbone is constructed; `init_weights=False` skips torch.nn.init's random
+    initialisation, for a model whose every weight is loaded right after (open_clip's pretrained load and
+    load_checkpoint are strict: a weight missing from the file is an error, never left as uninitialised
+    memory). ViT-B-32's random init is ~0.8-1 s of a start-up on two cores, spent on numbers the load
+    overwrites. torch.nn.init is process-wide, so every construction here holds one lock: a model built
+    by another thread meanwhile never misses its initialisation."""
+    with _BUILD_LOCK:
+        if init_weights:
+            yield
+            return
+        saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+        try:
+            for name in _INITIALISERS:
+                setattr(torch.nn.init, name, _left_as_is)
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(torch.nn.init, name, fn)
+
+
 @contextlib.contextmanager
 def _logging_disabled(level: int):
     previous = logging.root.manager.disable
@@ -194,8 +242,13 @@ def create_backbone(
     pretrained: str = "none",
     device: torch.device | str | None = None,
     cache_dir: str | None = None,
+    init_weights: bool = True,
 ) -> ClipBackbone:
-    """Build an OpenCLIP backbone by architecture name and weight source."""
+    """Build an OpenCLIP backbone by architecture name and weight source.
+
+    `init_weights=False` (with `pretrained="none"`) leaves the weights uninitialised for a caller that
+    loads all of them next (load_checkpoint); pretrained weights skip the random init by themselves.
+    """
     if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
         compact = ", ".join(COMPACT_MODELS)
         raise FashionSearchError(
@@ -210,7 +263,7 @@ def create_backbone(
         # `--pretrained none` must mean the same weights in every process (an index built with them
         # is queried later by another process), so random initialisation is seeded, without touching
         # the caller's random state.
-        with quiet, torch.random.fork_rng(devices=[]):
+        with quiet, model_construction(init_weights and weights is None), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             clip = open_clip.create_model(
                 model,

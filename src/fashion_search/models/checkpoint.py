@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 from pathlib import Path
@@ -25,10 +26,12 @@ def create_model(
     device: str | torch.device | None = None,
     cache_dir: str | None = None,
     fusion_config: dict | None = None,
+    init_weights: bool = True,
 ) -> RetrievalModel:
-    """A retrieval model from an OpenCLIP architecture name and weight source (see `create_backbone`)."""
+    """A retrieval model from an OpenCLIP architecture name and weight source (see `create_backbone`;
+    `init_weights=False`: the backbone's weights are left for the caller to load)."""
     dev = resolve_device(device)
-    backbone = create_backbone(model, pretrained, device=dev, cache_dir=cache_dir)
+    backbone = create_backbone(model, pretrained, device=dev, cache_dir=cache_dir, init_weights=init_weights)
     config = dict(fusion_config or {})
     config.pop("dim", None)
     return RetrievalModel(backbone, create_fusion(fusion, backbone.dim, **config)).to(dev)
@@ -69,13 +72,22 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None) -> RetrievalModel:
     """Rebuild the trained model; no download happens: the weights come from the checkpoint itself."""
     p = resolve_checkpoint_path(path)
-    payload = read_checkpoint(p)
+    # The file's hash (the identity an index records) is read beside torch.load's read, not after it.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        sha256 = pool.submit(file_sha256, p)
+        model = _model_from_payload(p, read_checkpoint(p), device)
+        model.checkpoint_sha256 = sha256.result()
+    return model
+
+
+def _model_from_payload(p: Path, payload: dict, device) -> RetrievalModel:
     model = create_model(
         payload["backbone"]["model"],
         "none",
         fusion=payload["fusion"]["name"],
         device=device,
         fusion_config=payload["fusion"]["config"],
+        init_weights=False,  # every weight comes from the checkpoint (a strict load)
     )
     model.backbone.spec = type(model.backbone.spec)(**payload["backbone"])
     model.backbone.preprocess_cfg = normalise_preprocess_cfg(payload["preprocess"])
@@ -89,7 +101,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
             f"checkpoint {p} does not fit the current {payload['backbone']['model']} architecture "
             f"({first.strip()}); it was trained with another version of that model config: retrain it"
         ) from None
-    model.checkpoint_sha256 = file_sha256(p)
     return model
 
 
