@@ -191,3 +191,32 @@ def test_a_model_built_while_another_skips_its_init_is_still_initialised(micro_m
     with pytest.raises(RuntimeError), backbone.model_construction(init_weights=False):
         raise RuntimeError("construction failed")
     assert torch.nn.init.normal_ is not backbone._left_as_is  # restored after an error too
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_local_pretrained_file_gives_exactly_its_weights_without_a_random_init(
+    tmp_path, micro_model, monkeypatch, suffix
+):
+    """`--pretrained /path/to/weights` (how real OpenCLIP weights are used offline): loaded strictly by
+    open_clip, so the random init it would overwrite is skipped."""
+    weights = {k: v.clone().contiguous() for k, v in micro_model.backbone.clip.state_dict().items()}
+    path = tmp_path / f"open_clip_model{suffix}"
+    if suffix == ".pt":
+        torch.save(weights, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(weights, str(path))
+    calls = []
+    original = torch.nn.init.kaiming_uniform_
+    monkeypatch.setattr(
+        torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: calls.append(1) or original(t, *a, **k)
+    )
+    model = create_model("fs-micro", str(path))
+    assert not calls and model.backbone.spec.pretrained == str(path)
+    for name, value in model.backbone.clip.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    del weights["visual.conv1.weight"]
+    torch.save(weights, tmp_path / "partial.pt")
+    with pytest.raises(FashionSearchError, match="conv1"):
+        create_model("fs-micro", str(tmp_path / "partial.pt"))
