@@ -44,7 +44,8 @@ def lines(doc: dict, name: str) -> list[str]:
         run = res["index_run"]
         out.append(
             f"{name}: {run.get('images_indexed')} images in {run.get('wall_s')} s = {run.get('images_per_s')} img/s, "
-            f"phases {run.get('phases')}, build stages {run.get('build_stages')}, decode {res.get('decode_preprocess')}"
+            f"phases {run.get('phases')}, build stages {run.get('build_stages')}, "
+            f"first batch {run.get('first_batch_marks')}, decode {res.get('decode_preprocess')}"
         )
     return out
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from fashion_search.errors import FashionSearchError
@@ -47,8 +48,31 @@ def _load_model(args, fusion: str = "sum"):
     return model, index_source(model, path)
 
 
+def _in_background(fn, *args):
+    """Start fn(*args) in a daemon thread (an error elsewhere does not wait for it); the returned
+    function waits for its result, or raises its error."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"background-{fn.__name__}", daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return result
+
+
 def cmd_index(args) -> int:
-    from fashion_search.index.build import build_index
+    from fashion_search.index.build import build_index, scan_catalog
     from fashion_search.index.store import index_exists, read_manifest
 
     if not Path(args.images).is_dir():
@@ -59,12 +83,16 @@ def cmd_index(args) -> int:
         args.checkpoint, args.model, args.pretrained = src.get("checkpoint"), None, None
         if not args.checkpoint:
             args.model, args.pretrained = src["model"], src["pretrained"]
+    # The folder is scanned in a thread while the model is built: both take ~1 s at 50,000 files, and
+    # the scan only lists and stats files (no torch or faiss work on that thread: one OpenMP pool).
+    scanned = _in_background(scan_catalog, Path(args.images).resolve())
     model, source = _load_model(args)
     report = build_index(
         args.images,
         args.out,
         model,
         source,
+        catalog=scanned(),
         batch_size=args.batch_size,
         workers=args.workers,
         decode=args.decode,

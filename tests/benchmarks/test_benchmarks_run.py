@@ -84,6 +84,7 @@ def test_bench_index(runs):
     run = r["index_run"]
     assert run["images_indexed"] == 48 and run["unchanged"] == 50 and run["skipped"] == 0
     assert run["phases"]["startup_s"] > 0 and run["build_stages"]["wait_s"] > 0
+    assert run["first_batch_marks"]["first_written_s"] >= run["first_batch_marks"]["first_loaded_s"] > 0
     # 12 tiny batches can finish between two reads of the progress pipe (seen in CI once the reader
     # shipped uint8): then the script says so instead of inventing a rate.
     steady = run["phases"]["steady_images_per_s"]

@@ -59,7 +59,16 @@ def test_overlapped_writes_build_the_same_index_in_fewer_adds(shop, tmp_path, mi
     (a, ma), (b, mb) = load_index_dir(tmp_path / "inline"), load_index_dir(tmp_path / "ahead")
     assert a.ids() == b.ids() and np.array_equal(a.vectors(), b.vectors())
     assert ma["files"] == mb["files"] and ma["skipped"] == mb["skipped"] and "broken.jpg" in mb["skipped"]
-    stages = json.loads((tmp_path / "ahead" / "report.json").read_text())["stages"]
+    written = json.loads((tmp_path / "ahead" / "report.json").read_text())
+    marks = written["first_batch"]  # the first batch's steps, in order, seconds from the build's start
+    assert list(marks) == [
+        f"{m}_s"
+        for m in ("decode_setup", "first_loaded", "first_on_device", "first_embedded", "first_written")
+    ]
+    assert (
+        list(marks.values()) == sorted(marks.values()) and marks["first_written_s"] >= 0.5
+    )  # after the slow add
+    stages = written["stages"]
     assert set(stages) == {"prepare_s", "wait_s", "write_s", "save_s", "selfcheck_s"}
     assert stages["write_s"] >= 0.5 and sum(stages.values()) <= gathered.seconds + 0.01  # the slow add
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -192,6 +193,12 @@ def ahead_in_thread(items: Iterator, depth: int, gather: bool = False) -> Iterat
         thread.join(timeout=5.0)
 
 
+def _marked(items: Iterator, marks: dict[str, float], name: str) -> Iterator:
+    for item in items:
+        marks.setdefault(name, time.perf_counter())  # atomic under the GIL, from whichever thread
+        yield item
+
+
 def iter_embedded(
     model,
     paths: Sequence[Path],
@@ -200,13 +207,20 @@ def iter_embedded(
     progress: bool = True,
     desc: str = "embedding",
     decode: str = "auto",
+    marks: dict[str, float] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
-    """Yield (indices embedded, their (n, dim) embeddings, [(index, reason) failed]) batch by batch."""
+    """Yield (indices embedded, their (n, dim) embeddings, [(index, reason) failed]) batch by batch.
+
+    `marks` receives the perf_counter() times of the first batch's steps: decode_setup (the decode choice
+    made: on CUDA the nvJPEG probe), first_loaded (from the workers), first_on_device, first_embedded.
+    """
+    marks = {} if marks is None else marks
     workers = default_workers() if workers is None else workers
     pipeline = model.pixel_pipeline
     device = model.device
     on_device = choose_decode(decode, device, pipeline)
     assemble = _BatchAssembler(pipeline, device, DeviceJpegDecoder(pipeline, device) if on_device else None)
+    marks.setdefault("decode_setup", time.perf_counter())
     loader = DataLoader(
         ImagePathsDataset(paths, pipeline, model.backbone.image_size, device_jpegs=on_device),
         batch_size=batch_size,
@@ -216,7 +230,8 @@ def iter_embedded(
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=device.type == "cuda",
     )
-    batches = (assemble(batch) for batch in loader)
+    batches = (assemble(batch) for batch in _marked(loader, marks, "first_loaded"))
+    batches = _marked(batches, marks, "first_on_device")
     if device.type == "cuda":
         # Decode on the device, copies and the forward are all queued on one CUDA stream, so their
         # order holds; issuing the next batch's from a thread keeps the GPU busy while this one's
@@ -225,6 +240,7 @@ def iter_embedded(
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for indices, pixels, failed in batches:
             emb = model.encode_pixels(pixels) if pixels is not None else None
+            marks.setdefault("first_embedded", time.perf_counter())
             bar.update(len(indices) + len(failed))
             yield indices, emb, failed
 

@@ -50,6 +50,9 @@ class BuildReport:
     # Where build_index's own thread spent its time: scanning the folder, waiting for embeddings, adding
     # them to the index, saving, measuring recall. "wait" near zero means the index was the bottleneck.
     stages: dict = field(default_factory=dict)
+    # Seconds from the start of build_index to each step of the first batch (data.loading.iter_embedded's
+    # marks, then first_written): where a run's first-batch wait goes.
+    first_batch: dict = field(default_factory=dict)
 
     def timed(self, stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -190,6 +193,7 @@ def build_index(
     index_storage: str | None = None,
     save_seconds: float | None = None,
     progress: bool = True,
+    catalog: list[CatalogFile] | None = None,
 ) -> BuildReport:
     """Embed every image under `images_dir` into the index at `out_dir` (incrementally).
 
@@ -197,7 +201,8 @@ def build_index(
     model's CUDA device; other formats still go to the workers), "auto" (gpu when possible).
     `index_kind` and `index_storage` (fp32 | fp16, faiss kinds only) shape a new index; for an existing
     one they must match it or be left at their defaults. save_seconds defaults to
-    $FASHION_SEARCH_SAVE_SECONDS or 60 (the variable lets crash tests save often).
+    $FASHION_SEARCH_SAVE_SECONDS or 60 (the variable lets crash tests save often). `catalog` is
+    scan_catalog(images_dir) when the caller has it already (the CLI scans while the model is built).
     """
     started = time.perf_counter()
     if save_seconds is None:
@@ -205,7 +210,7 @@ def build_index(
     root, out = Path(images_dir).resolve(), Path(out_dir)
     if not root.is_dir():
         raise FashionSearchError(f"image folder not found: {images_dir}")
-    catalog = scan_catalog(root)
+    catalog = scan_catalog(root) if catalog is None else catalog
     misnamed = [f.id for f in catalog if not _utf8_name(f.id)]
     catalog = [f for f in catalog if _utf8_name(f.id)]
 
@@ -273,8 +278,15 @@ def build_index(
         )
 
     last_save = time.monotonic()
+    marks: dict[str, float] = {}
     embedded = iter_embedded(
-        model, [f.path for f in todo], batch_size=batch_size, workers=workers, progress=False, decode=decode
+        model,
+        [f.path for f in todo],
+        batch_size=batch_size,
+        workers=workers,
+        progress=False,
+        decode=decode,
+        marks=marks,
     )
     clock = report.timed("prepare", started)  # scan, the existing index, what changed
     with tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress) as bar:
@@ -295,6 +307,7 @@ def build_index(
                 report.added += len(ids)
             bar.update(done)
             clock = report.timed("write", clock)
+            marks.setdefault("first_written", clock)
             if time.monotonic() - last_save >= save_seconds:
                 save()
                 last_save = time.monotonic()
@@ -307,5 +320,8 @@ def build_index(
         report.ann_recall = sampled_recall(index)
         report.timed("selfcheck", clock)
     report.seconds = time.perf_counter() - started
+    report.first_batch = {
+        f"{k}_s": round(t - started, 3) for k, t in sorted(marks.items(), key=lambda kv: kv[1])
+    }
     _write_report(out, report)
     return report
