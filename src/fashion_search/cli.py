@@ -7,9 +7,9 @@ import json
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 
+from fashion_search.background import in_background
 from fashion_search.errors import FashionSearchError
 
 EXIT_USAGE = 2
@@ -48,29 +48,6 @@ def _load_model(args, fusion: str = "sum"):
     return model, index_source(model, path)
 
 
-def _in_background(fn, *args):
-    """Start fn(*args) in a daemon thread (an error elsewhere does not wait for it); the returned
-    function waits for its result, or raises its error."""
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = fn(*args)
-        except BaseException as exc:  # re-raised in the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name=f"background-{fn.__name__}", daemon=True)
-    thread.start()
-
-    def result():
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
-
-    return result
-
-
 def cmd_index(args) -> int:
     from fashion_search.index.build import build_index, scan_catalog
     from fashion_search.index.store import index_exists, read_manifest
@@ -85,7 +62,7 @@ def cmd_index(args) -> int:
             args.model, args.pretrained = src["model"], src["pretrained"]
     # The folder is scanned in a thread while the model is built: both take ~1 s at 50,000 files, and
     # the scan only lists and stats files (no torch or faiss work on that thread: one OpenMP pool).
-    scanned = _in_background(scan_catalog, Path(args.images).resolve())
+    scanned = in_background(scan_catalog, Path(args.images).resolve())
     model, source = _load_model(args)
     report = build_index(
         args.images,

@@ -153,12 +153,13 @@ def test_loading_a_checkpoint_skips_the_random_init_and_restores_every_weight(
     monkeypatch.setattr(
         torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: calls.append(1) or original(t, *a, **k)
     )
+    counting = torch.nn.init.kaiming_uniform_
     loaded = load_checkpoint(tmp_path / "m.pt")
     assert not calls  # nn.Linear's init never ran: the checkpoint overwrites every weight anyway
     for (name, a), b in zip(micro_model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     assert loaded.checkpoint_sha256 == file_sha256(tmp_path / "m.pt")
-    assert torch.nn.init.kaiming_uniform_ is not backbone._left_as_is
+    assert torch.nn.init.kaiming_uniform_ is counting  # put back
     create_model("fs-micro", "none")
     assert calls  # random weights are still initialised
 
@@ -173,24 +174,44 @@ def test_a_checkpoint_missing_a_weight_is_refused_not_left_uninitialised(tmp_pat
         load_checkpoint(tmp_path / "m.pt")
 
 
-def test_a_model_built_while_another_skips_its_init_is_still_initialised(micro_model):
-    """torch.nn.init is process-wide: a random-weight model built by a second thread while a checkpoint's
-    model is constructed must wait, not come out with uninitialised weights."""
+def test_a_model_built_by_another_thread_while_one_skips_its_init_is_still_initialised(micro_model):
+    """torch.nn.init is process-wide: the skip applies to the constructing thread only, and a weight a
+    load would miss is zero, never leftover memory."""
     import threading
 
     reference = create_model("fs-micro", "none")
     built = {}
     with backbone.model_construction(init_weights=False):
+        skipped = torch.nn.init.normal_(torch.full((4,), 7.0))
         thread = threading.Thread(target=lambda: built.setdefault("m", create_model("fs-micro", "none")))
         thread.start()
-        thread.join(timeout=0.5)
-        assert thread.is_alive()  # waiting for the lock
-    thread.join(timeout=60)
+        thread.join(timeout=60)  # not blocked by this construction
+        assert not thread.is_alive()
+    assert torch.equal(skipped, torch.zeros(4))
     for (name, a), b in zip(reference.state_dict().items(), built["m"].state_dict().values()):
         assert torch.equal(a, b), name
+    originals = {name: getattr(torch.nn.init, name) for name in backbone._INITIALISERS}
     with pytest.raises(RuntimeError), backbone.model_construction(init_weights=False):
         raise RuntimeError("construction failed")
-    assert torch.nn.init.normal_ is not backbone._left_as_is  # restored after an error too
+    assert all(
+        getattr(torch.nn.init, name) is fn for name, fn in originals.items()
+    )  # restored after an error
+    assert not torch.equal(torch.nn.init.normal_(torch.zeros(64)), torch.zeros(64))
+
+
+@pytest.mark.parametrize(
+    ("model", "weights", "skips"),
+    [
+        ("ViT-B-32", "/w/open_clip_model.safetensors", True),
+        ("ViT-B-32", "/w/model.pt", True),
+        ("ViT-B-32", None, False),
+        ("ViT-B-32", "/w/ViT-B-32.npz", False),  # big_vision weights: loaded without a strictness check
+        ("local-dir:/w", "/w/model.pt", False),  # finds (or misses) its own weights
+        ("hf-hub:timm/ViT-B-32", "laion2b", False),
+    ],
+)
+def test_the_random_init_is_skipped_only_where_every_weight_is_loaded(model, weights, skips):
+    assert backbone._loads_every_weight(model, weights) is skips
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

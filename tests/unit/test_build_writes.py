@@ -60,31 +60,36 @@ def test_overlapped_writes_build_the_same_index_in_fewer_adds(shop, tmp_path, mi
     assert a.ids() == b.ids() and np.array_equal(a.vectors(), b.vectors())
     assert ma["files"] == mb["files"] and ma["skipped"] == mb["skipped"] and "broken.jpg" in mb["skipped"]
     written = json.loads((tmp_path / "ahead" / "report.json").read_text())
-    marks = written["first_batch"]  # the first batch's steps, in order, seconds from the build's start
-    assert list(marks) == [
-        f"{m}_s"
-        for m in ("decode_setup", "first_loaded", "first_on_device", "first_embedded", "first_written")
-    ]
-    assert (
-        list(marks.values()) == sorted(marks.values()) and marks["first_written_s"] >= 0.5
-    )  # after the slow add
+    marks = written["first_batch"]  # sorted by time: the steps of the first batch came in this order
+    steps = ("decode_setup", "first_loaded", "first_to_device", "first_embedded", "first_written")
+    assert list(marks) == [f"{m}_s" for m in steps] and marks["first_written_s"] >= 0.5  # after the slow add
     stages = written["stages"]
     assert set(stages) == {"prepare_s", "wait_s", "write_s", "save_s", "selfcheck_s"}
     assert stages["write_s"] >= 0.5 and sum(stages.values()) <= gathered.seconds + 0.01  # the slow add
 
 
-def test_a_failing_write_stops_the_overlapped_run_and_keeps_the_last_save(
-    shop, tmp_path, micro_model, monkeypatch
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_failing_write_stops_the_reader_at_once_and_keeps_the_last_save(
+    shop, tmp_path, micro_model, monkeypatch, overlap
 ):
+    """Even while the error's traceback is held (by a caller, a notebook, sys.last_traceback), which keeps
+    build_index's frame and its generators alive: threads and decode workers stop now, not at some
+    garbage collection."""
+    import multiprocessing
+
     calls: list[int] = []
     slow_first_add(monkeypatch, calls, fail_after=1)
-    monkeypatch.setattr(build, "_overlap_writes", lambda model: True)
+    monkeypatch.setattr(build, "_overlap_writes", lambda model: overlap)
     out = tmp_path / "index"
-    with pytest.raises(OSError, match="No space left"):
-        build_index(shop, out, micro_model, SOURCE, workers=0, batch_size=2, progress=False, save_seconds=0)
+    with pytest.raises(OSError, match="No space left") as held:
+        build_index(shop, out, micro_model, SOURCE, workers=1, batch_size=2, progress=False, save_seconds=0)
     index, manifest = load_index_dir(out)  # the save after the first add
     assert len(index) == calls[0] and set(manifest["files"]) == set(index.ids())
-    deadline = time.monotonic() + 5
-    while any(t.name == "batch-ahead" for t in threading.enumerate()) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        multiprocessing.active_children() or any(t.name == "batch-ahead" for t in threading.enumerate())
+    ):
         time.sleep(0.05)
-    assert not any(t.name == "batch-ahead" for t in threading.enumerate())
+    assert not multiprocessing.active_children(), "decode workers left running"
+    assert not any(t.name == "batch-ahead" for t in threading.enumerate()), "reader thread left running"
+    assert held.value.__traceback__ is not None  # the frames were still referenced throughout

@@ -170,6 +170,11 @@ def ahead_in_thread(items: Iterator, depth: int, gather: bool = False) -> Iterat
             put(_END)
         except BaseException as exc:  # handed to the consumer, which raises it in its own thread
             put(_Raised(exc))
+        finally:
+            # Closed here, on the thread that runs it: a generator is closed by the thread it runs on.
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=produce, name="batch-ahead", daemon=True)
     thread.start()
@@ -209,16 +214,21 @@ def iter_embedded(
     decode: str = "auto",
     marks: dict[str, float] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
-    """Yield (indices embedded, their (n, dim) embeddings, [(index, reason) failed]) batch by batch.
+    """An iterator of (indices embedded, their (n, dim) embeddings, [(index, reason) failed]), batch by
+    batch. The reader starts here, on the calling thread: its decode workers are forked before any
+    thread of this pipeline exists, and decode while the caller gets ready.
 
     `marks` receives the perf_counter() times of the first batch's steps: decode_setup (the decode choice
-    made: on CUDA the nvJPEG probe), first_loaded (from the workers), first_on_device, first_embedded.
+    made: on CUDA the nvJPEG probe), first_loaded (from the workers), first_to_device (its copies and
+    device decode queued; the device's work shows in the next mark), first_embedded.
     """
     marks = {} if marks is None else marks
     workers = default_workers() if workers is None else workers
     pipeline = model.pixel_pipeline
     device = model.device
     on_device = choose_decode(decode, device, pipeline)
+    if not paths:
+        return (batch for batch in ())  # no workers to start; a generator, so callers may close() it
     assemble = _BatchAssembler(pipeline, device, DeviceJpegDecoder(pipeline, device) if on_device else None)
     marks.setdefault("decode_setup", time.perf_counter())
     loader = DataLoader(
@@ -230,19 +240,27 @@ def iter_embedded(
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=device.type == "cuda",
     )
-    batches = (assemble(batch) for batch in _marked(loader, marks, "first_loaded"))
-    batches = _marked(batches, marks, "first_on_device")
+    loaded = iter(loader)  # forks the workers now
+    batches = (assemble(batch) for batch in _marked(loaded, marks, "first_loaded"))
+    batches = _marked(batches, marks, "first_to_device")
     if device.type == "cuda":
         # Decode on the device, copies and the forward are all queued on one CUDA stream, so their
         # order holds; issuing the next batch's from a thread keeps the GPU busy while this one's
         # forward runs (without it the host serialises decode -> resize -> forward).
         batches = ahead_in_thread(batches, depth=2)
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for indices, pixels, failed in batches:
-            emb = model.encode_pixels(pixels) if pixels is not None else None
-            marks.setdefault("first_embedded", time.perf_counter())
-            bar.update(len(indices) + len(failed))
-            yield indices, emb, failed
+    return _embedded(model, batches, len(paths), desc, progress, marks)
+
+
+def _embedded(model, batches, total: int, desc: str, progress: bool, marks: dict[str, float]):
+    try:
+        with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+            for indices, pixels, failed in batches:
+                emb = model.encode_pixels(pixels) if pixels is not None else None
+                marks.setdefault("first_embedded", time.perf_counter())
+                bar.update(len(indices) + len(failed))
+                yield indices, emb, failed
+    finally:
+        batches.close()  # stops the thread preparing batches, if any, and with it the workers
 
 
 def embed_paths(

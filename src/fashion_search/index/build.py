@@ -47,8 +47,9 @@ class BuildReport:
     index_kind: str = ""
     converted_from: str | None = None  # the kind an automatically chosen index outgrew this run
     ann_recall: dict | None = None  # index.selfcheck.sampled_recall, measured when the index changed
-    # Where build_index's own thread spent its time: scanning the folder, waiting for embeddings, adding
-    # them to the index, saving, measuring recall. "wait" near zero means the index was the bottleneck.
+    # Where build_index's own thread spent its time: preparing (scanning the folder unless the caller
+    # did, reading the existing index), waiting for embeddings, adding them to the index, saving,
+    # measuring recall. "wait" near zero means the index was the bottleneck.
     stages: dict = field(default_factory=dict)
     # Seconds from the start of build_index to each step of the first batch (data.loading.iter_embedded's
     # marks, then first_written): where a run's first-batch wait goes.
@@ -172,8 +173,13 @@ def _write_groups(embedded, model: RetrievalModel):
     one thread, one batch at a time.
     """
     if _overlap_writes(model):
-        return ahead_in_thread(embedded, depth=16, gather=True)
-    return ([batch] for batch in embedded)
+        yield from ahead_in_thread(embedded, depth=16, gather=True)  # its thread closes `embedded`
+        return
+    try:
+        for batch in embedded:
+            yield [batch]
+    finally:
+        embedded.close()  # now, not whenever a traceback that holds this frame lets go of it
 
 
 def _overlap_writes(model: RetrievalModel) -> bool:
@@ -288,30 +294,36 @@ def build_index(
         decode=decode,
         marks=marks,
     )
-    clock = report.timed("prepare", started)  # scan, the existing index, what changed
-    with tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress) as bar:
-        for group in _write_groups(embedded, model):
-            clock = report.timed("wait", clock)
-            ids, vectors, done = [], [], 0
-            for indices, emb, failed in group:
-                for i, reason in failed:
-                    report.skipped.append({"id": todo[i].id, "reason": reason})
-                    bad[todo[i].id] = {"sig": todo[i].signature, "reason": reason}
-                if emb is not None:
-                    ids += [todo[i].id for i in indices]
-                    vectors.append(emb.numpy().astype(np.float32, copy=False))
-                done += len(indices) + len(failed)
-            if ids:
-                index.add(ids, np.concatenate(vectors))
-                files.update({i: current[i].signature for i in ids})
-                report.added += len(ids)
-            bar.update(done)
-            clock = report.timed("write", clock)
-            marks.setdefault("first_written", clock)
-            if time.monotonic() - last_save >= save_seconds:
-                save()
-                last_save = time.monotonic()
-                clock = report.timed("save", clock)
+    # Scanning the folder (unless the caller did), reading the existing index, finding what changed.
+    clock = report.timed("prepare", started)
+    groups = _write_groups(embedded, model)
+    try:
+        with tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress) as bar:
+            for group in groups:
+                clock = report.timed("wait", clock)
+                ids, vectors, done = [], [], 0
+                for indices, emb, failed in group:
+                    for i, reason in failed:
+                        report.skipped.append({"id": todo[i].id, "reason": reason})
+                        bad[todo[i].id] = {"sig": todo[i].signature, "reason": reason}
+                    if emb is not None:
+                        ids += [todo[i].id for i in indices]
+                        vectors.append(emb.numpy().astype(np.float32, copy=False))
+                    done += len(indices) + len(failed)
+                if ids:
+                    index.add(ids, np.concatenate(vectors))
+                    files.update({i: current[i].signature for i in ids})
+                    report.added += len(ids)
+                bar.update(done)
+                clock = report.timed("write", clock)
+                marks.setdefault("first_written", clock)
+                if time.monotonic() - last_save >= save_seconds:
+                    save()
+                    last_save = time.monotonic()
+                    clock = report.timed("save", clock)
+    finally:
+        groups.close()  # on an error too: stops the threads and decode workers now
+    clock = report.timed("wait", clock)  # the reader's end: workers and threads shutting down
     save()
     clock = report.timed("save", clock)
     report.items = len(index)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -130,8 +131,9 @@ def _resolve_pretrained(model: str, pretrained: str, cache_dir: str | None) -> t
     return cached, {k: cfg[k] for k in keys if k in cfg}
 
 
-# torch.nn.init's in-place initialisers: what nn.Linear, nn.LayerNorm, nn.MultiheadAttention and
-# open_clip's init_parameters call while a model is constructed.
+# torch.nn.init's in-place initialisers, as nn.Linear, nn.LayerNorm and open_clip's init_parameters call
+# them (by attribute of torch.nn.init; modules that import one by name, like nn.MultiheadAttention, keep
+# their own init, which is only a smaller saving).
 _INITIALISERS = (
     "uniform_",
     "normal_",
@@ -148,33 +150,53 @@ _INITIALISERS = (
     "orthogonal_",
     "sparse_",
 )
-_BUILD_LOCK = threading.Lock()
+_SKIP_LOCK = threading.Lock()  # one skipping construction at a time installs and removes the wrappers
+_skipping = threading.local()
 
 
-def _left_as_is(tensor, *args, **kwargs):
-    return tensor
+def _skippable(original):
+    @functools.wraps(original)
+    def initialiser(tensor, *args, **kwargs):
+        if not getattr(_skipping, "active", False):
+            return original(tensor, *args, **kwargs)
+        # A fill, not nothing: should a load ever miss a weight, it is zero in every process (an
+        # obviously broken model), never whatever the memory held.
+        with torch.no_grad():
+            return tensor.zero_()
+
+    return initialiser
 
 
 @contextlib.contextmanager
 def model_construction(init_weights: bool = True):
-    """Held while a backbone is constructed; `init_weights=False` skips torch.nn.init's random
-    initialisation, for a model whose every weight is loaded right after (open_clip's pretrained load and
-    load_checkpoint are strict: a weight missing from the file is an error, never left as uninitialised
-    memory). ViT-B-32's random init is ~0.8-1 s of a start-up on two cores, spent on numbers the load
-    overwrites. torch.nn.init is process-wide, so every construction here holds one lock: a model built
-    by another thread meanwhile never misses its initialisation."""
-    with _BUILD_LOCK:
-        if init_weights:
-            yield
-            return
+    """Around a backbone's construction. `init_weights=False` replaces torch.nn.init's random
+    initialisation by a zero fill on this thread only, for a model whose every weight is loaded right
+    after (load_checkpoint and open_clip's load of a pretrained file are strict: a weight missing from the
+    file is an error). ViT-B-32's random init is ~0.8-1 s of a start-up on two cores, spent on numbers the
+    load overwrites. Other threads constructing models meanwhile initialise theirs as usual."""
+    if init_weights:
+        yield
+        return
+    with _SKIP_LOCK:
         saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, _skippable(fn))
+        _skipping.active = True
         try:
-            for name in _INITIALISERS:
-                setattr(torch.nn.init, name, _left_as_is)
             yield
         finally:
+            _skipping.active = False
             for name, fn in saved.items():
                 setattr(torch.nn.init, name, fn)
+
+
+def _loads_every_weight(model: str, weights: str | None) -> bool:
+    """Whether open_clip's pretrained load overwrites every weight of the model it builds: a full,
+    strict load of a plain config's file. hf-hub:/local-dir: models find (or miss) their own weights
+    and only log when none are found; big_vision .npz/.npy files are loaded without a strictness check."""
+    if weights is None or model.startswith(("hf-hub:", "local-dir:")):
+        return False
+    return not weights.lower().endswith((".npz", ".npy"))
 
 
 @contextlib.contextmanager
@@ -246,8 +268,9 @@ def create_backbone(
 ) -> ClipBackbone:
     """Build an OpenCLIP backbone by architecture name and weight source.
 
-    `init_weights=False` (with `pretrained="none"`) leaves the weights uninitialised for a caller that
-    loads all of them next (load_checkpoint); pretrained weights skip the random init by themselves.
+    `init_weights=False` (with `pretrained="none"`) leaves the weights zero-filled, not random, for a
+    caller that loads all of them next (load_checkpoint); a pretrained file that open_clip loads in full
+    skips the random init by itself (model_construction).
     """
     if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
         compact = ", ".join(COMPACT_MODELS)
@@ -263,7 +286,8 @@ def create_backbone(
         # `--pretrained none` must mean the same weights in every process (an index built with them
         # is queried later by another process), so random initialisation is seeded, without touching
         # the caller's random state.
-        with quiet, model_construction(init_weights and weights is None), torch.random.fork_rng(devices=[]):
+        init = init_weights and not _loads_every_weight(model, weights)
+        with quiet, model_construction(init), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             clip = open_clip.create_model(
                 model,

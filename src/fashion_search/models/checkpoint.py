@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import os
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 
 from fashion_search.atomic import atomic_open
+from fashion_search.background import in_background
 from fashion_search.errors import FashionSearchError
 from fashion_search.models.backbone import create_backbone, normalise_preprocess_cfg, resolve_device
 from fashion_search.models.fusion import create_fusion
@@ -72,11 +72,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None) -> RetrievalModel:
     """Rebuild the trained model; no download happens: the weights come from the checkpoint itself."""
     p = resolve_checkpoint_path(path)
-    # The file's hash (the identity an index records) is read beside torch.load's read, not after it.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        sha256 = pool.submit(file_sha256, p)
-        model = _model_from_payload(p, read_checkpoint(p), device)
-        model.checkpoint_sha256 = sha256.result()
+    # The file's hash (the identity an index records) is read beside torch.load's read, not after it
+    # (hashing is no OpenMP work; a load that fails does not wait for it).
+    sha256 = in_background(file_sha256, p)
+    model = _model_from_payload(p, read_checkpoint(p), device)
+    model.checkpoint_sha256 = sha256()
     return model
 
 
