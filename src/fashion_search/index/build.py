@@ -48,8 +48,8 @@ class BuildReport:
     converted_from: str | None = None  # the kind an automatically chosen index outgrew this run
     ann_recall: dict | None = None  # index.selfcheck.sampled_recall, measured when the index changed
     # Where build_index's own thread spent its time: preparing (scanning the folder unless the caller
-    # did, reading the existing index), waiting for embeddings, adding them to the index, saving,
-    # measuring recall. "wait" near zero means the index was the bottleneck.
+    # did, reading the existing index, starting the reader), waiting for embeddings, adding them to the
+    # index, saving, measuring recall. "wait" near zero means the index was the bottleneck.
     stages: dict = field(default_factory=dict)
     # Seconds from the start of build_index to each step of the first batch (data.loading.iter_embedded's
     # marks, then first_written): where a run's first-batch wait goes.
@@ -294,7 +294,8 @@ def build_index(
         decode=decode,
         marks=marks,
     )
-    # Scanning the folder (unless the caller did), reading the existing index, finding what changed.
+    # Scanning the folder (unless the caller did), reading the existing index, finding what changed,
+    # starting the reader (decode choice, workers forked).
     clock = report.timed("prepare", started)
     groups = _write_groups(embedded, model)
     try:
