@@ -38,6 +38,9 @@ def parse_args():
     )
     p.add_argument("--synth-size", type=int, default=256, help="side of the synthetic images (px)")
     p.add_argument("--workers", type=int, default=2, help="loader workers with --data/--synth")
+    p.add_argument(
+        "--item-sample", type=int, default=32, help="triplets timed one by one on one core (loader cost)"
+    )
     return p.parse_args()
 
 
@@ -96,7 +99,7 @@ def loader_batches(data_dir: Path, model, cfg, workers: int):
     categories = [c for c in cfg.categories if c in data.categories("train")]
     cfg = cfg.replace(categories=categories, workers=workers)
     dataset, sampler, loader = build_train_loader(model, data, cfg, model.device)
-    return loader, len(sampler), len(dataset)
+    return loader, len(sampler), dataset
 
 
 def main() -> None:
@@ -167,7 +170,11 @@ def main() -> None:
         data_dir = tmp
     try:
         if data_dir:
-            loader, batches, triplets = loader_batches(Path(data_dir), model, cfg, args.workers)
+            loader, batches, dataset = loader_batches(Path(data_dir), model, cfg, args.workers)
+            triplets = len(dataset)
+            # One worker's work per triplet on one core (decode two images, paired augmentation, uint8
+            # geometry): how many workers a step needs.
+            item_ms = common.ms_per_item(dataset.__getitem__, list(range(min(args.item_sample, triplets))))
             wanted = args.warmup + args.steps
             if batches < wanted:
                 raise SystemExit(
@@ -192,6 +199,8 @@ def main() -> None:
                 "samples_per_s": round(e2e_sps, 3),
                 "step_ms": common.latency_ms(times),
                 "ratio": common.ratio(e2e_sps, ceil_sps),
+                "item_ms_one_core": item_ms,
+                "item_sample": min(args.item_sample, triplets),
             }
             goals.append(
                 common.goal_row(

@@ -147,6 +147,7 @@ def test_bench_train(runs):
     r = doc["results"]
     assert r["ceiling"]["samples_per_s"] > 0 and r["train_step"]["samples_per_s"] > 0
     assert r["with_loader"]["synthetic"] and r["with_loader"]["samples_per_s"] > 0
+    assert r["with_loader"]["item_ms_one_core"] > 0 and r["with_loader"]["item_sample"] > 0
 
 
 def test_memory_sampler_reads_the_expensive_proc_files_rarely(monkeypatch):

@@ -112,3 +112,25 @@ def test_training_loader_ships_uint8_and_tokens_equal_to_the_float_path(tmp_path
     assert torch.equal(pipeline.normalise(batch["reference"]), torch.stack([w["reference"] for w in want]))
     assert torch.equal(pipeline.normalise(batch["target"]), torch.stack([w["target"] for w in want]))
     assert torch.equal(batch["tokens"], micro_model.backbone.tokenize([w["text"] for w in want]))
+
+
+def test_training_decodes_jpegs_as_the_indexer_and_the_engine_do(tmp_path, micro_model):
+    """Catalog photos and query uploads are decoded in JPEG draft mode (reduced DCT scale, never below
+    the model's input); training must see those same pixels, not a full-size decode resized down."""
+    from fashion_search.config import TrainConfig
+    from fashion_search.data.fashioniq import FashionIQ
+    from fashion_search.data.images import load_image
+    from fashion_search.data.loading import ImagePathsDataset
+    from fashion_search.data.synthetic import generate
+    from fashion_search.training.loop import build_train_loader
+
+    generate(tmp_path / "d", images_per_category=50, image_size=160, progress=False)  # drafts to 40 px
+    data = FashionIQ(tmp_path / "d")
+    cfg = TrainConfig(data=str(tmp_path / "d"), model="fs-micro", batch_size=4, workers=0, augment=False)
+    dataset, _, _ = build_train_loader(micro_model, data, cfg, torch.device("cpu"))
+    item = dataset[0]
+    path = data.image_path(dataset.triplets[0].reference)
+    size = micro_model.backbone.image_size
+    indexed = ImagePathsDataset([path], micro_model.pixel_pipeline, size, device_jpegs=False)[0][1]
+    assert torch.equal(item["reference"], indexed)
+    assert load_image(path, draft_size=(size, size)).size[0] < 160  # the draft did apply

@@ -57,8 +57,13 @@ class TripletDataset(Dataset):
         transform,
         augment: PairAugment | None = None,
         seed: int = 0,
+        draft_size: int | None = None,
     ):
         self.data, self.transform, self.augment, self.seed = data, transform, augment, seed
+        # JPEGs decoded at a reduced DCT scale, never below the model's input size: as the indexer and
+        # the engine decode catalog and query photos, so training sees the pixels serving sees (and a
+        # large JPEG decodes several times faster).
+        self.draft = (draft_size, draft_size) if draft_size else None
         self.triplets: list[Triplet] = []
         self.skipped = 0
         for cat in categories:
@@ -83,7 +88,7 @@ class TripletDataset(Dataset):
         images = []
         for image_id in (t.reference, t.target):
             try:
-                images.append(load_image(self.data.image_path(image_id)))
+                images.append(load_image(self.data.image_path(image_id), draft_size=self.draft))
             except (ImageDecodeError, OSError) as exc:
                 # Reported, not fatal: the loop counts these per epoch in history.json.
                 return {"skipped": {"image": image_id, "reason": str(exc) or type(exc).__name__}}

@@ -118,6 +118,7 @@ def build_train_loader(
         model.pixel_pipeline.to_uint8,
         PairAugment() if cfg.augment else None,
         cfg.seed,
+        draft_size=model.backbone.image_size,
     )
     sampler = GroupedBatchSampler(
         dataset.groups, cfg.batch_size, cfg.hard_negatives, cfg.seed, drop_last=True
