@@ -331,7 +331,8 @@ def main() -> None:
                     # selfcheck (report.json); little "wait" means the index, not the model, set the pace.
                     "build_stages": report.get("stages"),
                     # Seconds from build_index's start to each step of the first batch (the first-batch
-                    # wait split: decode setup, workers' first batch, on the device, embedded, written).
+                    # wait split: decode setup, workers' first batch, queued to the device, embedded,
+                    # written).
                     "first_batch_marks": report.get("first_batch"),
                     "memory": run.memory_report(),
                 },

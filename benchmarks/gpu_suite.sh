@@ -59,9 +59,8 @@ step() {  # name, then the command; its stderr goes to $OUT/name.log
 }
 # Most telling first (a lent GPU's time is short): the GPU decode path over 50,000 files, the start-up
 # split, query latency, the GPU decode path over 200,000 files (start-up weighs a quarter as much; the
-# longest step, and its index is HNSW, so it comes after the query), training, and last the CPU decode
-# path over the same 50,000 files; before training, whether CUDA graphs (torch.compile's reduce-overhead
-# mode) make the launch-bound batch-1 query towers fast.
+# longest step, its index HNSW), whether CUDA graphs (torch.compile's reduce-overhead mode) make the
+# launch-bound batch-1 query towers fast, training, and last the CPU decode path over the 50,000 files.
 step decode "$PY" benchmarks/diagnose_decode.py "${DECODE[@]}"
 step index_gpu_decode "$PY" benchmarks/bench_index.py "${INDEX[@]}" "${IMAGES[@]}" --decode "$ON_DEVICE" --keep "$WORK/idx"
 step startup "$PY" benchmarks/diagnose_index.py startup --images "$WORK/idx/images"

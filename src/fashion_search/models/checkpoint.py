@@ -75,12 +75,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
     # The file's hash (the identity an index records) is read beside torch.load's read, not after it
     # (hashing is no OpenMP work; a load that fails does not wait for it).
     sha256 = in_background(file_sha256, p)
-    model = _model_from_payload(p, read_checkpoint(p), device)
-    model.checkpoint_sha256 = sha256()
-    return model
-
-
-def _model_from_payload(p: Path, payload: dict, device) -> RetrievalModel:
+    payload = read_checkpoint(p)
     model = create_model(
         payload["backbone"]["model"],
         "none",
@@ -101,6 +96,7 @@ def _model_from_payload(p: Path, payload: dict, device) -> RetrievalModel:
             f"checkpoint {p} does not fit the current {payload['backbone']['model']} architecture "
             f"({first.strip()}); it was trained with another version of that model config: retrain it"
         ) from None
+    model.checkpoint_sha256 = sha256()
     return model
 
 
