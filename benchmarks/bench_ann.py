@@ -59,6 +59,13 @@ def parse_args():
         default=0,
         help="add vectors in batches of this size (0: one add, as a bulk load)",
     )
+    p.add_argument(
+        "--idle-gap",
+        type=float,
+        default=0.0,
+        help="also time up to 30 single queries each after this many seconds of idleness, as a server's "
+        "queries arrive (latency_after_idle_ms; 0: off)",
+    )
     return p.parse_args()
 
 
@@ -198,7 +205,7 @@ def after_delete(index, kind: str, base, ids, queries, args) -> dict:
     _, found = exact_topk(base[kept_rows], queries, args.k)
     setting = restore_default(index, kind)
     timed = args.exact_queries if kind == "exact" and args.exact_queries else args.queries
-    result = measure(index, queries, kept_rows[found], args.k, timed)
+    result = measure(index, queries, kept_rows[found], args.k, timed, args.idle_gap)
     dead = index.dead_count() if hasattr(index, "dead_count") else 0
     common.log(
         f"    {kind} after deleting {drop.size}: {delete_s:.3f} s, p50 {result['latency_ms']['p50']:.3f} ms"
@@ -212,14 +219,24 @@ def after_delete(index, kind: str, base, ids, queries, args) -> dict:
     }
 
 
-def measure(index, queries: np.ndarray, truth: np.ndarray, k: int, n_timed: int) -> dict:
-    """Single-query latency (the engine's call), batch throughput and recall@k against exact search."""
+def measure(
+    index, queries: np.ndarray, truth: np.ndarray, k: int, n_timed: int, idle_gap: float = 0.0
+) -> dict:
+    """Single-query latency (the engine's call), batch throughput and recall@k against exact search;
+    with idle_gap, also single queries each after that much idleness (threads asleep, caches cold)."""
     it = iter(range(10**9))
     samples = common.time_calls(
         lambda: index.search(queries[next(it) % len(queries)][None], k),
         repeat=min(n_timed, len(queries)),
         warmup=min(10, len(queries)),
     )
+    after_idle = {}
+    if idle_gap > 0:
+        idle_samples = []
+        for query in queries[: min(30, n_timed)]:
+            time.sleep(idle_gap)
+            idle_samples.append(common.timed_call(lambda q=query: index.search(q[None], k)))
+        after_idle = {"latency_after_idle_ms": common.latency_ms(idle_samples), "idle_gap_s": idle_gap}
     started = time.perf_counter()
     _, found = index.search(queries, k)
     batch_s = time.perf_counter() - started
@@ -229,6 +246,7 @@ def measure(index, queries: np.ndarray, truth: np.ndarray, k: int, n_timed: int)
         hits += len(rows & set(expected.tolist()))
     return {
         "latency_ms": common.latency_ms(samples),
+        **after_idle,
         "batch_qps": round(len(queries) / batch_s, 1),
         f"recall_at_{k}": round(hits / (len(queries) * k), 4),
     }
@@ -307,7 +325,7 @@ def run_size(data_kind: str, n: int, args, kinds: list[str]) -> dict:
         timed = args.exact_queries if kind == "exact" and args.exact_queries else args.queries
         for name, value in sweep_settings(kind, index, args):
             apply_setting(index, name, value)
-            result = measure(index, queries, truth, args.k, timed)
+            result = measure(index, queries, truth, args.k, timed, args.idle_gap)
             entry["settings"].append({"setting": name, "value": value, **result})
             common.log(
                 f"    {kind} {entry['storage']} {name}={value}: p50 {result['latency_ms']['p50']:.3f} ms, "

@@ -28,7 +28,7 @@ ARGS = {
     "ann": [
         "--sizes", "1000", "--dim", "32", "--queries", "20", "--data", "clustered,uniform",
         "--hnsw-ef-search", "16,64", "--ivf-nprobe", "auto,4", "--storage", "fp32,fp16",
-        "--delete-share", "0.05",
+        "--delete-share", "0.05", "--idle-gap", "0.01",
     ],
     "train": [
         "--model", "fs-micro", "--batch-size", "4", "--steps", "1", "--synth", "50", "--synth-size", "32",
@@ -139,6 +139,9 @@ def test_bench_ann(runs):
             assert i["after_delete"]["removed"] == 50 and i["after_delete"]["recall_at_10"] > 0.5
         assert by["hnsw", "fp32"]["after_delete"]["dead_in_faiss"] == 50
         assert by["flat", "fp32"]["after_delete"]["recall_at_10"] == 1.0
+        for i in run["indexes"]:  # --idle-gap: single queries after idleness, timed apart
+            setting = i["settings"][0]
+            assert setting["latency_after_idle_ms"]["n"] == 20 and setting["idle_gap_s"] == 0.01
 
 
 def test_bench_train(runs):

@@ -517,3 +517,36 @@ def test_choose_index_kind_thresholds():
     assert {choose_index_kind(n) for n in (10, 10**6, 10**8)} <= set(INDEX_KINDS)
     with pytest.raises(ValueError):
         choose_index_kind(-1)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_a_single_query_searches_on_one_thread_and_the_setting_is_put_back(kind, data):
+    """faiss's OpenMP team only costs for one query (faiss_index._one_thread_for_one_query); a batch
+    keeps every thread, and the caller's setting -- shared with PyTorch's forwards on the engine's
+    model thread -- is restored, also when the search fails."""
+    ids, vectors, queries = data
+    index = _build(kind, ids, vectors, **CHEAP.get(kind, {}))
+    seen: list[int] = []
+    real = index._index.search
+
+    def spy(*args, **kwargs):
+        seen.append(faiss.omp_get_max_threads())
+        return real(*args, **kwargs)
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        index._index.search = spy
+        index.search(queries[:1], K)
+        index.search(queries[:8], K)
+        assert seen == [1, 2] and faiss.omp_get_max_threads() == 2
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("faiss failed")
+
+        index._index.search = broken
+        with pytest.raises(RuntimeError):
+            index.search(queries[:1], K)
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(before)

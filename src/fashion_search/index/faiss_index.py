@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -70,6 +71,30 @@ HNSW_MAX_DEAD_FRACTION = 0.2
 # k-means trains IVF on at most this many vectors per list (faiss's default, 256, means all of a
 # 1M catalog and minutes of training on 2 cores; 64 per list gives centroids as useful for routing).
 IVF_TRAIN_POINTS_PER_LIST = 64
+
+
+@contextlib.contextmanager
+def _one_thread_for_one_query(n_queries: int):
+    """Search a single query on the calling thread alone: faiss parallelises over queries, and for one
+    query its OpenMP team only costs. On the 2-core VM a flat search of one query at 10k items took
+    0.89-1.45 ms with two threads against 0.52-0.67 with one, and after 0.25 s of idleness (a server
+    between requests: the second thread asleep) 9.6-9.8 against 1.5 ms; HNSW and IVF lost nothing
+    (`benchmarks/bench_ann.py --kinds flat --idle-gap 0.25`, docs/BENCHMARKS.md section 3). faiss's
+    notes on threads say as much: parallelism pays across queries (see facebookresearch/faiss#2953).
+
+    omp_set_num_threads changes only the calling thread's setting, and faiss's OpenMP is the runtime
+    PyTorch loaded (service/model_thread.py): it is put back at once, or the engine's model thread would
+    run its next forward on one core.
+    """
+    before = faiss.omp_get_max_threads()
+    if n_queries != 1 or before == 1:
+        yield
+        return
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 class FaissIndex(VectorIndex):
@@ -229,7 +254,8 @@ class FaissIndex(VectorIndex):
             params = faiss.SearchParametersHNSW(efSearch=max(self.params["efSearch"], k))
             if self.dead_count():
                 params.sel = self._live_selector()
-        scores, labels = self._index.search(queries, k, params=params)
+        with _one_thread_for_one_query(len(queries)):
+            scores, labels = self._index.search(queries, k, params=params)
         n = len(self._labels)
         if n == 0 or self._labels[-1] == n - 1:  # increasing from 0 and ending at n-1: labels are rows
             return scores, labels
