@@ -77,8 +77,8 @@ IVF_TRAIN_POINTS_PER_LIST = 64
 def _one_thread_for_one_query(n_queries: int):
     """Search a single query on the calling thread alone: faiss parallelises over queries, and for one
     query its OpenMP team only costs. On the 2-core VM a flat search of one query at 10k items took
-    0.89-1.45 ms with two threads against 0.52-0.67 with one, and after 0.25 s of idleness (a server
-    between requests: the second thread asleep) 9.6-9.8 against 1.5 ms; HNSW and IVF lost nothing
+    0.89-1.71 ms with two threads against 0.52 with one, and after 0.25 s of idleness (a server between
+    requests: the second thread asleep) 9.6-9.8 against 1.5-1.8 ms; HNSW and IVF lost nothing
     (`benchmarks/bench_ann.py --kinds flat --idle-gap 0.25`, docs/BENCHMARKS.md section 3). faiss's
     notes on threads say as much: parallelism pays across queries (see facebookresearch/faiss#2953).
 
