@@ -243,6 +243,25 @@ def test_diagnose_threads_runs_every_layout_in_its_own_process(tmp_path):
     assert layouts["main"]["threads_in_process"] == 1 and layouts["model_thread"]["threads_in_process"] == 2
 
 
+def test_diagnose_http_times_each_case_through_both_clients(tmp_path):
+    out = tmp_path / "http.json"
+    cmd = [sys.executable, str(BENCH / "diagnose_http.py"), "--items", "300", "--requests", "3"]
+    cmd += ["--gaps", "0,0.01", *TINY_IMAGES, "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    results = json.loads(out.read_text())["results"]
+    assert list(results["cases"]) == [
+        f"{client}/{case}/gap={gap}"
+        for gap in ("0", "0.01")
+        for client in ("raw", "httpx")
+        for case in ("health", "cached", "composed")
+    ]
+    for name, case in results["cases"].items():
+        assert case["round_trip_ms"]["n"] == 3 and case["round_trip_ms"]["p50"] > 0
+        # The server's own took_ms is inside the round trip: what is left is HTTP's share.
+        assert ("overhead_ms" in case) == ("health" not in name)
+        assert case.get("overhead_ms", 1.0) > 0
+
+
 def test_diagnose_compile_runs_eager_and_compiled_forwards(tmp_path):
     out = tmp_path / "compile.json"
     cmd = [sys.executable, str(BENCH / "diagnose_compile.py"), "--model", "fs-micro", "--batch-size", "4"]

@@ -130,6 +130,47 @@ def test_model_thread_returns_results_raises_errors_and_runs_nested_calls_inline
         worker.run(int)
 
 
+def test_submit_returns_a_future_and_runs_inline_on_the_thread_itself():
+    worker = ModelThread()
+    try:
+        assert worker.submit(threading.get_ident).result(timeout=5) == worker.ident
+        assert worker.submit(lambda: 1 / 0).exception(timeout=5).__class__ is ZeroDivisionError
+        # From the thread itself: done at once (queueing behind itself would never finish).
+        inner = worker.run(lambda: worker.submit(threading.get_ident))
+        assert inner.done() and inner.result() == worker.ident
+        failed = worker.run(lambda: worker.submit(lambda: 1 / 0))
+        assert failed.done() and isinstance(failed.exception(), ZeroDivisionError)
+    finally:
+        worker.close()
+
+
+def test_search_future_is_search_as_one_job_on_the_model_thread(service_index):
+    engine = SearchEngine.open(service_index, device="cpu")
+    try:
+        image = _jpeg(7)
+        expected = engine.search(image=image, text="is wider", text_weight=0.4, k=4)
+        engine._image_cache.data.clear()  # so that the future's job decodes and embeds again
+        engine._text_cache.data.clear()
+        jobs: list[int] = []
+        real_submit = engine.model_thread._pool.submit
+
+        def counting_submit(*args, **kwargs):
+            jobs.append(1)
+            return real_submit(*args, **kwargs)
+
+        engine.model_thread._pool.submit = counting_submit
+        timings: dict[str, float] = {}
+        future = engine.search_future(image=image, text="is wider", text_weight=0.4, k=4, timings=timings)
+        assert future.result(timeout=30) == expected
+        assert len(jobs) == 1 and {"wait", "decode", "image", "text", "search"} <= set(timings)
+        with pytest.raises(engine_module.FashionSearchError, match="k must be"):
+            engine.search_future(text="x", k=0).result(timeout=30)  # errors come out of the future
+        with pytest.raises(engine_module.FashionSearchError, match="pixels"):  # the caller's limit applies
+            engine.search_future(image=_jpeg(8), max_pixels=100).result(timeout=30)
+    finally:
+        engine.close()
+
+
 def test_an_engine_whose_model_cannot_be_built_leaves_no_thread_behind(service_index, monkeypatch):
     def broken(*args, **kwargs):
         raise engine_module.FashionSearchError("no such model")

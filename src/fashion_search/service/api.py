@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -186,7 +187,7 @@ def create_app(
     rate_burst: int | None = None,
     reload_interval: float = 0.0,
 ) -> FastAPI:
-    """The API over an opened engine; the engine's model thread makes the threadpool endpoints safe.
+    """The API over an opened engine; every tensor operation and index search runs on its model thread.
 
     rate_limit: requests per second per client address (0: off), with bursts of `rate_burst`
     (default 2 s worth). reload_interval: seconds between checks for a rebuilt index (0: off).
@@ -218,7 +219,8 @@ def create_app(
     _install_error_handlers(app, engine)
 
     @app.get("/health", response_model=Health)
-    def health() -> Health:
+    async def health() -> Health:
+        # On the event loop: a load balancer's probe needs no thread, and len() only reads a snapshot.
         return Health(status="ok", items=len(engine))
 
     @app.get("/info")
@@ -227,7 +229,7 @@ def create_app(
         return {key: value for key, value in engine.info().items() if key != "catalog_root"}
 
     @app.post("/search", response_model=SearchResponse)
-    def search(
+    async def search(
         request: Request,
         response: Response,
         image: Annotated[UploadFile | None, File(description="reference garment photo")] = None,
@@ -248,19 +250,21 @@ def create_app(
         if text is not None and len(text) > max_text_chars:
             # Checked here, not by Form(max_length=...): the limit is per app, annotations are per module.
             raise HTTPException(422, f"text is longer than {max_text_chars:,} characters")
-        data = _read_upload(image, max_upload_bytes)
+        data = await _read_upload(image, max_upload_bytes)
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        if data is not None:
-            # Decoding here (not in engine.search) applies the API's stricter pixel limit.
-            engine.image_embedding(data, max_pixels=max_pixels, timings=timings)
-        results = engine.search(
-            image=data,
-            text=text or None,
-            text_weight=text_weight,
-            k=k,
-            category=category or None,
-            timings=timings,
+        # Async, and the whole query one job on the engine's model thread: the loop awaits it without
+        # a pool thread in between (engine.search_future). The API's stricter pixel limit applies.
+        results = await asyncio.wrap_future(
+            engine.search_future(
+                image=data,
+                text=text or None,
+                text_weight=text_weight,
+                k=k,
+                category=category or None,
+                timings=timings,
+                max_pixels=max_pixels,
+            )
         )
         took = (time.perf_counter() - started) * 1000.0
         # W3C Server-Timing: browsers' dev tools and clients see where the time went (stages not run,
@@ -302,11 +306,11 @@ def create_app(
     return app
 
 
-def _read_upload(image: UploadFile | None, limit: int) -> bytes | None:
+async def _read_upload(image: UploadFile | None, limit: int) -> bytes | None:
     """The uploaded bytes, at most `limit` of them; None when the form's file field was left empty."""
     if image is None:
         return None
-    data = image.file.read(limit + 1)
+    data = await image.read(limit + 1)  # from memory; a part spooled to disk is read in a thread
     if len(data) > limit:
         raise HTTPException(413, f"image too large (limit {limit:,} bytes)")
     if not data and not image.filename:

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -359,15 +360,17 @@ class SearchEngine:
         text: str | None = None,
         text_weight: float | None = None,
         timings: dict[str, float] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> torch.Tensor:
         if image is None and not (text and text.strip()):
             raise FashionSearchError("give a query image, a text, or both")
         w = check_text_weight(text_weight)
         if image is not None and text and text.strip():
-            img, txt = self.image_embedding(image, timings=timings), self.text_embedding(text, timings)
+            img = self.image_embedding(image, max_pixels, timings)
+            txt = self.text_embedding(text, timings)
             return self._on_model_thread(timings, self.model.compose, img, txt, w)
         if image is not None:
-            return self.image_embedding(image, timings=timings)
+            return self.image_embedding(image, max_pixels, timings)
         return self.text_embedding(text, timings)
 
     # -- search --------------------------------------------------------------------------------
@@ -379,10 +382,12 @@ class SearchEngine:
         k: int = 10,
         category: str | None = None,
         timings: dict[str, float] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> list[SearchResult]:
         """Best-first results; w=0 ranks by the image alone, w=1 by the text alone.
 
         `timings` receives milliseconds per stage (see image_embedding; "search" for the index).
+        `max_pixels` bounds a query image's decode (a server sets it lower for strangers' uploads).
         """
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise FashionSearchError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
@@ -396,7 +401,7 @@ class SearchEngine:
         def embed_and_search():
             # One hop to the model thread for the whole query; the index search belongs there too:
             # FAISS binds to the OpenMP runtime PyTorch loaded (model_thread.py).
-            query = self.query_embedding(image, text, text_weight, timings)
+            query = self.query_embedding(image, text, text_weight, timings, max_pixels)
             if len(snap.index) == 0:
                 return [[]], [[]]
             with _stage(timings, "search"):
@@ -407,3 +412,28 @@ class SearchEngine:
             SearchResult(id=i, score=float(s), path=str(snap.catalog_root / i))
             for s, i in zip(scores[0], ids[0])
         ]
+
+    def search_future(
+        self,
+        image=None,
+        text: str | None = None,
+        text_weight: float | None = None,
+        k: int = 10,
+        category: str | None = None,
+        timings: dict[str, float] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Future[list[SearchResult]]:
+        """search() as one job queued on the model thread, returned as a future; errors surface from it.
+
+        For asyncio servers (`await asyncio.wrap_future(engine.search_future(...))`): the event loop
+        hands the whole query to the model thread and is woken once with the answer, where a sync
+        endpoint takes a pool thread that hands each step to the model thread and waits. Each hand-off
+        wakes a sleeping thread; on an idle machine that costs (docs/BENCHMARKS.md section 2).
+        """
+        asked = time.perf_counter()
+
+        def job() -> list[SearchResult]:
+            _add(timings, "wait", time.perf_counter() - asked)
+            return self.search(image, text, text_weight, k, category, timings, max_pixels)
+
+        return self.model_thread.submit(job)

@@ -10,8 +10,9 @@ its workers sleep and are woken through the kernel hundreds of times per forward
 image + text forwards of ViT-B-32 took ~171 ms on a second thread against ~137 ms on the thread that
 built the model, with ~770 instead of 0 voluntary context switches per query; built and run on one
 dedicated thread they are as fast as on the main thread.
-A FastAPI server (sync endpoints run in a pool of threads), Streamlit (a thread per script run) and
-user code calling from several threads all hit that; routing every tensor operation through this one
+A FastAPI server (sync endpoints run in a pool of threads; the API's search endpoint is async and
+hands its query over with submit()), Streamlit (a thread per script run) and user code calling from
+several threads all hit that; routing every tensor operation through this one
 thread keeps a single OpenMP pool, and also serialises forwards (one at a time: predictable latency,
 bounded memory), which the engine's model lock used to do.
 
@@ -32,7 +33,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -69,11 +70,29 @@ class ModelThread:
         self._pid = os.getpid()  # last: a thread that sees this pid sees this pool and ident
 
     def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        if self._pid != os.getpid():
-            self._start_in_child()
-        if threading.get_ident() == self.ident:  # already here (fn calling back into the engine)
+        if self._called_on_it():  # already here (fn calling back into the engine)
             return fn(*args, **kwargs)
         return self._pool.submit(fn, *args, **kwargs).result()
+
+    def submit(self, fn: Callable[..., T], *args, **kwargs) -> Future[T]:
+        """fn(*args) queued on the thread, as a future. An asyncio server awaits it
+        (asyncio.wrap_future) instead of parking a pool thread in run(): one hand-off each way rather
+        than three, which matters on a GPU, whose forwards take a few ms. On the thread itself fn runs
+        at once (queueing behind itself would never finish)."""
+        if not self._called_on_it():
+            return self._pool.submit(fn, *args, **kwargs)
+        done: Future[T] = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
+
+    def _called_on_it(self) -> bool:
+        # The fork check comes first: in a forked child a new thread may reuse the parent's thread id.
+        if self._pid != os.getpid():
+            self._start_in_child()
+        return threading.get_ident() == self.ident
 
     def _start_in_child(self) -> None:
         """A forked child (e.g. a pre-forking server that loaded the engine first) inherits the pool but
