@@ -48,6 +48,7 @@ def parse_args():
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--min-px", type=int, default=400, help="smallest query image side")
     p.add_argument("--max-px", type=int, default=1000, help="largest query image side")
+    p.add_argument("--device", default=None, help="the server's --device (default: the best available)")
     p.add_argument("--keep", default=None, metavar="DIR", help="keep the index under DIR")
     return p.parse_args()
 
@@ -161,7 +162,7 @@ def main() -> None:
         same = itertools.repeat((images[0], "is red and sleeveless"))
 
         port = common.free_port()
-        server = common.start_server(index_dir, port)
+        server = common.start_server(index_dir, port, args.device)
         ready_s = common.wait_healthy(server, f"http://127.0.0.1:{port}")
         common.log(f"server healthy after {ready_s:.1f}s; {args.requests} requests per case")
         cases: dict[str, dict] = {}
@@ -177,6 +178,7 @@ def main() -> None:
                     client.close()
         results = {
             "model": args.model,
+            "device": args.device or "auto",
             "items": args.items,
             "index": built,
             "query_jpeg_kb_mean": round(sum(map(len, images)) / len(images) / 1024, 1),

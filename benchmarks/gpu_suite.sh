@@ -11,7 +11,8 @@
 #   export PYTHONPATH=/tmp/site:$PWD/src && OUT=/tmp/res timeout 540 bash benchmarks/gpu_suite.sh;
 #   tar czf $OUT/gpu_results.tgz -C /tmp res
 # SCALE=small runs the same steps tiny (a check of the script itself, on any machine; DEVICE=cpu).
-# SKIP_CPU_DECODE=1, SKIP_LARGE=1, SKIP_COMPILE=1, SKIP_TRAIN=1 leave those steps out (a short rerun).
+# SKIP_CPU_DECODE=1, SKIP_LARGE=1, SKIP_COMPILE=1, SKIP_TRAIN=1, SKIP_HTTP=1 leave those steps out (a short
+# rerun).
 set -uo pipefail
 
 PY=${PY:-python3}
@@ -32,6 +33,7 @@ if [ "${SCALE:-full}" = small ]; then
            --min-px 48 --max-px 96)
     TRAIN=(--model fs-micro --batch-size 8 --steps 2 --warmup 1 --synth 60 --synth-size 48 --workers 1)
     COMPILE=(--model fs-micro --repeat 2 --backend eager)
+    HTTP=(--items 300 --requests 3 --gaps 0,0.01 --min-px 48 --max-px 96)
 else
     DECODE=(--n 256 --repeat 5)
     # 2,000 distinct JPEGs of 400-1000 px, each file linked 25 times: 50,000 files to decode, so that the
@@ -43,6 +45,7 @@ else
     QUERY=(--items 100000 --queries 30)
     TRAIN=(--batch-size 256 --steps 10 --warmup 3 --synth 800 --workers 8)
     COMPILE=(--repeat 30)
+    HTTP=(--items 10000 --requests 40)
 fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true; } > "$OUT/gpu.txt"
@@ -58,13 +61,14 @@ step() {  # name, then the command; its stderr goes to $OUT/name.log
     fi
 }
 # Most telling first (a lent GPU's time is short): the GPU decode path over 50,000 files, the start-up
-# split, query latency, the GPU decode path over 200,000 files (start-up weighs a quarter as much; the
+# split, query latency and what HTTP adds to it (fs-micro: ~1 min), the GPU decode path over 200,000 files (start-up weighs a quarter as much; the
 # longest step, its index HNSW), whether CUDA graphs (torch.compile's reduce-overhead mode) make the
 # launch-bound batch-1 query towers fast, training, and last the CPU decode path over the 50,000 files.
 step decode "$PY" benchmarks/diagnose_decode.py "${DECODE[@]}"
 step index_gpu_decode "$PY" benchmarks/bench_index.py "${INDEX[@]}" "${IMAGES[@]}" --decode "$ON_DEVICE" --keep "$WORK/idx"
 step startup "$PY" benchmarks/diagnose_index.py startup --images "$WORK/idx/images"
 step query "$PY" benchmarks/bench_query.py "${QUERY[@]}"
+[ "${SKIP_HTTP:-0}" = 1 ] || step http "$PY" benchmarks/diagnose_http.py "${HTTP[@]}"
 [ "${SKIP_LARGE:-0}" = 1 ] ||
     step index_gpu_decode_x4 "$PY" benchmarks/bench_index.py "${INDEX[@]}" "${IMAGES[@]}" --copies "$LARGE_COPIES" --decode "$ON_DEVICE"
 [ "${SKIP_COMPILE:-0}" = 1 ] ||

@@ -38,6 +38,12 @@ def lines(doc: dict, name: str) -> list[str]:
             f"engine stages {res['engine_composed'].get('stages_ms')}, "
             f"server stages {res.get('http', {}).get('server_stages_ms')}"
         )
+    if doc.get("benchmark") == "diagnose_http":
+        cases = {
+            key: (case["round_trip_ms"]["p50"], case.get("overhead_ms"))
+            for key, case in res.get("cases", {}).items()
+        }
+        out.append(f"{name}: round trip p50 / overhead ms {cases}")
     if doc.get("benchmark") == "diagnose_compile":
         out.append(f"{name}: mode {res.get('mode')} on {res.get('device')}: {res.get('forwards')}")
     if "index_run" in res:
