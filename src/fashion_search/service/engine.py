@@ -413,27 +413,19 @@ class SearchEngine:
             for s, i in zip(scores[0], ids[0])
         ]
 
-    def search_future(
-        self,
-        image=None,
-        text: str | None = None,
-        text_weight: float | None = None,
-        k: int = 10,
-        category: str | None = None,
-        timings: dict[str, float] | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-    ) -> Future[list[SearchResult]]:
-        """search() as one job queued on the model thread, returned as a future; errors surface from it.
+    def search_future(self, *args, **kwargs) -> Future[list[SearchResult]]:
+        """search(*args, **kwargs) as one job queued on the model thread, returned as a future; errors
+        surface from it, and the time queued goes to the `timings` keyword as stage "wait".
 
         For asyncio servers (`await asyncio.wrap_future(engine.search_future(...))`): the event loop
         hands the whole query to the model thread and is woken once with the answer, where a sync
         endpoint takes a pool thread that hands each step to the model thread and waits. Each hand-off
         wakes a sleeping thread; on an idle machine that costs (docs/BENCHMARKS.md section 2).
         """
-        asked = time.perf_counter()
+        asked, timings = time.perf_counter(), kwargs.get("timings")
 
         def job() -> list[SearchResult]:
             _add(timings, "wait", time.perf_counter() - asked)
-            return self.search(image, text, text_weight, k, category, timings, max_pixels)
+            return self.search(*args, **kwargs)
 
         return self.model_thread.submit(job)
