@@ -331,13 +331,17 @@ class SearchEngine:
         """fn(*args) on the model thread; the time queued behind other queries' work is stage "wait"."""
         if threading.get_ident() == self.model_thread.ident:
             return fn(*args)  # a call from within a job already there: nothing was queued
+        return self._queued(timings, fn, *args).result()
+
+    def _queued(self, timings: dict[str, float] | None, fn, /, *args, **kwargs) -> Future:
+        """fn queued on the model thread as a future; the time it waits there is stage "wait"."""
         asked = time.perf_counter()
 
         def job():
             _add(timings, "wait", time.perf_counter() - asked)
-            return fn(*args)
+            return fn(*args, **kwargs)
 
-        return self.model_thread.run(job)
+        return self.model_thread.submit(job)
 
     def text_embedding(self, text: str, timings: dict[str, float] | None = None) -> torch.Tensor:
         if not isinstance(text, str) or not text.strip():
@@ -422,10 +426,4 @@ class SearchEngine:
         endpoint takes a pool thread that hands each step to the model thread and waits. Each hand-off
         wakes a sleeping thread; on an idle machine that costs (docs/BENCHMARKS.md section 2).
         """
-        asked, timings = time.perf_counter(), kwargs.get("timings")
-
-        def job() -> list[SearchResult]:
-            _add(timings, "wait", time.perf_counter() - asked)
-            return self.search(*args, **kwargs)
-
-        return self.model_thread.submit(job)
+        return self._queued(kwargs.get("timings"), self.search, *args, **kwargs)
