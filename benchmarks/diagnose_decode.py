@@ -6,6 +6,11 @@ device_decode one batch decoded by nvJPEG + resized on the device (DeviceJpegDec
              host CPU ms this process spent meanwhile (nvJPEG may run Huffman decoding on the host),
              decode alone vs. decode + geometry; skipped without CUDA unless --device cpu is asked for
 agreement    the device path's pixels and embeddings against Pillow's (draft and full decode)
+pipeline     the indexer's own reader (data.loading.embed_paths: workers, the next batch prepared in a thread
+             on a stream of its own while the forward runs) against the same images decoded one batch at
+             a time with the device synchronised in between: per-image cosine of the embeddings. A value
+             well under 1 on CUDA means batches corrupted each other (the nvJPEG stream hazard in
+             pixels.decode_jpegs); on the CPU the reader decodes in draft mode, so ~0.999 is expected
 progressive  whether a progressive JPEG decodes on the device to Pillow's pixels (today such files
              take the CPU path)
 forward      the model's forward on the same batch already on the device, for scale
@@ -30,6 +35,7 @@ def parse_args():
     p.add_argument("--max-px", type=int, default=1000)
     p.add_argument("--repeat", type=int, default=5, help="timed device batches")
     p.add_argument("--cpu-sample", type=int, default=48, help="images timed on one core")
+    p.add_argument("--pipeline-batch", type=int, default=32, help="batch size of the pipeline check")
     p.add_argument("--device", default=None, help="default: cuda when available (cpu checks the code path)")
     p.add_argument("--keep", default=None, metavar="DIR")
     return p.parse_args()
@@ -49,13 +55,41 @@ def timed_batch(fn, device, repeat: int) -> dict:
     return {"wall_ms": common.latency_ms(walls), "host_cpu_ms_p50": round(1000 * float(np.median(cpus)), 3)}
 
 
+def pipeline_agreement(model, paths, payloads, decoder, device, batch: int, embed_paths) -> dict:
+    import torch
+
+    ok, got, failures = embed_paths(
+        model,
+        paths,
+        batch_size=batch,
+        workers=2,
+        progress=False,
+        decode="gpu" if device.type == "cuda" else "cpu",
+    )
+    want = []
+    for i in range(0, len(payloads), batch):
+        pixels = decoder(payloads[i : i + batch])
+        common.sync_device(device)
+        want.append(model.encode_pixels(pixels))
+    want = torch.cat(want)[ok]
+    cosine = (got * want).sum(1)
+    return {
+        "images": len(ok),
+        "failed": len(failures),
+        "batch": batch,
+        "cosine_min": round(cosine.min().item(), 6),
+        "cosine_median": round(cosine.median().item(), 6),
+        "below_0_999": int((cosine < 0.999).sum().item()),
+    }
+
+
 def main() -> None:
     args = parse_args()
     load0 = os.getloadavg()
     torch = common.import_torch(args.threads)
 
     from fashion_search.data.images import load_image
-    from fashion_search.data.loading import ImagePathsDataset
+    from fashion_search.data.loading import ImagePathsDataset, embed_paths
     from fashion_search.data.pixels import DeviceJpegDecoder, decode_jpegs, device_decodable, nvjpeg_available
     from fashion_search.models.checkpoint import create_model
 
@@ -128,6 +162,11 @@ def main() -> None:
                 "cosine_min_device_vs_draft": round((emb_dev * emb_draft).sum(1).min().item(), 6),
                 "cosine_min_full_vs_draft": round((emb_full * emb_draft).sum(1).min().item(), 6),
             }
+
+            common.log("the indexer's reader against batches decoded one at a time")
+            results["pipeline"] = pipeline_agreement(
+                model, paths, payloads, decoder, device, args.pipeline_batch, embed_paths
+            )
 
             from PIL import Image
 

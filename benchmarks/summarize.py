@@ -26,6 +26,7 @@ def lines(doc: dict, name: str) -> list[str]:
             f"forward {res.get('forward', {}).get('images_per_s')} img/s, cpu {res.get('cpu')}"
         )
         out.append(f"{name}: agreement {res.get('agreement')}, progressive {res.get('progressive')}")
+        out.append(f"{name}: indexer's reader vs batch-at-a-time decode {res.get('pipeline')}")
     if doc.get("benchmark") == "diagnose_index_startup":
         out.append(
             f"{name}: {res.get('steps_s')} ({res.get('catalog_files')} files, "

@@ -340,6 +340,8 @@ def test_gpu_suite_script_runs_its_steps_small_on_cpu(tmp_path):
     for name in ("index_gpu_decode", "index_cpu_decode"):  # 16 distinct JPEGs, linked twice, indexed twice
         assert docs[name]["results"]["index_run"]["images_indexed"] == 32
     assert docs["decode"]["results"]["device_decode"]["images_per_s"] > 0
+    pipeline = docs["decode"]["results"]["pipeline"]  # the indexer's reader against batches decoded alone
+    assert pipeline["images"] == 16 and pipeline["cosine_min"] > 0.99
     assert docs["http"]["results"]["cases"]["raw/cached/gap=0"]["overhead_ms"] > 0
     assert docs["index_gpu_decode_x4"]["results"]["index_run"]["images_indexed"] == 64  # 16 x 4 links
     assert (
@@ -348,6 +350,7 @@ def test_gpu_suite_script_runs_its_steps_small_on_cpu(tmp_path):
     )
     # The closing summary (the device tool returns only the output's tail): a line per goal and decode figures.
     assert "index_cpu_decode: index steady state" in proc.stderr and "device decode+geometry" in proc.stderr
+    assert "indexer's reader vs batch-at-a-time decode" in proc.stderr
     assert "http: round trip p50 / overhead ms" in proc.stderr
     assert "compile_query: mode reduce-overhead" in proc.stderr and "build stages {'prepare_s'" in proc.stderr
     assert all(doc["config"]["device"] == "cpu" for doc in docs.values())

@@ -218,3 +218,87 @@ def test_ahead_in_thread_gathers_what_is_ready_in_order_and_still_reraises():
             got += group
             time.sleep(0.05)
     assert got == list(range(5))  # what came before the error is delivered first
+
+
+# CUDA's stream rules, checked with stand-ins for torch.cuda's streams (no GPU here; gpu_suite.sh's
+# `decode` step checks the real thing: diagnose_decode.py's `pipeline`).
+
+
+class FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log, self.events = name, log, 0
+
+    def synchronize(self):
+        self.log.append((self.name, "synchronize"))
+
+    def record_event(self):
+        self.events += 1
+        self.log.append((self.name, "record", self.events))
+        return self.events
+
+    def wait_event(self, event):
+        self.log.append((self.name, "wait", event))
+
+
+def test_nvjpeg_starts_only_once_the_callers_stream_is_idle(monkeypatch):
+    # nvJPEG writes into memory the caching allocator recycles from the caller's stream without waiting
+    # for the kernels queued there (pytorch/vision PR 9606): those kernels must have run first.
+    import torchvision.io
+
+    log = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream("caller", log))
+    monkeypatch.setattr(
+        torchvision.io, "decode_jpeg", lambda data, mode, device: log.append(("nvjpeg", str(device))) or []
+    )
+    pixels_module.decode_jpegs([torch.zeros(8, dtype=torch.uint8)], "cuda")
+    assert log == [("caller", "synchronize"), ("nvjpeg", "cuda")]
+    log.clear()
+    pixels_module.decode_jpegs([torch.zeros(8, dtype=torch.uint8)], "cpu")
+    assert log == [("nvjpeg", "cpu")]
+
+
+def test_the_next_batch_is_issued_on_a_stream_of_its_own_and_waited_for_before_use(monkeypatch):
+    import contextlib
+    import threading
+
+    from fashion_search.data.loading import _issued_on, _received_from
+
+    log, current = [], threading.local()
+    side, main = FakeStream("side", log), FakeStream("main", log)
+
+    @contextlib.contextmanager
+    def use(stream):
+        before, current.stream = getattr(current, "stream", main), stream
+        try:
+            yield
+        finally:
+            current.stream = before
+
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: getattr(current, "stream", main))
+
+    class Pixels:
+        def __init__(self, i):
+            self.i = i
+
+        def record_stream(self, stream):
+            log.append((stream.name, "uses", self.i))
+
+    def batches():
+        for i in range(1, 4):
+            log.append((torch.cuda.current_stream().name, "issue", i, threading.current_thread().name))
+            yield [i], Pixels(i), []
+
+    received = _received_from(ahead_in_thread(_issued_on(side, batches()), depth=2), torch.device("cuda"))
+    for indices, pixels, _ in received:
+        log.append(("main", "got", pixels.i))
+        assert indices == [pixels.i]
+    for i in (1, 2, 3):
+        assert ("side", "issue", i, "batch-ahead") in log  # queued on the side stream, by the thread
+        issued, recorded = log.index(("side", "issue", i, "batch-ahead")), log.index(("side", "record", i))
+        waited, used, got = (
+            log.index(("main", "wait", i)),
+            log.index(("main", "uses", i)),
+            log.index(("main", "got", i)),
+        )
+        assert issued < recorded < waited < got and used < got

@@ -244,11 +244,42 @@ def iter_embedded(
     batches = (assemble(batch) for batch in _marked(loaded, marks, "first_loaded"))
     batches = _marked(batches, marks, "first_to_device")
     if device.type == "cuda":
-        # Decode on the device, copies and the forward are all queued on one CUDA stream, so their
-        # order holds; issuing the next batch's from a thread keeps the GPU busy while this one's
-        # forward runs (without it the host serialises decode -> resize -> forward).
-        batches = ahead_in_thread(batches, depth=2)
+        # Issuing the next batch's copies, device decode and resize from a thread keeps the GPU busy
+        # while this one's forward runs (without it the host serialises decode -> resize -> forward).
+        # That thread queues its work on a CUDA stream of its own: nvJPEG must not start while another
+        # thread may free memory still in use on the stream it decodes on (pixels.decode_jpegs).
+        ahead = ahead_in_thread(_issued_on(torch.cuda.Stream(device), batches), depth=2)
+        batches = _received_from(ahead, device)
     return _embedded(model, batches, len(paths), desc, progress, marks)
+
+
+def _issued_on(stream, batches: Iterator) -> Iterator:
+    """Each batch's device work queued on `stream` (the producing thread's own), with an event that
+    says when it is done."""
+    try:
+        while True:
+            with torch.cuda.stream(stream):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield (*batch, stream.record_event())
+    finally:
+        batches.close()
+
+
+def _received_from(batches: Iterator, device: torch.device) -> Iterator:
+    """The consumer's side of _issued_on: its stream waits for each batch's event before using the
+    pixels, and the allocator is told they are used there (so their memory, owned by the producer's
+    stream, is not handed out again before this stream is done with it)."""
+    try:
+        current = torch.cuda.current_stream(device)  # the consuming thread's
+        for indices, pixels, failed, done in batches:
+            current.wait_event(done)
+            if pixels is not None:
+                pixels.record_stream(current)
+            yield indices, pixels, failed
+    finally:
+        batches.close()
 
 
 def _embedded(model, batches, total: int, desc: str, progress: bool, marks: dict[str, float]):

@@ -151,7 +151,19 @@ class DeviceJpegDecoder:
 
 def decode_jpegs(payloads, device: torch.device | str):
     """torchvision.io.decode_jpeg (RGB). torchvision 0.29 deprecates its image codecs in favour of
-    TorchCodec and warns on every call; they still work, and every torchvision since 0.19 has them."""
+    TorchCodec and warns on every call; they still work, and every torchvision since 0.19 has them.
+
+    On CUDA it first waits for the work queued on the calling thread's current stream: nvJPEG writes its
+    output into memory that PyTorch's caching allocator hands out as soon as it is freed on that stream,
+    without waiting for the kernels still queued there to read it, and the hardware decoder of an A100
+    or H100 ignores stream order altogether (pytorch/vision PR 9606, meta-pytorch/torchcodec PR 1634):
+    a batch's pixels or a forward's activations could be overwritten, silently. A thread that shares
+    its stream with another (which may free a block right after this wait) must decode on a stream of
+    its own (data.loading does).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_jpeg
