@@ -134,3 +134,36 @@ def test_training_decodes_jpegs_as_the_indexer_and_the_engine_do(tmp_path, micro
     indexed = ImagePathsDataset([path], micro_model.pixel_pipeline, size, device_jpegs=False)[0][1]
     assert torch.equal(item["reference"], indexed)
     assert load_image(path, draft_size=(size, size)).size[0] < 160  # the draft did apply
+
+
+def test_the_losses_are_computed_in_float32_outside_mixed_precision(micro_model, monkeypatch):
+    # On a GPU the towers run under bf16 autocast; the losses' logits must not (their steps near a logit
+    # scale of 100 would be 0.5). CPU autocast stands in for CUDA's here.
+    from fashion_search.config import TrainConfig
+    from fashion_search.training import loop
+
+    monkeypatch.setattr(
+        loop, "_mixed_precision", lambda cfg, device: torch.autocast("cpu", dtype=torch.bfloat16)
+    )
+    seen = []
+
+    def spy(loss):
+        def wrapped(a, b, scale, ids):
+            seen.append((loss.__name__, torch.is_autocast_enabled("cpu"), a.dtype, b.dtype))
+            return loss(a, b, scale, ids)
+
+        return wrapped
+
+    monkeypatch.setattr(loop, "composed_loss", spy(composed_loss))
+    monkeypatch.setattr(loop, "clip_loss", spy(clip_loss))
+    size = micro_model.backbone.image_size
+    batch = {
+        "reference": torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8),
+        "target": torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8),
+        "text": ["is red", "is blue"],
+        "target_id": ["a", "b"],
+    }
+    loss = loop.train_step(micro_model, batch, TrainConfig(clip_loss_weight=0.5), torch.device("cpu"))
+    assert {name for name, *_ in seen} == {"composed_loss", "clip_loss"}
+    assert all(not autocast and a == b == torch.float32 for _, autocast, a, b in seen), seen
+    assert loss.dtype == torch.float32

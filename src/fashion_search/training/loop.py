@@ -53,16 +53,20 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _mixed_precision(cfg: TrainConfig, device: torch.device):
+    # bf16 only: unlike inference (models.backbone.autocast), training has no GradScaler, so fp16 could underflow.
+    if cfg.amp and device.type == "cuda":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_step(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
     """One forward: fuse(reference, text) must find its target; the text must also match its target."""
     backbone = model.backbone
-    # bf16 only: unlike inference (models.backbone.autocast), training has no GradScaler, so fp16 could underflow.
-    amp = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if cfg.amp and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    pixels = model.model_input(torch.cat([batch["reference"], batch["target"]]))
+    amp = _mixed_precision(cfg, device)
+    # Each half goes to the device on its own: concatenating the loader's pinned tensors on the host
+    # would make an unpinned copy, and its transfer synchronous.
+    pixels = torch.cat([model.model_input(batch["reference"]), model.model_input(batch["target"])])
     tokens = batch.get("tokens")
     if tokens is None:
         tokens = backbone.tokenize(batch["text"])
@@ -71,12 +75,12 @@ def train_step(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: tor
         ref, tgt = images.chunk(2)
         txt = backbone.text_features(tokens.to(device, non_blocking=True))
         query = model.fusion(ref, txt)
-        scale = backbone.logit_scale.exp().clamp(max=100.0)
-        loss = composed_loss(query.float(), tgt.float(), scale, batch["target_id"])
-        if cfg.clip_loss_weight > 0:
-            loss = loss + cfg.clip_loss_weight * clip_loss(
-                tgt.float(), txt.float(), scale, batch["target_id"]
-            )
+    # The losses in float32, outside autocast: under it the logits' matmul would run in bf16, whose
+    # steps near a logit scale of 100 are 0.5 -- as large as the differences being learned.
+    scale = backbone.logit_scale.exp().clamp(max=100.0)
+    loss = composed_loss(query.float(), tgt.float(), scale, batch["target_id"])
+    if cfg.clip_loss_weight > 0:
+        loss = loss + cfg.clip_loss_weight * clip_loss(tgt.float(), txt.float(), scale, batch["target_id"])
     return loss
 
 
