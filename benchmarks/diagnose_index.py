@@ -161,19 +161,18 @@ def startup(images: Path, args) -> dict:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-c", STARTUP_STEPS, args.model, args.device or "", str(images)]
-    steps = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-    imports = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "importtime",
-            "-c",
-            "import fashion_search.cli, fashion_search.index.build",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    def run(cmd: list[str]) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:  # the child's own error, not only its exit status, into the log
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"startup step failed with exit status {proc.returncode}")
+        return proc
+
+    steps = json.loads(
+        run([sys.executable, "-c", STARTUP_STEPS, args.model, args.device or "", str(images)]).stdout
+    )
+    imports = run(
+        [sys.executable, "-X", "importtime", "-c", "import fashion_search.cli, fashion_search.index.build"]
     ).stderr
     rows = []
     for line in imports.splitlines():  # "import time: self [us] | cumulative | imported package"

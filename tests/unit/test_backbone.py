@@ -79,6 +79,16 @@ def test_random_weights_are_the_same_in_every_process():
         assert torch.equal(p, q), name
 
 
+def test_building_a_model_leaves_the_gpus_random_state_alone(monkeypatch):
+    # torch.manual_seed would reset every GPU's generator too (so training's --seed would not reach
+    # dropout on a GPU), and fork_rng(devices=[]) would not put it back.
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeded.append)
+    create_model("fs-micro", "none")
+    assert seeded == []
+
+
 def test_checkpoint_of_an_older_architecture_gets_a_clear_error(tmp_path, micro_model):
     from fashion_search.models.checkpoint import atomic_torch_save, load_checkpoint, model_payload
 

@@ -103,6 +103,21 @@ def test_a_mixed_batch_decodes_jpegs_on_the_device_and_the_rest_in_workers(micro
     assert (emb * ref).sum(1).min() > 0.999
 
 
+def test_many_large_images_of_one_size_are_resized_a_bounded_group_at_a_time(
+    micro_model, tmp_path, monkeypatch
+):
+    datas = [photo(tmp_path / f"{i}.jpg", seed=i).read_bytes() for i in range(5)]  # all 300 x 220
+    payloads = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    decoder = DeviceJpegDecoder(micro_model.pixel_pipeline, "cpu")
+    whole = decoder(payloads)
+    groups = []
+    resize = decoder._resize_and_crop
+    monkeypatch.setattr(decoder, "_resize_and_crop", lambda g, h, w: groups.append(len(g)) or resize(g, h, w))
+    monkeypatch.setattr(pixels_module, "GROUP_ELEMENTS", 2 * 3 * 300 * 220)  # room for two at a time
+    assert torch.equal(decoder(payloads), whole)
+    assert groups == [2, 2, 1]
+
+
 def cut_short_with_end_marker(path) -> bytes:
     """A JPEG whose scan data is cut to a few bytes but which still ends in an EOI marker: the header
     check passes, and Pillow (like libjpeg) decodes it with the missing rows filled in."""
@@ -159,6 +174,21 @@ def test_decode_gpu_is_refused_without_cuda(micro_model):
     assert choose_decode("auto", torch.device("cpu"), micro_model.pixel_pipeline) is False
     with pytest.raises(FashionSearchError, match="--decode gpu needs a CUDA device"):
         choose_decode("gpu", torch.device("cpu"), micro_model.pixel_pipeline)
+
+
+def test_a_gpu_whose_nvjpeg_fails_says_why(micro_model, monkeypatch, caplog):
+    def broken(payloads, device):
+        raise RuntimeError("libnvjpeg.so.13: cannot open shared object file\nmore detail")
+
+    monkeypatch.setattr(pixels_module, "decode_jpegs", broken)
+    cuda = torch.device("cuda")
+    with pytest.raises(FashionSearchError) as err:
+        choose_decode("gpu", cuda, micro_model.pixel_pipeline)
+    assert "RuntimeError: libnvjpeg.so.13: cannot open shared object file" in str(err.value)
+    assert "more detail" not in str(err.value)  # one line
+    with caplog.at_level("WARNING"):
+        assert choose_decode("auto", cuda, micro_model.pixel_pipeline) is False
+    assert "decoding JPEGs on the CPU: torchvision's nvJPEG probe failed" in caplog.text
 
 
 def test_cli_decode_gpu_without_cuda_exits_2_with_one_line(tmp_path):

@@ -8,6 +8,7 @@ workers as usual, so one batch can mix both.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -21,8 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fashion_search.data.images import DEFAULT_MAX_PIXELS, load_image, read_image_bytes
-from fashion_search.data.pixels import DeviceJpegDecoder, PixelPipeline, device_decodable, nvjpeg_available
+from fashion_search.data.pixels import DeviceJpegDecoder, PixelPipeline, device_decodable, nvjpeg_problem
 from fashion_search.errors import FashionSearchError, ImageDecodeError
+
+log = logging.getLogger(__name__)
 
 DECODE_MODES = ("auto", "cpu", "gpu")
 
@@ -90,12 +93,17 @@ def choose_decode(decode: str, device: torch.device, pipeline: PixelPipeline) ->
         raise FashionSearchError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     if decode == "cpu":
         return False
-    possible = pipeline.resize_and_crop() is not None and nvjpeg_available(device)
-    if decode == "gpu" and not possible:
+    if pipeline.resize_and_crop() is None:
+        problem = "the model's preprocessing is not resize + centre crop"
+    else:
+        problem = nvjpeg_problem(device)
+    if problem is not None and decode == "gpu":
         raise FashionSearchError(
-            f"--decode gpu needs a CUDA device with torchvision's nvJPEG (model on {device}); use --decode cpu"
+            f"--decode gpu needs a CUDA device with torchvision's nvJPEG ({problem}); use --decode cpu"
         )
-    return possible
+    if problem is not None and device.type == "cuda":  # 'auto' on a GPU: say why the CPU decodes
+        log.warning("decoding JPEGs on the CPU: %s", problem)
+    return problem is None
 
 
 class _BatchAssembler:

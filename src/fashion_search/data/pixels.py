@@ -96,6 +96,9 @@ def device_decodable(data: bytes, max_pixels: int) -> bool:
         return False
 
 
+GROUP_ELEMENTS = 1 << 28  # images of one size resized together: at most ~1 GiB of float32 at a time
+
+
 class DeviceJpegDecoder:
     """A batch of JPEG files' bytes -> (n, 3, S, S) uint8 on `device`, geometry as the PixelPipeline's.
 
@@ -123,8 +126,12 @@ class DeviceJpegDecoder:
         for j, img in enumerate(decoded):
             by_shape.setdefault(tuple(img.shape), []).append(j)
         for (_, h, w), rows in by_shape.items():
-            group = torch.stack([decoded[j] for j in rows]) if len(rows) > 1 else decoded[rows[0]][None]
-            out[rows] = self._resize_and_crop(group, h, w)
+            # In float32 a group is 12 bytes a pixel: 256 phone photos of 12 Mpx would need 37 GB at once.
+            step = max(1, GROUP_ELEMENTS // (3 * h * w))
+            for start in range(0, len(rows), step):
+                part = rows[start : start + step]
+                group = torch.stack([decoded[j] for j in part]) if len(part) > 1 else decoded[part[0]][None]
+                out[part] = self._resize_and_crop(group, h, w)
         return out
 
     def one(self, data: bytes, pipeline: PixelPipeline, max_pixels: int) -> torch.Tensor:
@@ -171,10 +178,10 @@ def decode_jpegs(payloads, device: torch.device | str):
         return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
 
 
-def nvjpeg_available(device: torch.device) -> bool:
-    """Whether torchvision can decode JPEGs on this CUDA device (a one-pixel probe)."""
+def nvjpeg_problem(device: torch.device) -> str | None:
+    """Why torchvision cannot decode JPEGs on this device (a one-pixel probe); None when it can."""
     if device.type != "cuda":
-        return False
+        return f"the model is on {device.type}, not CUDA"
     try:
         from torchvision.io import encode_jpeg
 
@@ -182,6 +189,12 @@ def nvjpeg_available(device: torch.device) -> bool:
             warnings.simplefilter("ignore", DeprecationWarning)
             probe = encode_jpeg(torch.zeros((3, 8, 8), dtype=torch.uint8))
         decode_jpegs(probe, device)
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as exc:  # whatever the build lacks (nvJPEG, its library, a kernel image), say what
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"torchvision's nvJPEG probe failed: {type(exc).__name__}: {first}"[:300]
+
+
+def nvjpeg_available(device: torch.device) -> bool:
+    """Whether torchvision can decode JPEGs on this CUDA device (a one-pixel probe)."""
+    return nvjpeg_problem(device) is None

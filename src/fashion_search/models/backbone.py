@@ -285,10 +285,12 @@ def create_backbone(
     try:
         # `--pretrained none` must mean the same weights in every process (an index built with them
         # is queried later by another process), so random initialisation is seeded, without touching
-        # the caller's random state.
+        # the caller's random state. open_clip builds on the CPU (then moves the model), so only the
+        # CPU generator is seeded: torch.manual_seed would also reset every GPU's, which fork_rng
+        # (CPU only here, so as not to start CUDA) would not put back.
         init = init_weights and not _loads_every_weight(model, weights)
         with quiet, model_construction(init), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.default_generator.manual_seed(0)
             clip = open_clip.create_model(
                 model,
                 pretrained=weights,
