@@ -11,6 +11,26 @@ import yaml
 from fashion_search.errors import FashionSearchError
 
 
+def _holds(rule, value) -> bool:
+    try:
+        return bool(rule(value))  # NaN fails every comparison, so it is refused too
+    except TypeError:  # a YAML value of the wrong type
+        return False
+
+
+COMPACT_CONFIGS = Path(__file__).parent / "models" / "configs"
+
+
+def default_pretrained(model: str) -> str:
+    """The weights a model gets when `--pretrained` is not given: OpenAI's for an OpenCLIP architecture
+    (what users of CLIP expect, and never random weights by accident), none for the project's compact
+    configs, which have no published weights, and none for hf-hub:/local-dir: names, whose weights come
+    with the name."""
+    if (COMPACT_CONFIGS / f"{model}.json").is_file() or model.startswith(("hf-hub:", "local-dir:")):
+        return "none"
+    return "openai"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every knob of a training run. Defaults are the recipe for ViT-B-32 with OpenAI weights."""
@@ -18,7 +38,7 @@ class TrainConfig:
     data: str = ""
     out: str = ""
     model: str = "ViT-B-32"
-    pretrained: str = "openai"
+    pretrained: str = ""  # "": default_pretrained(model)
     fusion: str = "combiner"
     categories: tuple[str, ...] = ("dress", "shirt", "toptee")
     epochs: int = 10
@@ -45,6 +65,37 @@ class TrainConfig:
     eval_batch_size: int = 128
     max_steps_per_epoch: int | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.pretrained:
+            object.__setattr__(self, "pretrained", default_pretrained(self.model))
+        problems = [
+            f"--{name.replace('_', '-')} {rule}, got {getattr(self, name)}"
+            for name, rule, ok in (
+                (
+                    "batch_size",
+                    "must be at least 2 (a triplet's negatives are the other targets in its batch)",
+                    lambda v: v >= 2,
+                ),
+                ("epochs", "must be at least 1", lambda v: v >= 1),
+                ("lr", "must be > 0", lambda v: v > 0),
+                ("lr_fusion", "must be > 0", lambda v: v > 0),
+                ("layer_decay", "must be in (0, 1]", lambda v: 0 < v <= 1),
+                ("weight_decay", "must be >= 0", lambda v: v >= 0),
+                ("warmup_ratio", "must be in [0, 1)", lambda v: 0 <= v < 1),
+                ("grad_clip", "must be > 0", lambda v: v > 0),
+                ("clip_loss_weight", "must be >= 0", lambda v: v >= 0),
+                ("hard_negatives", "must be at least 1", lambda v: v >= 1),
+                ("mine_hard_negatives", "must be >= 0", lambda v: v >= 0),
+                ("patience", "must be at least 1", lambda v: v >= 1),
+                ("workers", "must be >= 0", lambda v: v >= 0),
+                ("eval_batch_size", "must be at least 1", lambda v: v >= 1),
+                ("max_steps_per_epoch", "must be at least 1", lambda v: v is None or v >= 1),
+            )
+            if not _holds(ok, getattr(self, name))
+        ]
+        if problems:
+            raise FashionSearchError("bad training option: " + "; ".join(problems))
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -79,7 +130,10 @@ class TrainConfig:
         return cls.from_dict(values)
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from fashion_search.atomic import atomic_open
+
+        with atomic_open(path, "w") as fh:  # a kill mid-write must not leave a config --resume cannot read
+            fh.write(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # A recipe for the compact model trained from scratch on the synthetic data on 2 CPU cores:

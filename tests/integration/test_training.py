@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -165,3 +166,90 @@ def test_cli_chain_synth_train_eval_index_search(tmp_path):
         run_cli("search", "--index", str(index), "--image", str(some), "--text", "is red", "--json")
     )
     assert len(found["results"]) == 10
+
+
+def test_resume_refuses_an_empty_run_and_a_changed_architecture(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(Exception, match="holds no run to continue"):
+        loop.train(tiny_config(tiny_data, run), resume=True, progress=False)
+    assert not run.exists()  # nothing was started in its place
+    loop.train(tiny_config(tiny_data, run, epochs=1, max_steps_per_epoch=1), progress=False)
+    for changed in ({"model": "fs-tiny"}, {"fusion": "sum"}):
+        with pytest.raises(Exception, match="was trained with --model fs-micro --fusion combiner"):
+            loop.train(tiny_config(tiny_data, run, epochs=2, **changed), resume=True, progress=False)
+    # Through the CLI: the saved config.yaml under a changed flag, exit 2 and one line.
+    base = ["train", "--data", str(tiny_data), "--out", str(run), "--resume", "--quiet", "--epochs", "2"]
+    assert main([*base, "--model", "fs-tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was trained with --model fs-micro" in err and len(err.splitlines()) == 1
+
+
+def test_an_epoch_that_trains_no_step_is_an_error_not_a_checkpoint(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "build_train_loader", _loader_of_single_triplets(loop.build_train_loader))
+    with pytest.raises(Exception, match="epoch 1 trained no step"):
+        loop.train(tiny_config(tiny_data, tmp_path / "run", max_steps_per_epoch=2), progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def _loader_of_single_triplets(build):
+    def build_one(model, data, cfg, device):
+        dataset, sampler, loader = build(model, data, cfg, device)
+
+        def single():  # every batch cut to one usable triplet, as when the others' images are unreadable
+            for batch in loader:
+                yield {**batch, "size": 1}
+
+        return dataset, sampler, single()
+
+    return build_one
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "1"], "--batch-size must be at least 2"),
+        (["--batch-size", "0"], "--batch-size must be at least 2"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--lr", "-1"], "--lr must be > 0"),
+        (["--lr", "nan"], "--lr must be > 0"),
+        (["--workers", "-1"], "--workers must be >= 0"),
+    ],
+)
+def test_bad_training_options_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, flags, message):
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(tmp_path), "--out", str(run), "--model", "fs-micro", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not run.exists()
+
+
+def test_pretrained_defaults_to_openai_for_openclip_models_and_none_for_compact_ones():
+    from fashion_search.config import default_pretrained
+
+    assert TrainConfig().pretrained == "openai"
+    assert TrainConfig(model="fs-micro").pretrained == "none"  # was "openai": an unknown tag for fs-micro
+    assert TrainConfig(model="fs-micro", pretrained="x.pt").pretrained == "x.pt"
+    assert default_pretrained("ViT-B-32") == "openai" and default_pretrained("fs-tiny") == "none"
+
+
+def test_a_category_without_images_is_left_out_of_the_average_not_counted_as_zero(
+    tiny_data, tmp_path, micro_model
+):
+    from fashion_search.data.fashioniq import FashionIQ
+    from fashion_search.evaluation.fashioniq import evaluate
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    full = evaluate(micro_model, data, "val", ["dress", "shirt"], workers=0, progress=False)
+    for image_id in FashionIQ(data).gallery("dress", "val")[0]:
+        FashionIQ(data).image_path(image_id).unlink()
+    part = evaluate(micro_model, data, "val", ["dress", "shirt"], workers=0, progress=False)
+    composed = part["modes"]["composed"]
+    assert composed["dress"]["queries"] == 0 and part["unscored_categories"] == ["dress"]
+    assert (
+        composed["average"]["R@10"] == composed["shirt"]["R@10"] == full["modes"]["composed"]["shirt"]["R@10"]
+    )
+    for image_id in FashionIQ(data).gallery("shirt", "val")[0]:
+        FashionIQ(data).image_path(image_id).unlink()
+    with pytest.raises(Exception, match="no val query of dress, shirt can be scored"):
+        evaluate(micro_model, data, "val", ["dress", "shirt"], workers=0, progress=False)

@@ -120,10 +120,20 @@ def evaluate(
     per_cat = {
         c: evaluate_category(model, data, c, split, joining, batch_size, workers, progress) for c in cats
     }
+    # A category none of whose queries has its images cannot be scored: averaged in as zeros it would
+    # pull the mean down by a third (images for one category only is a common partial download).
+    scored = [c for c in cats if per_cat[c]["composed"]["queries"] > 0]
+    if not scored:
+        skipped = sum(per_cat[c]["composed"]["skipped"] for c in cats)
+        raise FashionSearchError(
+            f"no {split} query of {', '.join(cats)} can be scored: none has its reference and target images "
+            f"under {Path(data_root) / 'images'} ({skipped} skipped); fetch them (fashion-search "
+            "download-fashioniq) or check --data"
+        )
     modes: dict[str, dict] = {}
     for mode in _mode_names(model):
         rows = {c: per_cat[c][mode] for c in cats}
-        avg = average_metrics(list(rows.values()), KEYS)
+        avg = average_metrics([rows[c] for c in scored], KEYS)
         for key in ("queries", "gallery", "skipped"):
             avg[key] = int(sum(r[key] for r in rows.values()))
         modes[mode] = {**rows, "average": avg}
@@ -134,8 +144,9 @@ def evaluate(
             "joining": joining,
             "reference_in_gallery": True,
             "gallery": "full split",
-            "average": "mean",
+            "average": "mean over the categories with queries",
         },
+        "unscored_categories": [c for c in cats if c not in scored],
         "model": model.identity(),
         "modes": modes,
         "selection_score": selection_score(modes["composed"]["average"]),

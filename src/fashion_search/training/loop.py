@@ -97,6 +97,17 @@ def optimize_step(
     return loss.item()
 
 
+def _check_same_architecture(state: dict, cfg: TrainConfig, run: Path) -> None:
+    """A resumed run must build the model its weights came from."""
+    was = {"model": state["backbone"].get("model"), "fusion": state["fusion"].get("name")}
+    now = {"model": cfg.model, "fusion": cfg.fusion}
+    if was != now:
+        raise FashionSearchError(
+            f"--resume: {run} was trained with --model {was['model']} --fusion {was['fusion']}, not "
+            f"--model {now['model']} --fusion {now['fusion']}; resume without changing them, or start a new --out"
+        )
+
+
 def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     run = Path(cfg.out)
     if run.exists() and (run / "last.pt").exists() and not resume:
@@ -146,6 +157,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     """Fine-tune on the train split, validate each epoch, keep the best checkpoint."""
     if not cfg.out:
         raise FashionSearchError("--out RUN is required")
+    if resume and not (Path(cfg.out) / "last.pt").exists():
+        raise FashionSearchError(
+            f"--resume: {cfg.out} holds no run to continue (no last.pt); leave out --resume to start one"
+        )
     run = _prepare_run_dir(cfg, resume)
     data = FashionIQ(cfg.data)
     device = resolve_device(cfg.device)
@@ -159,6 +174,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     start_epoch, best_score, best_epoch, stale = 0, -1.0, -1, 0
     if resume and (run / "last.pt").exists():
         state = read_checkpoint(run / "last.pt")
+        _check_same_architecture(state, cfg, run)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -192,6 +208,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             losses.append(optimize_step(model, batch, cfg, device, optimizer, scheduler))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         bar.close()
+        if not losses:  # no checkpoint of a model that never trained
+            raise FashionSearchError(
+                f"epoch {epoch + 1} trained no step: no batch held 2 usable triplets "
+                f"({len(skipped)} skipped for unreadable images, e.g. {skipped[:1]})"
+            )
         record = {
             "epoch": epoch + 1,
             "loss": float(np.mean(losses)) if losses else None,
