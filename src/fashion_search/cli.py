@@ -21,7 +21,10 @@ def _add_model_args(p: argparse.ArgumentParser, fusion: bool = False) -> None:
         "--model", help="OpenCLIP architecture (ViT-B-32, ...) or a compact one (fs-tiny, fs-micro)"
     )
     p.add_argument(
-        "--pretrained", default=None, help="OpenCLIP tag (openai, laion2b_s34b_b79k, ...), a file, or none"
+        "--pretrained",
+        default=None,
+        help="OpenCLIP tag (openai, laion2b_s34b_b79k, ...), a weights file, or none for random weights "
+        "(default: openai; none for the compact fs-* models)",
     )
     if fusion:
         p.add_argument("--fusion", default="sum", help="sum | combiner (without --checkpoint)")
@@ -29,6 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser, fusion: bool = False) -> None:
 
 
 def _load_model(args, fusion: str = "sum"):
+    from fashion_search.config import default_pretrained
     from fashion_search.index.build import index_source
     from fashion_search.models.checkpoint import create_model, load_checkpoint, resolve_checkpoint_path
 
@@ -42,7 +46,7 @@ def _load_model(args, fusion: str = "sum"):
             raise FashionSearchError(
                 "give --checkpoint RUN or --model NAME (with --pretrained TAG|FILE|none)"
             )
-        pretrained = args.pretrained or "none"
+        pretrained = args.pretrained or default_pretrained(args.model)
         model = create_model(args.model, pretrained, fusion=fusion, device=args.device)
         path = None
     return model, index_source(model, path)
@@ -101,7 +105,8 @@ def cmd_search(args) -> int:
     if args.image is None and not args.text:
         raise FashionSearchError("give --image, --text, or both")
     if args.image is not None and not Path(args.image).is_file():
-        raise FashionSearchError(f"query image not found: {args.image}")
+        what = "is not a file" if Path(args.image).exists() else "not found"
+        raise FashionSearchError(f"query image {what}: {args.image}")
     engine = SearchEngine.open(args.index, checkpoint=args.checkpoint, device=args.device)
     results = engine.search(
         image=args.image, text=args.text, text_weight=args.text_weight, k=args.k, category=args.category
@@ -109,6 +114,8 @@ def cmd_search(args) -> int:
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in results]}, indent=2))
     else:
+        if not results:
+            print(f"no results: the index holds {len(engine)} items", file=sys.stderr)
         for rank, r in enumerate(results, 1):
             print(f"{rank:3d}  {r.score:+.4f}  {r.id}")
     return 0
@@ -121,10 +128,45 @@ def _probability(text: str) -> float:
     return value
 
 
+def _bounded(kind, low, strict: bool = False, high=None):
+    """An argparse type: `kind` (int or float) >= low (> low if strict), <= high if given; NaN refused."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        ok = (value > low if strict else value >= low) and (high is None or value <= high)
+        if not ok:  # NaN fails both comparisons
+            bound = f"> {low}" if strict else f">= {low}"
+            raise argparse.ArgumentTypeError(
+                f"must be {bound}" + (f" and <= {high}" if high is not None else "") + f", got {text}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" message
+    return parse
+
+
+positive_int = _bounded(int, 1)
+non_negative_int = _bounded(int, 0)
+positive_float = _bounded(float, 0.0, strict=True)
+non_negative_float = _bounded(float, 0.0)
+port_number = _bounded(int, 0, high=65535)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (the contract's "one-line message naming the problem"), not
+    the usage text and then the error; subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fashion_search import __version__
 
-    parser = argparse.ArgumentParser(prog="fashion-search", description=__doc__)
+    parser = _Parser(prog="fashion-search", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fashion-search {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -132,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", help="folder of catalog images (searched recursively)")
     p.add_argument("--out", required=True, help="index directory to create or update")
     _add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward (default 32)")
+    p.add_argument(
+        "--workers", type=non_negative_int, default=None, help="decoding processes (default: cores - 1)"
+    )
     p.add_argument(
         "--decode",
         choices=("auto", "cpu", "gpu"),
@@ -161,8 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True)
     p.add_argument("--image", help="reference image file")
     p.add_argument("--text", help="text query, or the change to apply to the image")
-    p.add_argument("--text-weight", type=_probability, default=None, help="0 = image only, 1 = text only")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument(
+        "--text-weight",
+        type=_probability,
+        default=None,
+        help="0 = image only, 1 = text only (default 0.5)",
+    )
+    p.add_argument("-k", type=positive_int, default=10, help="how many results (default 10)")
     p.add_argument("--category", default=None, help="only items under this top-level folder")
     p.add_argument("--json", action="store_true")
     p.add_argument("--checkpoint", default=None, help="override the model recorded in the index (must match)")
@@ -178,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a bad flag: returned, so main() never exits itself
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except FashionSearchError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from fashion_search.errors import FashionSearchError
@@ -40,10 +41,15 @@ def cmd_download(args) -> int:
         f"downloaded {report.ok}, already present {report.skipped_existing}, failed {len(report.failed)} "
         f"(see {Path(args.out) / 'download_report.json'})"
     )
+    if report.failed and not (report.ok or report.skipped_existing):
+        print("fashion-search: error: every download failed (offline?); nothing was written", file=sys.stderr)
+        return 1
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from fashion_search.cli import positive_float, positive_int
+
     p = sub.add_parser("synth", help="write a synthetic dataset in the Fashion-IQ layout")
     p.add_argument("out")
     p.add_argument("--images-per-category", type=int, default=600)
@@ -62,7 +68,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download-fashioniq", help="fetch Fashion-IQ images from ASIN-URL lists (resumable)")
     p.add_argument("--urls", nargs="+", required=True, help="asin2url.*.txt files (ASIN \\t URL)")
     p.add_argument("--out", required=True, help="images directory, e.g. DATA/images")
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--workers", type=positive_int, default=8)
+    p.add_argument("--timeout", type=positive_float, default=10.0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_download)

@@ -89,7 +89,7 @@ def cmd_demo(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from fashion_search.cli import _add_model_args
+    from fashion_search.cli import _add_model_args, non_negative_int, port_number, positive_int
 
     p = sub.add_parser("train", help="fine-tune on Fashion-IQ-style triplets")
     p.add_argument("--data", required=True, help="dataset root in the Fashion-IQ layout")
@@ -115,15 +115,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--submission", default=None, metavar="FILE", help="write top-50 rankings (for --split test)"
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
+    p.add_argument("--workers", type=non_negative_int, default=None, help="decoding processes")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="offline end to end: synth -> train -> eval -> index -> web UI")
     p.add_argument("--dir", default="demo", help="where the demo's data, run and index live")
     p.add_argument("--no-serve", action="store_true", help="stop after indexing instead of launching the UI")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--port", type=port_number, default=8501)
     p.set_defaults(func=cmd_demo)
 
     for face in ("serve", "ui"):
@@ -131,7 +131,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_face(sub: argparse._SubParsersAction, face: str) -> None:
+    from fashion_search.cli import port_number
+
     def run(args) -> int:
+        import importlib.util
+
+        from fashion_search.service.ui_launch import check_port_free
+
+        needs = ("fastapi", "uvicorn") if face == "serve" else ("streamlit",)
+        missing = [name for name in needs if importlib.util.find_spec(name) is None]
+        if missing:  # a CLI-only install (pip install .)
+            raise FashionSearchError(
+                f"`fashion-search {face}` needs {', '.join(missing)}: pip install 'fashion-search[{face}]'"
+            )
+        check_port_free(args.host, args.port)
         if face == "serve":
             from fashion_search.service.api import serve
         else:
@@ -143,7 +156,8 @@ def _add_face(sub: argparse._SubParsersAction, face: str) -> None:
     )
     p.add_argument("--index", required=True)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000 if face == "serve" else 8501)
+    port = 8000 if face == "serve" else 8501
+    p.add_argument("--port", type=port_number, default=port, help=f"default {port}")
     p.add_argument("--device", default=None)
     if face == "serve":
         _add_serve_limits(p)
@@ -151,16 +165,30 @@ def _add_face(sub: argparse._SubParsersAction, face: str) -> None:
 
 
 def _add_serve_limits(p: argparse.ArgumentParser) -> None:
+    from fashion_search.cli import non_negative_float, positive_float, positive_int
+
     g = p.add_argument_group("limits and operations")
-    g.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload (default 10)")
     g.add_argument(
-        "--max-pixels", type=int, default=40_000_000, help="largest decoded image (default 40,000,000)"
+        "--max-upload-mb", type=positive_float, default=10.0, help="largest image upload (default 10)"
     )
-    g.add_argument("--max-text-chars", type=int, default=10_000, help="longest text query (default 10,000)")
     g.add_argument(
-        "--rate-limit", type=float, default=0.0, help="requests per second per client address (0: off)"
+        "--max-pixels",
+        type=positive_int,
+        default=40_000_000,
+        help="largest decoded image (default 40,000,000)",
     )
-    g.add_argument("--rate-burst", type=int, default=None, help="burst allowance (default: 2 s worth)")
+    g.add_argument(
+        "--max-text-chars", type=positive_int, default=10_000, help="longest text query (default 10,000)"
+    )
+    g.add_argument(
+        "--rate-limit",
+        type=non_negative_float,
+        default=0.0,
+        help="requests per second per client address (0: off)",
+    )
+    g.add_argument(
+        "--rate-burst", type=positive_int, default=None, help="burst allowance (default: 2 s worth)"
+    )
     g.add_argument(
         "--cors-origin",
         dest="cors_origins",
@@ -170,13 +198,13 @@ def _add_serve_limits(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--reload-interval",
-        type=float,
+        type=non_negative_float,
         default=2.0,
         help="seconds between checks for a rebuilt index, swapped in without downtime (0: off)",
     )
     g.add_argument(
         "--graceful-timeout",
-        type=float,
+        type=non_negative_float,
         default=10.0,
         help="on SIGTERM/SIGINT, seconds to let requests in flight finish (default 10)",
     )

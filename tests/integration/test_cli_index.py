@@ -108,7 +108,7 @@ def test_category_filter(indexed):
     [
         ([], "give --image, --text, or both"),
         (["--image", "/nonexistent.jpg"], "not found"),
-        (["--text", "x", "-k", "0"], "k must be"),
+        (["--text", "x", "-k", "0"], "argument -k: must be >= 1, got 0"),
         (["--text", "x", "--category", "hats"], "unknown category"),
     ],
 )
@@ -143,6 +143,21 @@ def test_incremental_reindex_follows_adds_and_deletes(tmp_path):
     assert ids == {"a1.jpg", "a2.jpg", "a3.jpg", "sub/new.png", "sub/new2.JPEG"}
     # nothing changed: nothing re-embedded
     assert "0 added, 0 removed" in cli("index", str(root), "--out", str(index), "--quiet").stdout
+
+
+def test_another_folder_is_not_indexed_over_a_catalog_but_a_moved_one_is(tmp_path):
+    root = tmp_path / "cat"
+    for n in range(4):
+        write_image(root / ("dress" if n % 2 else "shirt") / f"a{n}.jpg", (50 * n, 100, 200))
+    index = tmp_path / "idx"
+    cli("index", str(root), "--out", str(index), *MODEL, "--workers", "0", "--quiet")
+    # A sub-folder by mistake: it would have removed the 2 shirts and re-added the dresses under new ids.
+    proc = cli("index", str(root / "dress"), "--out", str(index), "--workers", "0", "--quiet", check=False)
+    assert proc.returncode == 2 and "lacks 4 of its 4 items" in proc.stderr, proc.stderr
+    assert json.loads(cli("info", "--index", str(index), "--json").stdout)["items"] == 4
+    moved = shutil.move(root, tmp_path / "moved")  # the same files elsewhere: nothing to remove
+    out = cli("index", str(moved), "--out", str(index), "--workers", "0", "--quiet").stdout
+    assert "0 added, 0 removed" in out
 
 
 def test_other_model_is_refused(tmp_path, indexed):
@@ -260,3 +275,78 @@ def test_index_scans_the_folder_while_the_model_builds(tmp_path, catalog, monkey
     monkeypatch.setattr(build, "scan_catalog", failing_scan)
     with pytest.raises(PermissionError):  # the scan's own error reaches the caller's thread
         cli("index", str(catalog), "--out", str(tmp_path / "j"), *MODEL, "--workers", "0")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["index", "IMAGES", "--out", "OUT", *MODEL, "--batch-size", "0"],
+            "argument --batch-size: must be >= 1",
+        ),
+        (["index", "IMAGES", "--out", "OUT", *MODEL, "--workers", "-1"], "argument --workers: must be >= 0"),
+        (["eval", "--data", "IMAGES", *MODEL, "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+        (["serve", "--index", "OUT", "--port", "99999"], "argument --port: must be >= 0 and <= 65535"),
+        (["serve", "--index", "OUT", "--max-upload-mb", "0"], "argument --max-upload-mb: must be > 0"),
+        (["serve", "--index", "OUT", "--rate-limit", "-1"], "argument --rate-limit: must be >= 0"),
+        (["search", "--index", "OUT", "--text", "x", "-k", "ten"], "argument -k: not a number: 'ten'"),
+    ],
+)
+def test_bad_numbers_exit_2_with_one_line_before_any_work(tmp_path, args, message):
+    args = [
+        str(tmp_path / "images") if a == "IMAGES" else str(tmp_path / "out") if a == "OUT" else a
+        for a in args
+    ]
+    proc = cli(*args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_serve_refuses_a_port_in_use_and_a_missing_extra_in_one_line(indexed, monkeypatch):
+    import importlib.util
+    import socket
+
+    _, index = indexed
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proc = cli("serve", "--index", str(index), "--port", port, check=False)
+    assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a)
+    )
+    proc = cli("serve", "--index", str(index), check=False)
+    assert proc.returncode == 2 and "needs fastapi: pip install 'fashion-search[serve]'" in proc.stderr
+
+
+def test_a_model_without_pretrained_gets_its_published_weights_not_random_ones(tmp_path, monkeypatch):
+    # It silently indexed with random weights; now ViT-B-32 means OpenAI's (offline: a clear error).
+    from fashion_search.models import backbone
+
+    monkeypatch.setattr(backbone, "_hub_reachable", lambda timeout=3.0: False)
+    write_image(tmp_path / "images" / "a.jpg")
+    proc = cli(
+        "index", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--model", "ViT-B-32", check=False
+    )
+    assert proc.returncode == 2 and "cannot download pretrained weights ViT-B-32/openai" in proc.stderr
+    proc = cli(
+        "index", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--model", "fs-micro", "--quiet"
+    )
+    from fashion_search.index.store import read_manifest
+
+    assert read_manifest(tmp_path / "out")["source"]["pretrained"] == "none"
+
+
+def test_an_empty_catalog_and_an_empty_result_say_so(tmp_path, indexed):
+    (tmp_path / "empty").mkdir()
+    proc = cli("index", str(tmp_path / "empty"), "--out", str(tmp_path / "idx"), *MODEL, "--quiet")
+    assert "indexed 0 items" in proc.stdout and "warning: the index is empty" in proc.stderr
+    proc = cli("search", "--index", str(tmp_path / "idx"), "--text", "red")
+    assert proc.stdout == "" and "no results: the index holds 0 items" in proc.stderr
+    root, index = indexed
+    proc = cli("search", "--index", str(index), "--image", str(root), check=False)
+    assert proc.returncode == 2 and "query image is not a file" in proc.stderr

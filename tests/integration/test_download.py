@@ -327,3 +327,17 @@ def test_read_real_url_samples():
         assert len(pairs) == 200
         assert all(url.startswith("http") for _, url in pairs)
     assert len(read_url_lists(files)) <= 600
+
+
+def test_the_cli_fails_when_every_download_failed(site, tmp_path, capsys):
+    from fashion_search.cli import main
+
+    urls = tmp_path / "asin2url.dress.txt"
+    urls.write_text(f"A1\t{site.url('/missing.jpg')}\nA2\t{site.url('/page.jpg')}\n")
+    out = tmp_path / "images"
+    args = ["download-fashioniq", "--urls", str(urls), "--out", str(out), "--timeout", "2", "--quiet"]
+    assert main(args) == 1
+    assert "every download failed" in capsys.readouterr().err
+    (out / "A3.jpg").write_bytes(JPEG)  # one present file: a partial result is not a failure
+    urls.write_text(urls.read_text() + f"A3\t{site.url('/missing.jpg')}\n")
+    assert main(args) == 0

@@ -230,3 +230,13 @@ def test_training_skips_triplets_with_bad_images_and_finishes(tmp_path):
     history = json.loads((tmp_path / "run" / "history.json").read_text())["epochs"][0]
     assert history["skipped"]["triplets"] == expected > 0
     assert all(e["reason"] for e in history["skipped"]["examples"])
+
+
+def test_a_bomb_that_pillow_refuses_first_is_reported_with_the_limit_in_force():
+    # It quoted Pillow's own 178,956,970-pixel limit while the server's --max-pixels was lower.
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buf, format="PNG")  # 100 Mpx: Pillow objects before we look
+    with pytest.raises(ImageDecodeError, match="over the limit of 40,000,000 pixels"):
+        load_image(buf.getvalue(), max_pixels=40_000_000)
+    with pytest.raises(ImageDecodeError, match=f"over the limit of {Image.MAX_IMAGE_PIXELS:,} pixels"):
+        load_image(buf.getvalue(), max_pixels=500_000_000)  # Pillow's limit is the one in force

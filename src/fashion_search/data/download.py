@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fashion_search import __version__
+from fashion_search.atomic import create_temp
 from fashion_search.data.images import IMAGE_EXTENSIONS, load_image
 from fashion_search.errors import FashionSearchError, ImageDecodeError
 
@@ -182,7 +183,7 @@ def _existing_images(out_dir: Path) -> dict[str, list[Path]]:
 
 
 def _write_report(path: Path, report: DownloadReport) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_PART_MARK}", dir=path.parent)
+    fd, tmp = create_temp(path.parent, prefix=f".{path.name}{_PART_MARK}")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(report.to_dict(), f, indent=2)
@@ -240,7 +241,7 @@ class _Fetcher:
         return "failed", f"{reason} (after {tries})"
 
     def _fetch(self, asin: str, url: str) -> None:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{asin}{_PART_MARK}", dir=self.out_dir)
+        fd, tmp_name = create_temp(self.out_dir, prefix=f".{asin}{_PART_MARK}")
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as f:

@@ -115,8 +115,10 @@ def _decode(fp: BinaryIO, max_pixels: int, draft_size: tuple[int, int] | None) -
         raise ImageDecodeError(
             f"not a recognised image format (accepted: {', '.join(allowed_formats())})"
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"decompression bomb refused ({exc})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow refuses before our own check sees the size: the limit in force is the lower of the two.
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        raise ImageDecodeError(f"decompression bomb refused: over the limit of {limit:,} pixels") from None
     except Exception as exc:
         # Pillow's decoders answer hostile bytes with OSError, SyntaxError, ValueError and EOFError, but
         # also TypeError, IndexError, KeyError... (found by tests/reliability/test_fuzz.py): all of them

@@ -61,8 +61,13 @@ class BuildReport:
         return now
 
     def warnings(self) -> list[str]:
-        line = recall_warning(self.ann_recall, self.index_kind)
-        return [line] if line else []
+        lines = [recall_warning(self.ann_recall, self.index_kind)]
+        if self.items == 0:
+            lines.append(
+                "warning: the index is empty: no readable image (jpg, png, webp, ...) under the folder"
+                + (f"; {len(self.skipped)} unreadable, see {REPORT_NAME}" if self.skipped else "")
+            )
+        return [line for line in lines if line]
 
     def summary(self) -> str:
         converted = (
@@ -162,6 +167,22 @@ def _follow_catalog_size(index, n_items: int):
     return bigger
 
 
+def _check_same_catalog(manifest: dict, root: Path, index, current: dict, out: Path) -> None:
+    """Re-indexing follows a catalog's deletions, but another folder given by mistake (a sub-folder,
+    a neighbour) would silently empty the index: refused when it lacks most of the indexed items. A
+    moved catalog (same files) passes."""
+    built_from = manifest.get("catalog_root")
+    if not built_from or Path(built_from) == root:
+        return
+    ids = index.ids()
+    gone = sum(1 for i in ids if i not in current)
+    if ids and gone > len(ids) / 2:
+        raise FashionSearchError(
+            f"{out} indexes {built_from}; {root} lacks {gone} of its {len(ids)} items, which this run would "
+            f"remove: index {root} into a new --out, or delete {out} to rebuild it from there"
+        )
+
+
 def _write_groups(embedded, model: RetrievalModel):
     """Embedded batches in the groups build_index writes them.
 
@@ -241,6 +262,7 @@ def build_index(
     if chosen == "auto":
         index = _follow_catalog_size(index, len(catalog))
     current = {f.id: f for f in catalog}
+    _check_same_catalog(manifest, root, index, current, out)
     stale = [i for i in index.ids() if i not in current or known.get(i) != current[i].signature]
     todo = [
         f

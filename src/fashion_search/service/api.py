@@ -223,6 +223,10 @@ def create_app(
         # On the event loop: a load balancer's probe needs no thread, and len() only reads a snapshot.
         return Health(status="ok", items=len(engine))
 
+    @app.head("/health", include_in_schema=False)
+    async def health_head() -> Response:  # what load balancers probe with (it was 405)
+        return Response(status_code=200)
+
     @app.get("/info")
     def info() -> dict:
         # The catalog's location on the server is nobody's business but the operator's.

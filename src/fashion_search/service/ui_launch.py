@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,9 +13,25 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from fashion_search.errors import FashionSearchError
 from fashion_search.index.store import read_manifest
 
 UI_SCRIPT = Path(__file__).with_name("ui.py")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, in one line, a host:port that cannot be listened on (in use, not this machine's address),
+    before the index and the model are loaded for nothing. Binds as uvicorn and Streamlit do
+    (SO_REUSEADDR), then lets go."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise FashionSearchError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def ui_command(index_dir: str | os.PathLike, host: str, port: int, device: str | None = None) -> list[str]:
