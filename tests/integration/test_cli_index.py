@@ -31,7 +31,7 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def test_console_script(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "fashion_search.cli", "info", "--index", str(tmp_path)],
+        [sys.executable, "-m", "fashion_search", "info", "--index", str(tmp_path)],  # as -m users run it
         capture_output=True,
         text=True,
         timeout=120,
