@@ -141,18 +141,23 @@ class Rejecting(DeviceJpegDecoder):
         return super().__call__(payloads)
 
 
-def test_a_jpeg_the_device_rejects_is_redone_alone_then_decoded_by_pillow(micro_model, tmp_path):
+def test_a_jpeg_the_device_rejects_is_redone_alone_then_decoded_by_pillow(micro_model, tmp_path, caplog):
     good = photo(tmp_path / "good.jpg", seed=5)
     bad = cut_short_with_end_marker(photo(tmp_path / "bad.jpg", seed=6))
     assert device_decodable(bad, 10**9)
     calls = []
     decoder = Rejecting(micro_model.pixel_pipeline, bad, calls)
 
-    batch, (indices, pixels, failed) = read_mixed_batch(micro_model, [good, tmp_path / "bad.jpg"], decoder)
+    with caplog.at_level("WARNING"):
+        batch, (indices, pixels, failed) = read_mixed_batch(
+            micro_model, [good, tmp_path / "bad.jpg"], decoder
+        )
 
     assert batch.jpeg_indices == [0, 1] and calls == [2, 1, 1]  # the batch, then each file alone
     assert indices == [0, 1] and not failed
     assert torch.equal(pixels[1], micro_model.pixel_pipeline.to_uint8(load_image(bad)))
+    # Said, once: a slow fallback that every batch took would otherwise pass for a slow GPU decode.
+    assert "nvJPEG refused a batch (nvjpeg: bad bitstream)" in caplog.text
 
 
 def test_a_jpeg_neither_decoder_reads_is_reported(micro_model, tmp_path, monkeypatch):

@@ -111,6 +111,7 @@ class _BatchAssembler:
 
     def __init__(self, pipeline: PixelPipeline, device: torch.device, decoder: DeviceJpegDecoder | None):
         self.pipeline, self.device, self.decoder = pipeline, device, decoder
+        self.batches_redone = 0  # batches nvJPEG refused as a whole
 
     def __call__(self, batch: Batch):
         indices, failed, parts = list(batch.indices), list(batch.failed), []
@@ -127,8 +128,13 @@ class _BatchAssembler:
     def _decode_jpegs(self, jpegs, failed):
         try:
             return [i for i, _ in jpegs], self.decoder([data for _, data in jpegs])
-        except RuntimeError:
-            pass  # one file nvJPEG rejects fails the whole batch: redo them one by one, bad ones on the CPU
+        except RuntimeError as exc:
+            # One file nvJPEG rejects fails the whole batch: redo them one by one, bad ones on the CPU.
+            # Said once: if every batch goes this way (a broken nvJPEG, memory), it is slow for a reason.
+            self.batches_redone += 1
+            if self.batches_redone == 1:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                log.warning("nvJPEG refused a batch (%s); its files are decoded one at a time", first)
         done, parts = [], []
         for i, data in jpegs:
             try:
