@@ -99,6 +99,10 @@ def ceiling_during(run, model, batch_size: int, every: float, timeout: float, de
         if not run.pause():
             break
         try:
+            if device.type == "cuda":
+                # A stopped process's GPU work already queued (a batch or two: ~30 ms on an H100) still
+                # runs: let it drain so that it is not timed as part of the ceiling.
+                time.sleep(0.1)
             # An untimed batch first, as in the passes before and after: the first forward after a
             # pause can be slower (cold caches, this process's threads asleep), which would flatter the run.
             samples += common.time_calls(
