@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from fashion_search.atomic import atomic_write_json
@@ -90,6 +91,7 @@ def cmd_demo(args) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from fashion_search.cli import _add_model_args, non_negative_int, port_number, positive_int
+    from fashion_search.config import TrainConfig
 
     p = sub.add_parser("train", help="fine-tune on Fashion-IQ-style triplets")
     p.add_argument("--data", required=True, help="dataset root in the Fashion-IQ layout")
@@ -99,8 +101,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults.update(
+        pretrained="openai; none for the compact fs-* models",
+        device="the best available",
+        max_steps_per_epoch="the whole epoch",
+    )
     for name, typ in _TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
+        shown = defaults[name] if defaults[name] is not None else "none"
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"default: {shown}")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="Fashion-IQ protocol Recall@1/5/10/50")
