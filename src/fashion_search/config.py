@@ -18,6 +18,16 @@ def _holds(rule, value) -> bool:
         return False
 
 
+_FLOAT_OPTIONS = (
+    "lr",
+    "lr_fusion",
+    "layer_decay",
+    "weight_decay",
+    "warmup_ratio",
+    "grad_clip",
+    "clip_loss_weight",
+)
+
 COMPACT_CONFIGS = Path(__file__).parent / "models" / "configs"
 
 
@@ -69,6 +79,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.pretrained:
             object.__setattr__(self, "pretrained", default_pretrained(self.model))
+        if self.max_steps_per_epoch == 0:  # 0 has always meant "no cap", as None does
+            object.__setattr__(self, "max_steps_per_epoch", None)
+        for name in _FLOAT_OPTIONS:  # PyYAML reads 1e-4 (no dot) as a string
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    object.__setattr__(self, name, float(value))
+                except ValueError:
+                    raise FashionSearchError(
+                        f"bad training option: {name} must be a number, got {value!r}"
+                    ) from None
         problems = [
             f"--{name.replace('_', '-')} {rule}, got {getattr(self, name)}"
             for name, rule, ok in (
@@ -82,10 +103,10 @@ class TrainConfig:
                 ("lr_fusion", "must be > 0", lambda v: v > 0),
                 ("layer_decay", "must be in (0, 1]", lambda v: 0 < v <= 1),
                 ("weight_decay", "must be >= 0", lambda v: v >= 0),
-                ("warmup_ratio", "must be in [0, 1)", lambda v: 0 <= v < 1),
+                ("warmup_ratio", "must be in [0, 1]", lambda v: 0 <= v <= 1),
                 ("grad_clip", "must be > 0", lambda v: v > 0),
                 ("clip_loss_weight", "must be >= 0", lambda v: v >= 0),
-                ("hard_negatives", "must be at least 1", lambda v: v >= 1),
+                ("hard_negatives", "must be >= 0", lambda v: v >= 0),
                 ("mine_hard_negatives", "must be >= 0", lambda v: v >= 0),
                 ("patience", "must be at least 1", lambda v: v >= 1),
                 ("workers", "must be >= 0", lambda v: v >= 0),

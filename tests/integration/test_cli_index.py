@@ -158,6 +158,25 @@ def test_another_folder_is_not_indexed_over_a_catalog_but_a_moved_one_is(tmp_pat
     moved = shutil.move(root, tmp_path / "moved")  # the same files elsewhere: nothing to remove
     out = cli("index", str(moved), "--out", str(index), "--workers", "0", "--quiet").stdout
     assert "0 added, 0 removed" in out
+    # A folder with no images at all (a mount that failed) would remove everything: refused.
+    for f in Path(moved).rglob("*.jpg"):
+        f.rename(f.with_suffix(".bak"))
+    proc = cli("index", str(moved), "--out", str(index), "--workers", "0", "--quiet", check=False)
+    assert proc.returncode == 2 and "no images under" in proc.stderr and "remove all 4 items" in proc.stderr
+
+
+def test_a_link_repointed_to_a_new_release_is_followed(tmp_path):
+    for release, names in (("r1", "abcd"), ("r2", "aefg")):
+        for n, name in enumerate(names):
+            write_image(tmp_path / release / f"{name}.jpg", (60 * n, 90, 200))
+    link = tmp_path / "current"
+    link.symlink_to(tmp_path / "r1")
+    index = tmp_path / "idx"
+    cli("index", str(link), "--out", str(index), *MODEL, "--workers", "0", "--quiet")
+    link.unlink()
+    link.symlink_to(tmp_path / "r2")  # 3 of 4 ids new (a.jpg a new file too): the same catalog by its path
+    out = cli("index", str(link), "--out", str(index), "--workers", "0", "--quiet").stdout
+    assert "4 added, 4 removed" in out
 
 
 def test_other_model_is_refused(tmp_path, indexed):
@@ -314,6 +333,9 @@ def test_serve_refuses_a_port_in_use_and_a_missing_extra_in_one_line(indexed, mo
         proc = cli("serve", "--index", str(index), "--port", port, check=False)
     assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    from fashion_search.service.ui_launch import check_port_free
+
+    check_port_free("", 0)  # "" is every interface to uvicorn and Streamlit, not a name to look up
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

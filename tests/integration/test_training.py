@@ -168,11 +168,18 @@ def test_cli_chain_synth_train_eval_index_search(tmp_path):
     assert len(found["results"]) == 10
 
 
-def test_resume_refuses_an_empty_run_and_a_changed_architecture(tiny_data, tmp_path, capsys):
+def test_resume_refuses_an_empty_run_and_a_changed_architecture(tiny_data, tmp_path, capsys, caplog):
     run = tmp_path / "run"
     with pytest.raises(Exception, match="holds no run to continue"):
         loop.train(tiny_config(tiny_data, run), resume=True, progress=False)
     assert not run.exists()  # nothing was started in its place
+    # Killed before its first epoch was saved (config.yaml, no last.pt): --resume starts it over.
+    run.mkdir()
+    tiny_config(tiny_data, run).dump(run / "config.yaml")
+    with caplog.at_level("WARNING"):
+        loop.train(tiny_config(tiny_data, run, epochs=1, max_steps_per_epoch=1), resume=True, progress=False)
+    assert "saved no epoch yet; starting it from the first" in caplog.text
+    shutil.rmtree(run)
     loop.train(tiny_config(tiny_data, run, epochs=1, max_steps_per_epoch=1), progress=False)
     for changed in ({"model": "fs-tiny"}, {"fusion": "sum"}):
         with pytest.raises(Exception, match="was trained with --model fs-micro --fusion combiner"):
@@ -253,3 +260,20 @@ def test_a_category_without_images_is_left_out_of_the_average_not_counted_as_zer
         FashionIQ(data).image_path(image_id).unlink()
     with pytest.raises(Exception, match="no val query of dress, shirt can be scored"):
         evaluate(micro_model, data, "val", ["dress", "shirt"], workers=0, progress=False)
+    # Training on such data keeps going and keeps its last epoch, as without val captions.
+    cfg = tiny_config(data, tmp_path / "run", epochs=2, max_steps_per_epoch=1)
+    result = loop.train(cfg, progress=False)
+    assert result.best_epoch == 2 and [e.get("val") for e in result.history] == [None, None]
+
+
+def test_configs_that_were_valid_before_still_load(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; 0 steps meant "no cap"; a warmup over the whole run worked.
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "lr: 1e-4\nmax_steps_per_epoch: 0\nwarmup_ratio: 1.0\nhard_negatives: 0\nmodel: fs-micro\n"
+    )
+    cfg = TrainConfig.load(path)
+    assert (cfg.lr, cfg.max_steps_per_epoch, cfg.warmup_ratio, cfg.pretrained) == (1e-4, None, 1.0, "none")
+    path.write_text("lr: fast\n")
+    with pytest.raises(Exception, match="lr must be a number, got 'fast'"):
+        TrainConfig.load(path)

@@ -324,7 +324,9 @@ def test_the_next_batch_is_issued_on_a_stream_of_its_own_and_waited_for_before_u
             log.append((torch.cuda.current_stream().name, "issue", i, threading.current_thread().name))
             yield [i], Pixels(i), []
 
-    received = _received_from(ahead_in_thread(_issued_on(side, batches()), depth=2), torch.device("cuda"))
+    finished = []
+    issued = _issued_on(side, batches(), finished=lambda: finished.append(threading.current_thread().name))
+    received = _received_from(ahead_in_thread(issued, depth=2), torch.device("cuda"))
     for indices, pixels, _ in received:
         log.append(("main", "got", pixels.i))
         assert indices == [pixels.i]
@@ -337,3 +339,16 @@ def test_the_next_batch_is_issued_on_a_stream_of_its_own_and_waited_for_before_u
             log.index(("main", "got", i)),
         )
         assert issued < recorded < waited < got and used < got
+    assert finished == ["batch-ahead"]  # the stream is free again once its thread issues no more
+
+
+def test_side_streams_are_reused_but_lent_to_one_pipeline_at_a_time(monkeypatch):
+    from fashion_search.data.loading import _StreamPool
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(object()) or made[-1])
+    pool, cuda = _StreamPool(), torch.device("cuda")
+    a, b = pool.borrow(cuda), pool.borrow(cuda)
+    assert a is not b  # two pipelines at once: two streams
+    pool.give_back(cuda, a)
+    assert pool.borrow(cuda) is a and len(made) == 2  # then reused, not one more per call

@@ -262,14 +262,38 @@ def iter_embedded(
         # while this one's forward runs (without it the host serialises decode -> resize -> forward).
         # That thread queues its work on a CUDA stream of its own: nvJPEG must not start while another
         # thread may free memory still in use on the stream it decodes on (pixels.decode_jpegs).
-        ahead = ahead_in_thread(_issued_on(torch.cuda.Stream(device), batches), depth=2)
-        batches = _received_from(ahead, device)
+        stream = _side_streams.borrow(device)
+        issued = _issued_on(stream, batches, finished=lambda: _side_streams.give_back(device, stream))
+        batches = _received_from(ahead_in_thread(issued, depth=2), device)
     return _embedded(model, batches, len(paths), desc, progress, marks)
 
 
-def _issued_on(stream, batches: Iterator) -> Iterator:
+class _StreamPool:
+    """Side streams for the batch-ahead threads, reused: torch hands out streams from a pool of 32 and
+    the caching allocator keeps freed blocks per stream, so a fresh stream per call (a training run
+    validates several times an epoch) would leave a batch's worth of GPU memory cached on each. A stream
+    is lent to one pipeline at a time (two sharing one could free memory nvJPEG then writes into)."""
+
+    def __init__(self) -> None:
+        self._free: dict[torch.device, list] = {}
+        self._lock = threading.Lock()
+
+    def borrow(self, device: torch.device):
+        with self._lock:
+            free = self._free.setdefault(device, [])
+            return free.pop() if free else torch.cuda.Stream(device)
+
+    def give_back(self, device: torch.device, stream) -> None:
+        with self._lock:
+            self._free[device].append(stream)
+
+
+_side_streams = _StreamPool()
+
+
+def _issued_on(stream, batches: Iterator, finished=lambda: None) -> Iterator:
     """Each batch's device work queued on `stream` (the producing thread's own), with an event that
-    says when it is done."""
+    says when it is done. `finished` runs on that thread once it issues nothing more."""
     try:
         while True:
             with torch.cuda.stream(stream):
@@ -278,7 +302,10 @@ def _issued_on(stream, batches: Iterator) -> Iterator:
                 return
             yield (*batch, stream.record_event())
     finally:
-        batches.close()
+        try:
+            batches.close()
+        finally:
+            finished()
 
 
 def _received_from(batches: Iterator, device: torch.device) -> Iterator:

@@ -125,7 +125,7 @@ def evaluate(
     scored = [c for c in cats if per_cat[c]["composed"]["queries"] > 0]
     if not scored:
         skipped = sum(per_cat[c]["composed"]["skipped"] for c in cats)
-        raise FashionSearchError(
+        raise NothingToScore(
             f"no {split} query of {', '.join(cats)} can be scored: none has its reference and target images "
             f"under {Path(data_root) / 'images'} ({skipped} skipped); fetch them (fashion-search "
             "download-fashioniq) or check --data"
@@ -151,6 +151,10 @@ def evaluate(
         "modes": modes,
         "selection_score": selection_score(modes["composed"]["average"]),
     }
+
+
+class NothingToScore(FashionSearchError):
+    """No query of the asked categories has its images (training then keeps its last epoch)."""
 
 
 def format_table(result: dict) -> str:

@@ -167,16 +167,23 @@ def _follow_catalog_size(index, n_items: int):
     return bigger
 
 
-def _check_same_catalog(manifest: dict, root: Path, index, current: dict, out: Path) -> None:
-    """Re-indexing follows a catalog's deletions, but another folder given by mistake (a sub-folder,
-    a neighbour) would silently empty the index: refused when it lacks most of the indexed items. A
-    moved catalog (same files) passes."""
-    built_from = manifest.get("catalog_root")
-    if not built_from or Path(built_from) == root:
-        return
+def _check_same_catalog(manifest: dict, root: Path, given: Path, index, current: dict, out: Path) -> None:
+    """Re-indexing follows a catalog's deletions, but two mistakes would silently empty an index: a
+    folder with no images at all (a mount that failed), and another folder given by mistake (a
+    sub-folder, a neighbour) that lacks most of the indexed items. A catalog moved elsewhere (same files)
+    or a link re-pointed to a new release (the same path as given) is followed as before."""
     ids = index.ids()
+    if not ids:
+        return
+    if not current:
+        raise FashionSearchError(
+            f"no images under {given}: this run would remove all {len(ids)} items of {out}; "
+            f"if that is meant, delete {out}"
+        )
+    built_from = manifest.get("catalog_root")
+    same = not built_from or Path(built_from) == root or manifest.get("catalog_path") == str(given)
     gone = sum(1 for i in ids if i not in current)
-    if ids and gone > len(ids) / 2:
+    if not same and gone > len(ids) / 2:
         raise FashionSearchError(
             f"{out} indexes {built_from}; {root} lacks {gone} of its {len(ids)} items, which this run would "
             f"remove: index {root} into a new --out, or delete {out} to rebuild it from there"
@@ -234,7 +241,7 @@ def build_index(
     started = time.perf_counter()
     if save_seconds is None:
         save_seconds = float(os.environ.get("FASHION_SEARCH_SAVE_SECONDS") or 60.0)
-    root, out = Path(images_dir).resolve(), Path(out_dir)
+    given, root, out = Path(images_dir).absolute(), Path(images_dir).resolve(), Path(out_dir)
     if not root.is_dir():
         raise FashionSearchError(f"image folder not found: {images_dir}")
     catalog = scan_catalog(root) if catalog is None else catalog
@@ -262,7 +269,7 @@ def build_index(
     if chosen == "auto":
         index = _follow_catalog_size(index, len(catalog))
     current = {f.id: f for f in catalog}
-    _check_same_catalog(manifest, root, index, current, out)
+    _check_same_catalog(manifest, root, given, index, current, out)
     stale = [i for i in index.ids() if i not in current or known.get(i) != current[i].signature]
     todo = [
         f
@@ -297,6 +304,9 @@ def build_index(
                 "model": model.identity(),
                 "source": source,
                 "catalog_root": str(root),
+                "catalog_path": str(
+                    given
+                ),  # as given: a link re-pointed to a new release is the same catalog
                 "created": manifest.get("created", now),
                 "updated": now,
                 "files": files,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from fashion_search.atomic import atomic_write_json
 from fashion_search.config import TrainConfig
 from fashion_search.data.fashioniq import FashionIQ
 from fashion_search.errors import FashionSearchError
-from fashion_search.evaluation.fashioniq import evaluate
+from fashion_search.evaluation.fashioniq import NothingToScore, evaluate
 from fashion_search.models.backbone import resolve_device
 from fashion_search.models.checkpoint import atomic_torch_save, create_model, model_payload, read_checkpoint
 from fashion_search.models.retrieval import RetrievalModel
@@ -36,6 +37,8 @@ from fashion_search.training.data import (
 )
 from fashion_search.training.losses import clip_loss, composed_loss
 from fashion_search.training.optim import build_optimizer, cosine_with_warmup
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,6 +98,20 @@ def optimize_step(
     optimizer.step()
     scheduler.step()
     return loss.item()
+
+
+def _validate(model: RetrievalModel, cfg: TrainConfig, categories: list[str]) -> dict | None:
+    """The val evaluation, or None when there is nothing to score (no val captions, or none of their
+    images present): the run then keeps its last epoch rather than stopping."""
+    if not categories:
+        return None
+    try:
+        return evaluate(
+            model, cfg.data, "val", categories, batch_size=cfg.eval_batch_size, workers=0, progress=False
+        )
+    except NothingToScore as exc:
+        log.warning("no validation: %s; the last epoch is kept", exc)
+        return None
 
 
 def _check_same_architecture(state: dict, cfg: TrainConfig, run: Path) -> None:
@@ -158,9 +175,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     if not cfg.out:
         raise FashionSearchError("--out RUN is required")
     if resume and not (Path(cfg.out) / "last.pt").exists():
-        raise FashionSearchError(
-            f"--resume: {cfg.out} holds no run to continue (no last.pt); leave out --resume to start one"
-        )
+        if not (Path(cfg.out) / "config.yaml").exists():
+            raise FashionSearchError(
+                f"--resume: {cfg.out} holds no run to continue; leave out --resume to start one"
+            )
+        # Stopped before its first epoch ended (a preempted job that always passes --resume): begin again.
+        log.warning("--resume: %s saved no epoch yet; starting it from the first", cfg.out)
+        resume = False
     run = _prepare_run_dir(cfg, resume)
     data = FashionIQ(cfg.data)
     device = resolve_device(cfg.device)
@@ -220,13 +241,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             "seconds": round(time.perf_counter() - started, 2),
             "skipped": {"triplets": len(skipped), "examples": skipped[:5]},
         }
-        if categories:
-            result = evaluate(
-                model, cfg.data, "val", categories, batch_size=cfg.eval_batch_size, workers=0, progress=False
-            )
+        result = _validate(model, cfg, categories)
+        if result is not None:
             record["val"] = {mode: rows["average"] for mode, rows in result["modes"].items()}
             record["score"] = result["selection_score"]
-        else:  # no val captions: keep the last epoch
+        else:  # nothing to validate on: keep the last epoch
+            categories = []
             record["score"] = float(epoch)
         history.append(record)
         if record["score"] > best_score:
