@@ -177,45 +177,32 @@ def _add_serve_limits(p: argparse.ArgumentParser) -> None:
     from fashion_search.cli import non_negative_float, positive_float, positive_int
 
     g = p.add_argument_group("limits and operations")
-    g.add_argument(
-        "--max-upload-mb", type=positive_float, default=10.0, help="largest image upload (default 10)"
-    )
-    g.add_argument(
-        "--max-pixels",
-        type=positive_int,
-        default=40_000_000,
-        help="largest decoded image (default 40,000,000)",
-    )
-    g.add_argument(
-        "--max-text-chars", type=positive_int, default=10_000, help="longest text query (default 10,000)"
-    )
-    g.add_argument(
-        "--rate-limit",
-        type=non_negative_float,
-        default=0.0,
-        help="requests per second per client address (0: off)",
-    )
-    g.add_argument(
-        "--rate-burst", type=positive_int, default=None, help="burst allowance (default: 2 s worth)"
-    )
+    for flag, kind, default, text in (
+        ("--max-upload-mb", positive_float, 10.0, "largest image upload (default 10)"),
+        ("--max-pixels", positive_int, 40_000_000, "largest decoded image (default 40,000,000)"),
+        ("--max-text-chars", positive_int, 10_000, "longest text query (default 10,000)"),
+        ("--rate-limit", non_negative_float, 0.0, "requests per second per client address (0: off)"),
+        ("--rate-burst", positive_int, None, "burst allowance (default: 2 s worth)"),
+        (
+            "--reload-interval",
+            non_negative_float,
+            2.0,
+            "seconds between checks for a rebuilt index, swapped in without downtime (0: off)",
+        ),
+        (
+            "--graceful-timeout",
+            non_negative_float,
+            10.0,
+            "on SIGTERM/SIGINT, seconds to let requests in flight finish (default 10)",
+        ),
+    ):
+        g.add_argument(flag, type=kind, default=default, help=text)
     g.add_argument(
         "--cors-origin",
         dest="cors_origins",
         action="append",
         default=None,
         help="allow browser calls from this origin (repeatable; default: none)",
-    )
-    g.add_argument(
-        "--reload-interval",
-        type=non_negative_float,
-        default=2.0,
-        help="seconds between checks for a rebuilt index, swapped in without downtime (0: off)",
-    )
-    g.add_argument(
-        "--graceful-timeout",
-        type=non_negative_float,
-        default=10.0,
-        help="on SIGTERM/SIGINT, seconds to let requests in flight finish (default 10)",
     )
 
 
