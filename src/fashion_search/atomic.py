@@ -10,6 +10,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from fashion_search.errors import FashionSearchError
+
+
+def check_output_file(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder, or a path through a
+    file. (Missing folders are fine: the write creates them.)"""
+    path = Path(path)
+    if path.is_dir():
+        raise FashionSearchError(f"{path} is a folder: give a file name to write")
+    check_output_dir(path.parent)
+
+
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Refuse an output folder that is a file, or lies under one."""
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise FashionSearchError(f"cannot write under {path}: {folder} is a file, not a folder")
+            return
+
 
 def create_temp(directory: str | os.PathLike, prefix: str, suffix: str = "") -> tuple[int, str]:
     """tempfile.mkstemp's unique new file, but created with the permissions any new file gets (0666

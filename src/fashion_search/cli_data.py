@@ -42,7 +42,7 @@ def cmd_download(args) -> int:
         f"(see {Path(args.out) / 'download_report.json'})"
     )
     if report.failed and not (report.ok or report.skipped_existing):
-        print("fashion-search: error: every download failed (offline?); nothing was written", file=sys.stderr)
+        print("fashion-search: error: every download failed (offline?); no image was saved", file=sys.stderr)
         return 1
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from fashion_search.atomic import atomic_write_json
+from fashion_search.atomic import atomic_write_json, check_output_file
 from fashion_search.errors import FashionSearchError
 
 _TRAIN_FLAGS = {
@@ -57,6 +57,9 @@ def cmd_eval(args) -> int:
     from fashion_search.cli import _load_model
     from fashion_search.evaluation.fashioniq import evaluate, format_table, rank_submission
 
+    for output in (args.json, args.submission):  # checked before minutes of evaluation, not after
+        if output:
+            check_output_file(output)
     model, _ = _load_model(args, fusion=args.fusion)
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
     if args.submission:
@@ -163,11 +166,15 @@ def _add_face(sub: argparse._SubParsersAction, face: str) -> None:
     p = sub.add_parser(
         face, help="HTTP API over an index" if face == "serve" else "Streamlit web UI over an index"
     )
-    p.add_argument("--index", required=True)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--index", required=True, help="index directory (from `fashion-search index`)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)",
+    )
     port = 8000 if face == "serve" else 8501
     p.add_argument("--port", type=port_number, default=port, help=f"default {port}")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     if face == "serve":
         _add_serve_limits(p)
     p.set_defaults(func=run)
@@ -181,13 +188,13 @@ def _add_serve_limits(p: argparse.ArgumentParser) -> None:
         ("--max-upload-mb", positive_float, 10.0, "largest image upload (default 10)"),
         ("--max-pixels", positive_int, 40_000_000, "largest decoded image (default 40,000,000)"),
         ("--max-text-chars", positive_int, 10_000, "longest text query (default 10,000)"),
-        ("--rate-limit", non_negative_float, 0.0, "requests per second per client address (0: off)"),
+        ("--rate-limit", non_negative_float, 0.0, "requests per second per client address (default 0: off)"),
         ("--rate-burst", positive_int, None, "burst allowance (default: 2 s worth)"),
         (
             "--reload-interval",
             non_negative_float,
             2.0,
-            "seconds between checks for a rebuilt index, swapped in without downtime (0: off)",
+            "seconds between checks for a rebuilt index, swapped in without downtime (default 2; 0: off)",
         ),
         (
             "--graceful-timeout",

@@ -144,7 +144,8 @@ class TrainConfig:
         try:
             values = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
-            raise FashionSearchError(f"cannot read config {path}: {exc}") from None
+            reason = " ".join(str(exc).split())  # PyYAML's message spans lines; the CLI's is one
+            raise FashionSearchError(f"cannot read config {path}: {reason}") from None
         if not isinstance(values, dict):
             raise FashionSearchError(f"config {path} must be a mapping of option: value")
         values.update({k: v for k, v in overrides.items() if v is not None})

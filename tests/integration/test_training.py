@@ -277,3 +277,39 @@ def test_configs_that_were_valid_before_still_load(tmp_path):
     path.write_text("lr: fast\n")
     with pytest.raises(Exception, match="lr must be a number, got 'fast'"):
         TrainConfig.load(path)
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "bad.yaml").write_text("lr: [1,\n  epochs: 2\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    data = str(tmp_path)  # never read: each case fails first
+    cases = [
+        (["train", "--data", data, "--out", str(afile), "--model", "fs-micro"], "is a file, not a folder"),
+        (
+            ["train", "--data", data, "--out", str(afile / "run"), "--model", "fs-micro"],
+            "is a file, not a folder",
+        ),
+        (
+            ["train", "--data", data, "--out", str(tmp_path / "r"), "--config", str(tmp_path / "bad.yaml")],
+            "cannot read config",
+        ),
+        (
+            ["eval", "--data", data, "--model", "fs-micro", "--json", str(tmp_path)],
+            "is a folder: give a file name",
+        ),
+        (
+            ["eval", "--data", data, "--model", "fs-micro", "--submission", str(afile / "s.json")],
+            "is a file, not a folder",
+        ),
+        (
+            ["eval", "--data", data, "--checkpoint", str(tmp_path / "empty.pt")],
+            "the file is empty or cut short",
+        ),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (args, err)
+    assert afile.read_text() == "x"

@@ -63,7 +63,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file; all mean the same to a user
-        raise FashionSearchError(f"cannot read checkpoint {p}: {type(exc).__name__}: {exc}") from None
+        reason = " ".join(str(exc).split()) or "the file is empty or cut short"
+        raise FashionSearchError(f"cannot read checkpoint {p}: {type(exc).__name__}: {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FashionSearchError(f"{p} is not a fashion-search checkpoint")
     return payload

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fashion_search.atomic import atomic_write_json
+from fashion_search.atomic import atomic_write_json, check_output_dir
 from fashion_search.config import TrainConfig
 from fashion_search.data.fashioniq import FashionIQ
 from fashion_search.errors import FashionSearchError
@@ -127,6 +127,7 @@ def _check_same_architecture(state: dict, cfg: TrainConfig, run: Path) -> None:
 
 def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     run = Path(cfg.out)
+    check_output_dir(run)
     if run.exists() and (run / "last.pt").exists() and not resume:
         raise FashionSearchError(
             f"{run} already holds a training run: pass --resume to continue it, or a new --out"
