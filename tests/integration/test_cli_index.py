@@ -186,7 +186,10 @@ def test_other_model_is_refused(tmp_path, indexed):
     proc = cli(
         "index", str(root), "--out", str(copy), "--model", "fs-tiny", "--pretrained", "none", check=False
     )
-    assert proc.returncode == 2 and "was built with" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "was built with model fs-micro, dim 64, but the model given has model fs-tiny" in proc.stderr
+    )
 
 
 def test_fp16_storage_and_layout_flags(tmp_path, indexed):

@@ -123,9 +123,9 @@ def check_identity(manifest_identity: dict, model: RetrievalModel, where: str) -
     mine = model.identity()
     diffs = [k for k in IDENTITY_KEYS if manifest_identity.get(k) != mine.get(k)]
     if diffs:
-        built = {k: manifest_identity.get(k) for k in diffs}
-        now = {k: mine.get(k) for k in diffs}
-        raise IndexMismatchError(f"{where} was built with {built}, but the model given is {now}")
+        built = ", ".join(f"{k} {manifest_identity.get(k)}" for k in diffs)
+        now = ", ".join(f"{k} {mine.get(k)}" for k in diffs)
+        raise IndexMismatchError(f"{where} was built with {built}, but the model given has {now}")
 
 
 def _write_report(out: Path, report: BuildReport) -> None:
