@@ -166,7 +166,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from fashion_search import __version__
 
-    parser = _Parser(prog="fashion-search", description=__doc__)
+    parser = _Parser(
+        prog="fashion-search",
+        description="Composed image retrieval for fashion: index a catalog of photos, search it by image, "
+        "text or both, fine-tune and evaluate on Fashion-IQ, and serve an HTTP API and a web page.",
+        epilog="`fashion-search COMMAND --help` lists a command's options and their defaults.",
+    )
     parser.add_argument("--version", action="version", version=f"fashion-search {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
