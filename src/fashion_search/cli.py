@@ -107,6 +107,12 @@ def cmd_search(args) -> int:
     if args.image is not None and not Path(args.image).is_file():
         what = "is not a file" if Path(args.image).exists() else "not found"
         raise FashionSearchError(f"query image {what}: {args.image}")
+    if args.text_weight is not None and (args.image is None or not args.text):
+        only = "a text" if args.image is None else "an image"
+        print(
+            f"note: --text-weight weighs an image against a text; this is {only}-only search",
+            file=sys.stderr,
+        )
     engine = SearchEngine.open(args.index, checkpoint=args.checkpoint, device=args.device)
     results = engine.search(
         image=args.image, text=args.text, text_weight=args.text_weight, k=args.k, category=args.category

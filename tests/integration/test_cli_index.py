@@ -375,3 +375,11 @@ def test_an_empty_catalog_and_an_empty_result_say_so(tmp_path, indexed):
     root, index = indexed
     proc = cli("search", "--index", str(index), "--image", str(root), check=False)
     assert proc.returncode == 2 and "query image is not a file" in proc.stderr
+
+
+def test_a_text_weight_without_both_query_parts_is_pointed_out(indexed):
+    root, index = indexed
+    proc = cli(
+        "search", "--index", str(index), "--image", str(root / "shirt" / "item0.jpg"), "--text-weight", "1"
+    )
+    assert "this is a image-only search" not in proc.stderr and "this is an image-only search" in proc.stderr
