@@ -55,8 +55,10 @@ def timed_batch(fn, device, repeat: int) -> dict:
     return {"wall_ms": common.latency_ms(walls), "host_cpu_ms_p50": round(1000 * float(np.median(cpus)), 3)}
 
 
-def pipeline_agreement(model, paths, payloads, decoder, device, batch: int, embed_paths) -> dict:
+def pipeline_agreement(model, paths, payloads, decoder, device, batch: int) -> dict:
     import torch
+
+    from fashion_search.data.loading import embed_paths
 
     ok, got, failures = embed_paths(
         model,
@@ -89,7 +91,7 @@ def main() -> None:
     torch = common.import_torch(args.threads)
 
     from fashion_search.data.images import load_image
-    from fashion_search.data.loading import ImagePathsDataset, embed_paths
+    from fashion_search.data.loading import ImagePathsDataset
     from fashion_search.data.pixels import DeviceJpegDecoder, decode_jpegs, device_decodable, nvjpeg_available
     from fashion_search.models.checkpoint import create_model
 
@@ -165,7 +167,7 @@ def main() -> None:
 
             common.log("the indexer's reader against batches decoded one at a time")
             results["pipeline"] = pipeline_agreement(
-                model, paths, payloads, decoder, device, args.pipeline_batch, embed_paths
+                model, paths, payloads, decoder, device, args.pipeline_batch
             )
 
             from PIL import Image

@@ -127,13 +127,6 @@ def cmd_search(args) -> int:
     return 0
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
 def _bounded(kind, low, strict: bool = False, high=None):
     """An argparse type: `kind` (int or float) >= low (> low if strict), <= high if given; NaN refused."""
 
@@ -159,6 +152,7 @@ non_negative_int = _bounded(int, 0)
 positive_float = _bounded(float, 0.0, strict=True)
 non_negative_float = _bounded(float, 0.0)
 port_number = _bounded(int, 0, high=65535)
+probability = _bounded(float, 0.0, high=1.0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -218,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="text query, or the change to apply to the image")
     p.add_argument(
         "--text-weight",
-        type=_probability,
+        type=probability,
         default=None,
         help="0 = image only, 1 = text only (default 0.5)",
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from fashion_search.errors import FashionSearchError
+from fashion_search.models import COMPACT_MODELS
 
 
 def _holds(rule, value) -> bool:
@@ -28,15 +29,13 @@ _FLOAT_OPTIONS = (
     "clip_loss_weight",
 )
 
-COMPACT_CONFIGS = Path(__file__).parent / "models" / "configs"
-
 
 def default_pretrained(model: str) -> str:
     """The weights a model gets when `--pretrained` is not given: OpenAI's for an OpenCLIP architecture
     (what users of CLIP expect, and never random weights by accident), none for the project's compact
     configs, which have no published weights, and none for hf-hub:/local-dir: names, whose weights come
     with the name."""
-    if (COMPACT_CONFIGS / f"{model}.json").is_file() or model.startswith(("hf-hub:", "local-dir:")):
+    if model in COMPACT_MODELS or model.startswith(("hf-hub:", "local-dir:")):
         return "none"
     return "openai"
 

@@ -304,9 +304,8 @@ def build_index(
                 "model": model.identity(),
                 "source": source,
                 "catalog_root": str(root),
-                "catalog_path": str(
-                    given
-                ),  # as given: a link re-pointed to a new release is the same catalog
+                # As given, unresolved: a link re-pointed to a new release is the same catalog.
+                "catalog_path": str(given),
                 "created": manifest.get("created", now),
                 "updated": now,
                 "files": files,

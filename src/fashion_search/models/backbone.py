@@ -10,21 +10,16 @@ import os
 import socket
 import threading
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fashion_search.errors import FashionSearchError, PretrainedUnavailableError
+from fashion_search.models import COMPACT_MODELS, CONFIG_DIR
 from fashion_search.models.openclip_import import enable_transformers, needs_transformers, open_clip
 
-# The project's own compact architectures (CPU training, the demo and tests) are plain OpenCLIP
-# model configs: data, not code branches.
-CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
-
-COMPACT_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 HUB_HOST = "huggingface.co"
 NO_PRETRAINED = ("none", "", "random")
 

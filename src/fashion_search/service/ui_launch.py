@@ -24,11 +24,9 @@ def check_port_free(host: str, port: int) -> None:
     before the index and the model are loaded for nothing. Binds as uvicorn and Streamlit do
     (SO_REUSEADDR), then lets go."""
     try:
+        # host "" is every interface to uvicorn and Streamlit; to getaddrinfo that is None.
         family, kind, proto, _, address = socket.getaddrinfo(
-            host or None,
-            port,
-            type=socket.SOCK_STREAM,
-            flags=socket.AI_PASSIVE,  # "": every interface
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
