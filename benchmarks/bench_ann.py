@@ -106,7 +106,7 @@ def files_size(directory: Path) -> int:
 
 def build(kind: str, base: np.ndarray, ids: list[str], params: dict, add_batch: int):
     """The index, its build seconds and the resident memory it added (after freeing temporaries)."""
-    from fashion_search.index.base import create_index
+    from fashion_search.index.registry import create_index
 
     common.release_memory()
     rss0 = common.current_rss_mb()
@@ -126,7 +126,7 @@ def served_memory(directory: Path, queries: np.ndarray, k: int) -> dict:
     """Resident bytes a server holds for the saved index: load(mmap=True) as the engine does, then every
     query once. Split as the kernel counts it: anonymous memory (what the process read in) and mapped
     file pages (page cache, shared between server processes and dropped under memory pressure)."""
-    from fashion_search.index.base import load_index
+    from fashion_search.index.registry import load_index
 
     def now() -> dict:
         return {f: common.status_kb("self", f) for f in ("RssAnon", "RssFile")}

@@ -582,7 +582,7 @@ def write_vector_index(
     signature ([size, mtime_ns]) per id so it has the size of a real manifest of n items; give the
     real ids and signatures of files under catalog_root to make `index` treat them as unchanged.
     """
-    from fashion_search.index.base import choose_index_kind, create_index
+    from fashion_search.index.registry import choose_index_kind, create_index
     from fashion_search.index.store import save_index_dir
 
     started = time.perf_counter()

@@ -215,9 +215,9 @@ def test_fp16_storage_and_layout_flags(tmp_path, indexed):
 
 
 def test_automatic_index_kind_follows_the_catalog_as_it_grows(tmp_path, monkeypatch):
-    import fashion_search.index.base as base
+    import fashion_search.index.registry as registry
 
-    monkeypatch.setattr(base, "FLAT_MAX_ITEMS", 4)  # the real threshold is 50k items
+    monkeypatch.setattr(registry, "FLAT_MAX_ITEMS", 4)  # the real threshold is 50k items
     root = tmp_path / "cat"
     for n in range(4):
         write_image(root / f"a{n}.jpg", (60 * n, 90, 200))

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 
 from fashion_search.errors import FashionSearchError
-from fashion_search.index.base import (
+from fashion_search.index.base import INDEX_KINDS
+from fashion_search.index.exact import ExactIndex
+from fashion_search.index.faiss_index import FaissIndex
+from fashion_search.index.registry import (
     FLAT_MAX_ITEMS,
     HNSW_MAX_ITEMS,
-    INDEX_KINDS,
     choose_index_kind,
     create_index,
     load_index,
 )
-from fashion_search.index.exact import ExactIndex
-from fashion_search.index.faiss_index import FaissIndex
 from fashion_search.index.store import index_exists, load_index_dir, read_manifest, save_index_dir
 
 N, DIM, K = 2000, 64, 10
@@ -436,7 +436,7 @@ _KILLER = """
 import os, signal, sys
 from pathlib import Path
 import numpy as np
-from fashion_search.index.base import create_index
+from fashion_search.index.registry import create_index
 from fashion_search.index import store
 
 index = create_index("flat", 8)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from conftest import run_cli, write_image
-from fashion_search.index.base import create_index
+from fashion_search.index.registry import create_index
 from fashion_search.index.selfcheck import recall_warning, sampled_recall
 
 DIM, N = 32, 3000

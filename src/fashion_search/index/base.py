@@ -1,4 +1,4 @@
-"""The protocol every vector index implements, the shared id/vector store and the registry of kinds."""
+"""The protocol every vector index implements and the id/vector store its implementations share."""
 
 from __future__ import annotations
 
@@ -15,21 +15,12 @@ import numpy as np
 
 from fashion_search.errors import FashionSearchError
 
+# Every kind an index.json may name; index/registry.py maps each to its class.
 INDEX_KINDS: tuple[str, ...] = ("exact", "flat", "hnsw", "ivf")
 
 META_FILE = "index.json"
 IDS_FILE = "ids.json"
 VECTORS_FILE = "vectors.npy"
-
-# Automatic choice by catalog size. A flat (brute-force) scan is exact, needs no training or graph build,
-# and costs n*dim multiply-adds per query. Measured on 2 CPU cores at dim 512 (docs/BENCHMARKS.md): ~16 ms
-# per query at 100k items, which alone breaks the 10 ms budget of a re-weighted (cached) query; at 50k it
-# is about half that (the cost is linear in n), so flat stays exact up to there. Above it HNSW answers in
-# well under a millisecond at recall@10 >= 0.95 with a ~10% memory overhead for its graph. Past ~5M items
-# an HNSW build takes hours on a few cores, while IVF trains k-means on a sample in minutes and still
-# searches well with nprobe.
-FLAT_MAX_ITEMS = 50_000
-HNSW_MAX_ITEMS = 5_000_000
 
 
 class VectorIndex(ABC):
@@ -253,51 +244,3 @@ def one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     text = text.splitlines()[-1].rsplit("Error: ", 1)[-1]
     return " ".join(text.split())
-
-
-def _index_class(kind: str) -> type[VectorIndex]:
-    # Imported here because both implementations import this module.
-    if kind == "exact":
-        from fashion_search.index.exact import ExactIndex
-
-        return ExactIndex
-    if kind in INDEX_KINDS:
-        from fashion_search.index.faiss_index import FaissIndex
-
-        return FaissIndex
-    raise FashionSearchError(f"unknown index kind {kind!r}: choose one of {', '.join(INDEX_KINDS)}")
-
-
-def create_index(kind: str, dim: int, **params: Any) -> VectorIndex:
-    """A new empty index of the given kind; params are kind-specific (e.g. M, efSearch, nlist, nprobe)."""
-    cls = _index_class(kind)
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise FashionSearchError(f"index dimension must be a positive integer, got {dim!r}")
-    if kind == "exact":
-        if params:
-            raise FashionSearchError(f"the exact index takes no parameters, got {', '.join(sorted(params))}")
-        return cls(int(dim))
-    return cls(int(dim), kind=kind, **params)
-
-
-def choose_index_kind(n_items: int) -> str:
-    """The index kind to build for a catalog of n_items (thresholds explained at FLAT_MAX_ITEMS)."""
-    if n_items < 0:
-        raise ValueError(f"n_items must be >= 0, got {n_items}")
-    if n_items <= FLAT_MAX_ITEMS:
-        return "flat"
-    return "hnsw" if n_items <= HNSW_MAX_ITEMS else "ivf"
-
-
-def load_index(directory: Path, mmap: bool = False) -> VectorIndex:
-    """Load whatever kind of index save() wrote into directory, dispatching on its index.json."""
-    directory = Path(directory)
-    try:
-        meta = read_meta(directory)
-        return _index_class(meta["kind"]).load(directory, mmap=mmap)
-    except FashionSearchError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise FashionSearchError(
-            f"corrupt or unreadable index files in {directory}: {one_line(exc)}"
-        ) from exc

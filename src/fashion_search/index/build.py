@@ -20,7 +20,7 @@ from fashion_search.atomic import atomic_write_json
 from fashion_search.data.images import iter_image_entries
 from fashion_search.data.loading import ahead_in_thread, iter_embedded
 from fashion_search.errors import FashionSearchError, IndexMismatchError
-from fashion_search.index.base import choose_index_kind, create_index
+from fashion_search.index.registry import choose_index_kind, create_index
 from fashion_search.index.selfcheck import recall_warning, sampled_recall
 from fashion_search.index.store import index_exists, load_index_dir, save_index_dir
 from fashion_search.models.retrieval import RetrievalModel

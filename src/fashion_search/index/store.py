@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from fashion_search.errors import FashionSearchError
-from fashion_search.index.base import VectorIndex, load_index, one_line
+from fashion_search.index.base import VectorIndex, one_line
+from fashion_search.index.registry import load_index
 
 # Layout:  INDEX/CURRENT (name of the live version)  INDEX/versions/000001/{manifest.json, index files}
 # A version directory is complete before it gets its final name, and CURRENT is switched by os.replace, so
