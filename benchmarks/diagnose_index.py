@@ -94,7 +94,8 @@ def forward(model, paths: list[Path], args) -> dict:
 
 
 def rss_trace(model, images: Path, work: Path, args) -> dict:
-    from fashion_search.index.build import build_index, index_source
+    from fashion_search.index.build import build_index
+    from fashion_search.models.checkpoint import model_source
 
     samples, stop = [], threading.Event()
     started = time.perf_counter()
@@ -116,7 +117,7 @@ def rss_trace(model, images: Path, work: Path, args) -> dict:
         images,
         out_dir,
         model,
-        index_source(model),
+        model_source(model),
         batch_size=args.batch_size,
         workers=args.workers,
         progress=False,

@@ -115,10 +115,11 @@ def run_demo(directory: Path, serve: bool = True, port: int = 8501) -> int:
     print(f"written to {directory / 'eval.json'}")
 
     _stage("4/5 indexing the val gallery as a shop catalog")
-    from fashion_search.index.build import build_index, index_source
+    from fashion_search.index.build import build_index
+    from fashion_search.models.checkpoint import model_source
 
     n = build_catalog(data_dir, catalog)
-    source = index_source(model, run_dir / "checkpoint.pt")
+    source = model_source(model, run_dir / "checkpoint.pt")
     print(build_index(catalog, index_dir, model, source, workers=0).summary(), f"({n} catalog images)")
     print(f"\ndemo ready in {time.perf_counter() - started:.0f}s")
 

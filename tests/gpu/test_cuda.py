@@ -15,8 +15,8 @@ from PIL import Image
 from fashion_search.config import TrainConfig
 from fashion_search.data.loading import embed_paths
 from fashion_search.data.pixels import DeviceJpegDecoder
-from fashion_search.index.build import build_index, index_source
-from fashion_search.models.checkpoint import create_model
+from fashion_search.index.build import build_index
+from fashion_search.models.checkpoint import create_model, model_source
 from fashion_search.service.engine import SearchEngine
 from fashion_search.training import loop
 
@@ -74,7 +74,7 @@ def test_an_index_built_and_searched_on_the_device_finds_each_photo_first(model,
         root,
         tmp_path / "idx",
         model,
-        index_source(model),
+        model_source(model),
         batch_size=16,
         workers=2,
         decode=DECODE,

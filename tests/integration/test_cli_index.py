@@ -267,38 +267,6 @@ def test_console_script_skips_interpreter_teardown_only_on_success(indexed):
     assert bad.returncode == 2 and "teardown ran" in bad.stderr
 
 
-def test_index_scans_the_folder_while_the_model_builds(tmp_path, catalog, monkeypatch):
-    """The scan waits here until the model build has started: run one after the other, it would time out."""
-    import threading
-
-    from fashion_search import cli as cli_module
-    from fashion_search.index import build
-
-    building, threads = threading.Event(), {}
-    real_scan, real_load = build.scan_catalog, cli_module._load_model
-
-    def scan(root):
-        threads["scan"] = threading.current_thread().name
-        assert building.wait(timeout=10), "the scan did not run while the model was built"
-        return real_scan(root)
-
-    def load(args):
-        building.set()
-        return real_load(args)
-
-    monkeypatch.setattr(build, "scan_catalog", scan)
-    monkeypatch.setattr(cli_module, "_load_model", load)
-    out = cli("index", str(catalog), "--out", str(tmp_path / "i"), *MODEL, "--workers", "0")
-    assert "7 added" in out.stdout and threads["scan"] != threading.current_thread().name
-
-    def failing_scan(root):
-        raise PermissionError(13, "Permission denied", str(root))
-
-    monkeypatch.setattr(build, "scan_catalog", failing_scan)
-    with pytest.raises(PermissionError):  # the scan's own error reaches the caller's thread
-        cli("index", str(catalog), "--out", str(tmp_path / "j"), *MODEL, "--workers", "0")
-
-
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -68,14 +68,11 @@ def test_rate_limit_is_per_client_refills_and_stays_bounded():
 
 
 def test_serve_flags_reach_the_app():
-    args = build_parser().parse_args(["serve", "--index", "I"])
-    assert (args.rate_limit, args.cors_origins, args.max_upload_mb, args.max_pixels) == (
-        0.0,
-        None,
-        10.0,
-        40_000_000,
-    )
-    assert args.reload_interval == 2.0 and args.graceful_timeout == 10.0
+    from fashion_search.cli.serving import limits_from_args
+    from fashion_search.service.limits import ServerLimits
+
+    # Left out, every flag is the server's own default: one home for each limit.
+    assert limits_from_args(build_parser().parse_args(["serve", "--index", "I"])) == ServerLimits()
     args = build_parser().parse_args(
         [
             "serve",
@@ -89,9 +86,22 @@ def test_serve_flags_reach_the_app():
             "https://a.example",
         ]
         + ["--cors-origin", "https://b.example", "--max-text-chars", "50", "--reload-interval", "0"]
+        + ["--max-upload-mb", "2", "--max-pixels", "1000"]
     )
-    assert (args.rate_limit, args.rate_burst, args.max_text_chars, args.reload_interval) == (5.0, 9, 50, 0.0)
-    assert args.cors_origins == ["https://a.example", "https://b.example"]
+    assert limits_from_args(args) == ServerLimits(
+        max_upload_bytes=2 * 1024 * 1024,
+        max_pixels=1000,
+        max_text_chars=50,
+        rate_limit=5.0,
+        rate_burst=9,
+        reload_interval=0.0,
+        cors_origins=("https://a.example", "https://b.example"),
+    )
+
+
+def test_an_unknown_limit_is_refused(service_engine):  # noqa: F811
+    with pytest.raises(TypeError):
+        create_app(service_engine, max_pixel=1000)  # a typo must not silently keep the default
 
 
 # -- configurable caps -----------------------------------------------------------------------------------

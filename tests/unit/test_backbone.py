@@ -147,6 +147,19 @@ def test_transformers_is_imported_only_for_models_that_need_it(tmp_path):
     assert "after enable: True False" in proc.stdout and log.read_text() == "imported\n"
 
 
+def _count_real_inits(monkeypatch) -> list:
+    """Calls of nn.Linear's initialiser on real memory (on the meta device it allocates and costs nothing)."""
+    calls, original = [], torch.nn.init.kaiming_uniform_
+
+    def counting(*args, **kwargs):
+        if not (args[0] if args else kwargs["tensor"]).is_meta:
+            calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", counting)
+    return calls
+
+
 def test_loading_a_checkpoint_skips_the_random_init_and_restores_every_weight(
     tmp_path, micro_model, monkeypatch
 ):
@@ -158,18 +171,12 @@ def test_loading_a_checkpoint_skips_the_random_init_and_restores_every_weight(
     )
 
     atomic_torch_save(model_payload(micro_model), tmp_path / "m.pt")
-    calls = []
-    original = torch.nn.init.kaiming_uniform_
-    monkeypatch.setattr(
-        torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: calls.append(1) or original(t, *a, **k)
-    )
-    counting = torch.nn.init.kaiming_uniform_
+    calls = _count_real_inits(monkeypatch)
     loaded = load_checkpoint(tmp_path / "m.pt")
-    assert not calls  # nn.Linear's init never ran: the checkpoint overwrites every weight anyway
+    assert not calls  # no init ran on real memory: the checkpoint overwrites every weight anyway
     for (name, a), b in zip(micro_model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     assert loaded.checkpoint_sha256 == file_sha256(tmp_path / "m.pt")
-    assert torch.nn.init.kaiming_uniform_ is counting  # put back
     create_model("fs-micro", "none")
     assert calls  # random weights are still initialised
 
@@ -184,29 +191,17 @@ def test_a_checkpoint_missing_a_weight_is_refused_not_left_uninitialised(tmp_pat
         load_checkpoint(tmp_path / "m.pt")
 
 
-def test_a_model_built_by_another_thread_while_one_skips_its_init_is_still_initialised(micro_model):
-    """torch.nn.init is process-wide: the skip applies to the constructing thread only, and a weight a
-    load would miss is zero, never leftover memory."""
-    import threading
+def test_a_load_rebuilds_the_buffers_the_weights_do_not_hold(tmp_path, micro_model):
+    """The causal text mask is derived from the config, not saved: built on the meta device, the loaded
+    model must compute it again, or text embeddings would come from uninitialised memory."""
+    from fashion_search.models.checkpoint import atomic_torch_save, load_checkpoint, model_payload
 
-    reference = create_model("fs-micro", "none")
-    built = {}
-    with backbone.model_construction(init_weights=False):
-        skipped = torch.nn.init.normal_(torch.full((4,), 7.0))
-        thread = threading.Thread(target=lambda: built.setdefault("m", create_model("fs-micro", "none")))
-        thread.start()
-        thread.join(timeout=60)  # not blocked by this construction
-        assert not thread.is_alive()
-    assert torch.equal(skipped, torch.zeros(4))
-    for (name, a), b in zip(reference.state_dict().items(), built["m"].state_dict().values()):
-        assert torch.equal(a, b), name
-    originals = {name: getattr(torch.nn.init, name) for name in backbone._INITIALISERS}
-    with pytest.raises(RuntimeError), backbone.model_construction(init_weights=False):
-        raise RuntimeError("construction failed")
-    assert all(
-        getattr(torch.nn.init, name) is fn for name, fn in originals.items()
-    )  # restored after an error
-    assert not torch.equal(torch.nn.init.normal_(torch.zeros(64)), torch.zeros(64))
+    atomic_torch_save(model_payload(micro_model), tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    mask = dict(loaded.named_buffers())["backbone.clip.attn_mask"]
+    assert torch.equal(mask, dict(micro_model.named_buffers())["backbone.clip.attn_mask"])
+    texts = ["is red and sleeveless", "same but in navy"]
+    assert torch.allclose(loaded.encode_texts(texts), micro_model.encode_texts(texts), atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -238,11 +233,7 @@ def test_a_local_pretrained_file_gives_exactly_its_weights_without_a_random_init
         from safetensors.torch import save_file
 
         save_file(weights, str(path))
-    calls = []
-    original = torch.nn.init.kaiming_uniform_
-    monkeypatch.setattr(
-        torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: calls.append(1) or original(t, *a, **k)
-    )
+    calls = _count_real_inits(monkeypatch)
     model = create_model("fs-micro", str(path))
     assert not calls and model.backbone.spec.pretrained == str(path)
     for name, value in model.backbone.clip.state_dict().items():

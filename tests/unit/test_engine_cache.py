@@ -7,14 +7,15 @@ from PIL import Image
 
 import fashion_search
 from conftest import write_image
-from fashion_search.index.build import build_index, index_source
+from fashion_search.index.build import build_index
+from fashion_search.models.checkpoint import model_source
 
 
 def test_reweighting_and_k_reuse_cached_embeddings(tmp_path, monkeypatch):
     for n in range(5):
         write_image(tmp_path / "cat" / f"{n}.jpg", (50 * n, 90, 160))
     model = fashion_search.create_model("fs-micro", pretrained="none")
-    build_index(tmp_path / "cat", tmp_path / "idx", model, index_source(model), workers=0, progress=False)
+    build_index(tmp_path / "cat", tmp_path / "idx", model, model_source(model), workers=0, progress=False)
     engine = fashion_search.load_engine(tmp_path / "idx")
     calls = {"images": 0, "texts": 0}
     real_images, real_texts = engine.model.encode_pixels, engine.model.encode_texts
@@ -50,7 +51,7 @@ def test_a_catalog_photo_as_query_gets_its_own_vector_back(tmp_path):
         arr = np.linspace(0, 255, 400 * 300 * 3).reshape(300, 400, 3) + rng.normal(0, 30, (300, 400, 3))
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(tmp_path / "cat" / f"{n}.jpg")
     model = fashion_search.create_model("fs-micro", pretrained="none")
-    build_index(tmp_path / "cat", tmp_path / "idx", model, index_source(model), workers=0, progress=False)
+    build_index(tmp_path / "cat", tmp_path / "idx", model, model_source(model), workers=0, progress=False)
     engine = fashion_search.load_engine(tmp_path / "idx")
     stored = dict(zip(engine.index.ids(), engine.index.vectors()))["1.jpg"]
     photo = (tmp_path / "cat" / "1.jpg").read_bytes()

@@ -42,7 +42,9 @@ def test_the_engine_builds_its_model_and_runs_every_tensor_operation_on_one_thre
     service_index, monkeypatch
 ):
     seen: list[tuple[str, int]] = []
-    monkeypatch.setattr(engine_module, "_model_for", _recording(engine_module._model_for, seen, "build"))
+    monkeypatch.setattr(
+        engine_module, "resolve_model", _recording(engine_module.resolve_model, seen, "build")
+    )
     engine = SearchEngine.open(service_index, device="cpu")
     try:
         model = engine.model
@@ -175,7 +177,7 @@ def test_an_engine_whose_model_cannot_be_built_leaves_no_thread_behind(service_i
     def broken(*args, **kwargs):
         raise engine_module.FashionSearchError("no such model")
 
-    monkeypatch.setattr(engine_module, "_model_for", broken)
+    monkeypatch.setattr(engine_module, "resolve_model", broken)
     before = {t.ident for t in threading.enumerate()}
     with pytest.raises(engine_module.FashionSearchError, match="no such model"):
         SearchEngine.open(service_index, device="cpu")

@@ -25,12 +25,13 @@ def test_readme_snippet(tmp_path):
 
 
 def test_load_engine_returns_typed_results(tmp_path):
-    from fashion_search.index.build import build_index, index_source
+    from fashion_search.index.build import build_index
+    from fashion_search.models.checkpoint import model_source
 
     for n in range(3):
         write_image(tmp_path / "cat" / f"{n}.jpg", (80 * n, 40, 200))
     model = fashion_search.create_model("fs-micro", pretrained="none")
-    build_index(tmp_path / "cat", tmp_path / "idx", model, index_source(model), workers=0, progress=False)
+    build_index(tmp_path / "cat", tmp_path / "idx", model, model_source(model), workers=0, progress=False)
     engine = fashion_search.load_engine(tmp_path / "idx")
     hits = engine.search(image=tmp_path / "cat" / "1.jpg", k=2)
     assert isinstance(hits[0], fashion_search.SearchResult)

@@ -107,17 +107,6 @@ def _utf8_name(item_id: str) -> bool:
     return True
 
 
-def index_source(model: RetrievalModel, checkpoint: str | os.PathLike | None = None) -> dict:
-    """Where the index's model comes from, so a later process rebuilds exactly that model."""
-    spec = model.backbone.spec
-    return {
-        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-        "model": spec.model,
-        "pretrained": spec.pretrained,
-        "fusion": model.fusion.name,
-    }
-
-
 def check_identity(manifest_identity: dict, model: RetrievalModel, where: str) -> None:
     """Refuse to mix embeddings of two different models in one index or one query."""
     mine = model.identity()
@@ -227,7 +216,6 @@ def build_index(
     index_storage: str | None = None,
     save_seconds: float | None = None,
     progress: bool = True,
-    catalog: list[CatalogFile] | None = None,
 ) -> BuildReport:
     """Embed every image under `images_dir` into the index at `out_dir` (incrementally).
 
@@ -235,8 +223,7 @@ def build_index(
     model's CUDA device; other formats still go to the workers), "auto" (gpu when possible).
     `index_kind` and `index_storage` (fp32 | fp16, faiss kinds only) shape a new index; for an existing
     one they must match it or be left at their defaults. save_seconds defaults to
-    $FASHION_SEARCH_SAVE_SECONDS or 60 (the variable lets crash tests save often). `catalog` is
-    scan_catalog(images_dir) when the caller has it already (the CLI scans while the model is built).
+    $FASHION_SEARCH_SAVE_SECONDS or 60 (the variable lets crash tests save often).
     """
     started = time.perf_counter()
     if save_seconds is None:
@@ -244,7 +231,7 @@ def build_index(
     given, root, out = Path(images_dir).absolute(), Path(images_dir).resolve(), Path(out_dir)
     if not root.is_dir():
         raise FashionSearchError(f"image folder not found: {images_dir}")
-    catalog = scan_catalog(root) if catalog is None else catalog
+    catalog = scan_catalog(root)
     misnamed = [f.id for f in catalog if not _utf8_name(f.id)]
     catalog = [f for f in catalog if _utf8_name(f.id)]
 

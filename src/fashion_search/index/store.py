@@ -48,13 +48,23 @@ def _atomic_write_text(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
-def _current_name(index_dir: Path) -> str | None:
-    """The live version's directory name, or None when there is no usable CURRENT."""
+def live_version(index_dir: Path) -> int | None:
+    """The version CURRENT names, or None when there is no usable CURRENT: one small read, cheap enough
+    for a server to poll every second."""
     try:
-        name = (index_dir / CURRENT).read_text(encoding="utf-8").strip()
+        name = (Path(index_dir) / CURRENT).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return name if name.isdigit() else None
+    return int(name) if name.isdigit() else None
+
+
+def _version_name(number: int) -> str:
+    return f"{number:06d}"
+
+
+def _current_name(index_dir: Path) -> str | None:
+    version = live_version(index_dir)
+    return None if version is None else _version_name(version)
 
 
 def _version_numbers(versions: Path) -> list[int]:
@@ -115,7 +125,7 @@ def save_index_dir(index_dir: Path, index: VectorIndex, manifest: dict[str, Any]
         versions = index_dir / VERSIONS
         versions.mkdir(parents=True, exist_ok=True)
         previous = _current_name(index_dir)
-        number = max([*_version_numbers(versions), int(previous or 0)]) + 1
+        number = max([*_version_numbers(versions), live_version(index_dir) or 0]) + 1
         full["version"] = number
         text = json.dumps(full, indent=2, default=str) + "\n"
         tmp = versions / f"{_TMP}{number:06d}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -127,7 +137,7 @@ def save_index_dir(index_dir: Path, index: VectorIndex, manifest: dict[str, Any]
                 if path.is_file():
                     _fsync(path)
             _fsync(tmp)
-            target = versions / f"{number:06d}"
+            target = versions / _version_name(number)
             os.rename(tmp, target)  # fails rather than merge if the name exists
             final = target
             _fsync(versions)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 import logging
 import os
 import socket
-import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -126,63 +124,29 @@ def _resolve_pretrained(model: str, pretrained: str, cache_dir: str | None) -> t
     return cached, {k: cfg[k] for k in keys if k in cfg}
 
 
-# torch.nn.init's in-place initialisers, as nn.Linear, nn.LayerNorm and open_clip's init_parameters call
-# them (by attribute of torch.nn.init; modules that import one by name, like nn.MultiheadAttention, keep
-# their own init, which is only a smaller saving).
-_INITIALISERS = (
-    "uniform_",
-    "normal_",
-    "trunc_normal_",
-    "constant_",
-    "ones_",
-    "zeros_",
-    "eye_",
-    "dirac_",
-    "xavier_uniform_",
-    "xavier_normal_",
-    "kaiming_uniform_",
-    "kaiming_normal_",
-    "orthogonal_",
-    "sparse_",
-)
-_SKIP_LOCK = threading.Lock()  # one skipping construction at a time installs and removes the wrappers
-_skipping = threading.local()
+def _causal_mask(mask: torch.Tensor) -> torch.Tensor:
+    """open_clip's text attention mask (TextTransformer.build_causal_mask): -inf above the diagonal."""
+    return mask.fill_(float("-inf")).triu_(1)
 
 
-def _skippable(original):
-    @functools.wraps(original)
-    def initialiser(tensor, *args, **kwargs):
-        if not getattr(_skipping, "active", False):
-            return original(tensor, *args, **kwargs)
-        # A fill, not nothing: should a load ever miss a weight, it is zero in every process (an
-        # obviously broken model), never whatever the memory held.
-        with torch.no_grad():
-            return tensor.zero_()
-
-    return initialiser
+# Buffers that open_clip derives from the config instead of storing in the weights, by name.
+_DERIVED_BUFFERS = {"attn_mask": _causal_mask}
 
 
-@contextlib.contextmanager
-def model_construction(init_weights: bool = True):
-    """Around a backbone's construction. `init_weights=False` replaces torch.nn.init's random
-    initialisation by a zero fill on this thread only, for a model whose every weight is loaded right
-    after (load_checkpoint and open_clip's load of a pretrained file are strict: a weight missing from the
-    file is an error). ViT-B-32's random init is ~0.8-1 s of a start-up on two cores, spent on numbers the
-    load overwrites. Other threads constructing models meanwhile initialise theirs as usual."""
-    if init_weights:
-        yield
-        return
-    with _SKIP_LOCK:
-        saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
-        for name, fn in saved.items():
-            setattr(torch.nn.init, name, _skippable(fn))
-        _skipping.active = True
-        try:
-            yield
-        finally:
-            _skipping.active = False
-            for name, fn in saved.items():
-                setattr(torch.nn.init, name, fn)
+def _build_uninitialised(model: str, device: torch.device, **kwargs) -> nn.Module | None:
+    """The architecture with real but uninitialised storage, for a caller that loads every weight next:
+    built on the meta device (no memory, no random init: most of a ViT's construction time), then given
+    storage on `device`. None when it holds a derived buffer this module cannot rebuild."""
+    with torch.device("meta"):
+        clip = open_clip.create_model(model, pretrained=None, device="meta", **kwargs)
+    derived = [name for name, _ in clip.named_buffers() if name not in clip.state_dict()]
+    if any(name.rsplit(".", 1)[-1] not in _DERIVED_BUFFERS for name in derived):
+        return None
+    clip = clip.to_empty(device=device)
+    with torch.no_grad():
+        for name in derived:
+            _DERIVED_BUFFERS[name.rsplit(".", 1)[-1]](clip.get_buffer(name))
+    return clip
 
 
 def _loads_every_weight(model: str, weights: str | None) -> bool:
@@ -254,6 +218,19 @@ class ClipBackbone(nn.Module):
         return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
 
 
+def _build_initialised(model: str, weights: str | None, device: torch.device, options: dict) -> nn.Module:
+    # open_clip logs a root-level warning for random init, which is what `none` asks for.
+    quiet = contextlib.nullcontext() if weights else _logging_disabled(logging.WARNING)
+    # `--pretrained none` must mean the same weights in every process (an index built with them is
+    # queried later by another process), so random initialisation is seeded, without touching the
+    # caller's random state. open_clip builds on the CPU (then moves the model), so only the CPU
+    # generator is seeded: torch.manual_seed would also reset every GPU's, which fork_rng (CPU only
+    # here, so as not to start CUDA) would not put back.
+    with quiet, torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(0)
+        return open_clip.create_model(model, pretrained=weights, device=device, **options)
+
+
 def create_backbone(
     model: str,
     pretrained: str = "none",
@@ -263,9 +240,9 @@ def create_backbone(
 ) -> ClipBackbone:
     """Build an OpenCLIP backbone by architecture name and weight source.
 
-    `init_weights=False` (with `pretrained="none"`) leaves the weights zero-filled, not random, for a
-    caller that loads all of them next (load_checkpoint); a pretrained file that open_clip loads in full
-    skips the random init by itself (model_construction).
+    `init_weights=False` (with `pretrained="none"`) leaves the weights uninitialised, for a caller that
+    loads all of them next with a strict load (load_checkpoint); a pretrained file that is loaded in full
+    skips the random init too.
     """
     if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
         compact = ", ".join(COMPACT_MODELS)
@@ -275,24 +252,18 @@ def create_backbone(
     if model.startswith(("hf-hub:", "local-dir:")) or needs_transformers(model):
         enable_transformers()  # its config is not known here, or it names a Hugging Face text tower
     weights, preprocess_overrides = _resolve_pretrained(model, pretrained, cache_dir)
-    # open_clip logs a root-level warning for random init, which is what `none` asks for.
-    quiet = contextlib.nullcontext() if weights else _logging_disabled(logging.WARNING)
+    options = {"cache_dir": cache_dir, "force_preprocess_cfg": preprocess_overrides or None}
+    dev = resolve_device(device)
     try:
-        # `--pretrained none` must mean the same weights in every process (an index built with them
-        # is queried later by another process), so random initialisation is seeded, without touching
-        # the caller's random state. open_clip builds on the CPU (then moves the model), so only the
-        # CPU generator is seeded: torch.manual_seed would also reset every GPU's, which fork_rng
-        # (CPU only here, so as not to start CUDA) would not put back.
-        init = init_weights and not _loads_every_weight(model, weights)
-        with quiet, model_construction(init), torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(0)
-            clip = open_clip.create_model(
-                model,
-                pretrained=weights,
-                device=resolve_device(device),
-                cache_dir=cache_dir,
-                force_preprocess_cfg=preprocess_overrides or None,
-            )
+        clip = None
+        local = weights is None or os.path.isfile(weights)  # a tag online: open_clip's own download and load
+        if local and (not init_weights or _loads_every_weight(model, weights)):
+            with _logging_disabled(logging.WARNING):  # open_clip warns of the random init it skips
+                clip = _build_uninitialised(model, dev, **options)
+            if clip is not None and weights:
+                open_clip.load_checkpoint(clip, weights)  # strict: a missing weight is an error
+        if clip is None:
+            clip = _build_initialised(model, weights, dev, options)
     except FashionSearchError:
         raise
     except (RuntimeError, OSError, KeyError, ValueError) as exc:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fashion_search.atomic import atomic_open
-from fashion_search.background import in_background
+from fashion_search.config import default_pretrained
 from fashion_search.errors import FashionSearchError
 from fashion_search.models.backbone import create_backbone, normalise_preprocess_cfg, resolve_device
 from fashion_search.models.fusion import create_fusion
@@ -49,6 +49,42 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def resolve_model(
+    checkpoint: str | os.PathLike | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    fusion: str = "sum",
+    device: str | torch.device | None = None,
+    recorded: dict | None = None,
+) -> RetrievalModel:
+    """The model a command or an engine asks for: a fine-tuned `checkpoint`, else the architecture
+    `model` with `pretrained` weights (its default weights when left out: never random by accident), else
+    the model an index `recorded` (its manifest's "source", see model_source)."""
+    if checkpoint and model:
+        raise FashionSearchError("give either --checkpoint or --model, not both")
+    if not checkpoint and not model and recorded:
+        checkpoint = recorded.get("checkpoint")
+        if not checkpoint:
+            model, pretrained = recorded["model"], recorded.get("pretrained", "none")
+            fusion = recorded.get("fusion", fusion)
+    if checkpoint:
+        return load_checkpoint(checkpoint, device=device)
+    if not model:
+        raise FashionSearchError("give --checkpoint RUN or --model NAME (with --pretrained TAG|FILE|none)")
+    return create_model(model, pretrained or default_pretrained(model), fusion=fusion, device=device)
+
+
+def model_source(model: RetrievalModel, checkpoint: str | os.PathLike | None = None) -> dict:
+    """Where a model comes from, recorded in an index so that a later process rebuilds exactly it."""
+    spec = model.backbone.spec
+    return {
+        "checkpoint": str(resolve_checkpoint_path(checkpoint).resolve()) if checkpoint else None,
+        "model": spec.model,
+        "pretrained": spec.pretrained,
+        "fusion": model.fusion.name,
+    }
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -73,9 +109,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None) -> RetrievalModel:
     """Rebuild the trained model; no download happens: the weights come from the checkpoint itself."""
     p = resolve_checkpoint_path(path)
-    # The file's hash (the identity an index records) is read beside torch.load's read, not after it
-    # (hashing is no OpenMP work; a load that fails does not wait for it).
-    sha256 = in_background(file_sha256, p)
     payload = read_checkpoint(p)
     model = create_model(
         payload["backbone"]["model"],
@@ -97,7 +130,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
             f"checkpoint {p} does not fit the current {payload['backbone']['model']} architecture "
             f"({first.strip()}); it was trained with another version of that model config: retrain it"
         ) from None
-    model.checkpoint_sha256 = sha256()
+    model.checkpoint_sha256 = file_sha256(p)  # the identity an index records
     return model
 
 

@@ -66,10 +66,12 @@ class Fusion(nn.Module):
     ) -> torch.Tensor:
         w = check_text_weight(text_weight)
         image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-        if w == 0.0:
-            return image
-        if w == 1.0:
-            return text
+        if w in (0.0, 1.0):  # exact, not merely rank-equivalent
+            return image if w == 0.0 else text
+        return self.weighted(image, text, w)
+
+    def weighted(self, image: torch.Tensor, text: torch.Tensor, w: float) -> torch.Tensor:
+        """The query at weight w in (0, 1), from normalised embeddings."""
         fused = self.fuse(image, text)
         # The slider walks a path image -> trained fusion -> text; its midpoint is the trained point.
         if w <= DEFAULT_TEXT_WEIGHT:
@@ -86,13 +88,7 @@ class SumFusion(Fusion):
     def fuse(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return F.normalize(image + text, dim=-1)
 
-    def forward(
-        self, image: torch.Tensor, text: torch.Tensor, text_weight: float | None = None
-    ) -> torch.Tensor:
-        w = check_text_weight(text_weight)
-        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-        if w in (0.0, 1.0):  # exact, not merely rank-equivalent
-            return image if w == 0.0 else text
+    def weighted(self, image: torch.Tensor, text: torch.Tensor, w: float) -> torch.Tensor:
         return F.normalize((1 - w) * image + w * text, dim=-1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -22,14 +23,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fashion_search.errors import FashionSearchError
 from fashion_search.service.engine import MAX_K, SearchEngine
+from fashion_search.service.limits import ServerLimits
 
 log = logging.getLogger("fashion_search.api")
 
-DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
-# 40 Mpx covers any phone or studio photo while bounding one decode to ~120 MB of RGB; Pillow's own
-# bomb guard (~89 Mpx) is too generous for a server decoding uploads from strangers.
-DEFAULT_MAX_PIXELS = 40_000_000
-MAX_TEXT_CHARS = 10_000
 # Room in the request body for the text fields and multipart framing around the image itself.
 _FORM_OVERHEAD = 64 * 1024
 
@@ -177,29 +174,23 @@ def _install_error_handlers(app: FastAPI, engine: SearchEngine) -> None:
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
 
-def create_app(
-    engine: SearchEngine,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    cors_origins: tuple[str, ...] | list[str] = (),
-    max_text_chars: int = MAX_TEXT_CHARS,
-    rate_limit: float = 0.0,
-    rate_burst: int | None = None,
-    reload_interval: float = 0.0,
-) -> FastAPI:
+def create_app(engine: SearchEngine, limits: ServerLimits | None = None, **changes) -> FastAPI:
     """The API over an opened engine; every tensor operation and index search runs on its model thread.
 
-    rate_limit: requests per second per client address (0: off), with bursts of `rate_burst`
-    (default 2 s worth). reload_interval: seconds between checks for a rebuilt index (0: off).
+    `limits` (default ServerLimits()), with any of its fields changed by keyword (`rate_limit=5`).
     """
+    limits = dataclasses.replace(limits or ServerLimits(), **changes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         stop = threading.Event()
         watcher = None
-        if reload_interval > 0 and engine.index_dir is not None:
+        if limits.reload_interval > 0 and engine.index_dir is not None:
             watcher = threading.Thread(
-                target=_watch_index, args=(engine, reload_interval, stop), name="index-reload", daemon=True
+                target=_watch_index,
+                args=(engine, limits.reload_interval, stop),
+                name="index-reload",
+                daemon=True,
             )
             watcher.start()
         try:
@@ -224,7 +215,7 @@ def create_app(
         return Health(status="ok", items=len(engine))
 
     @app.head("/health", include_in_schema=False)
-    async def health_head() -> Response:  # what load balancers probe with (it was 405)
+    async def health_head() -> Response:  # what load balancers probe with
         return Response(status_code=200)
 
     @app.get("/info")
@@ -251,10 +242,10 @@ def create_app(
             raise HTTPException(
                 415, "send the query as multipart/form-data: image, text, text_weight, k, category"
             )
-        if text is not None and len(text) > max_text_chars:
+        if text is not None and len(text) > limits.max_text_chars:
             # Checked here, not by Form(max_length=...): the limit is per app, annotations are per module.
-            raise HTTPException(422, f"text is longer than {max_text_chars:,} characters")
-        data = await _read_upload(image, max_upload_bytes)
+            raise HTTPException(422, f"text is longer than {limits.max_text_chars:,} characters")
+        data = await _read_upload(image, limits.max_upload_bytes)
         started = time.perf_counter()
         timings: dict[str, float] = {}
         # Async, and the whole query one job on the engine's model thread: the loop awaits it without
@@ -267,7 +258,7 @@ def create_app(
                 k=k,
                 category=category or None,
                 timings=timings,
-                max_pixels=max_pixels,
+                max_pixels=limits.max_pixels,
             )
         )
         took = (time.perf_counter() - started) * 1000.0
@@ -294,19 +285,20 @@ def create_app(
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media_type, headers={"X-Content-Type-Options": "nosniff"})
 
-    if cors_origins:
+    if limits.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=list(cors_origins),
+            allow_origins=list(limits.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
         )
-    app.add_middleware(BodyLimit, limit=max_upload_bytes + _FORM_OVERHEAD)
-    if rate_limit > 0:  # added last, so outermost: a flood is refused before any body is read
-        burst = rate_burst if rate_burst is not None else max(1, math.ceil(2 * rate_limit))
-        app.add_middleware(RateLimit, rate=rate_limit, burst=burst)
+    app.add_middleware(BodyLimit, limit=limits.max_upload_bytes + _FORM_OVERHEAD)
+    if limits.rate_limit > 0:  # added last, so outermost: a flood is refused before any body is read
+        rate = limits.rate_limit
+        burst = limits.rate_burst if limits.rate_burst is not None else max(1, math.ceil(2 * rate))
+        app.add_middleware(RateLimit, rate=rate, burst=burst)
     return app
 
 
@@ -324,35 +316,26 @@ async def _read_upload(image: UploadFile | None, limit: int) -> bytes | None:
     return data
 
 
-def serve(args) -> int:
+def serve(
+    index_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: ServerLimits | None = None,
+    checkpoint: str | None = None,
+    device: str | None = None,
+) -> int:
     """`fashion-search serve`: open the engine once, then run uvicorn until SIGINT/SIGTERM.
 
     On a signal uvicorn stops accepting connections, lets requests in flight finish (at most
-    --graceful-timeout seconds), then stops the index watcher.
+    limits.graceful_timeout seconds), then stops the index watcher.
     """
     import uvicorn
 
-    engine = SearchEngine.open(
-        args.index,
-        checkpoint=getattr(args, "checkpoint", None),
-        device=getattr(args, "device", None),
-    )
-    app = create_app(
-        engine,
-        max_upload_bytes=int(getattr(args, "max_upload_mb", 10.0) * 1024 * 1024),
-        max_pixels=getattr(args, "max_pixels", DEFAULT_MAX_PIXELS),
-        cors_origins=tuple(getattr(args, "cors_origins", None) or ()),
-        max_text_chars=getattr(args, "max_text_chars", MAX_TEXT_CHARS),
-        rate_limit=getattr(args, "rate_limit", 0.0),
-        rate_burst=getattr(args, "rate_burst", None),
-        reload_interval=getattr(args, "reload_interval", 0.0),
-    )
-    print(f"fashion-search API on http://{args.host}:{args.port} ({len(engine)} items; docs at /docs)")
+    limits = limits or ServerLimits()
+    engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device)
+    app = create_app(engine, limits)
+    print(f"fashion-search API on http://{host}:{port} ({len(engine)} items; docs at /docs)")
     uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="info",
-        timeout_graceful_shutdown=getattr(args, "graceful_timeout", 10.0),
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=limits.graceful_timeout
     )
     return 0

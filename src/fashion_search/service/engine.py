@@ -23,8 +23,8 @@ from fashion_search.data.loading import choose_decode
 from fashion_search.data.pixels import DeviceJpegDecoder, device_decodable
 from fashion_search.errors import FashionSearchError
 from fashion_search.index.build import check_identity
-from fashion_search.index.store import CURRENT, load_index_dir, read_manifest
-from fashion_search.models.checkpoint import create_model, load_checkpoint
+from fashion_search.index.store import live_version, load_index_dir, read_manifest
+from fashion_search.models.checkpoint import resolve_model
 from fashion_search.models.fusion import check_text_weight
 from fashion_search.models.retrieval import RetrievalModel
 from fashion_search.service.model_thread import ModelThread
@@ -80,21 +80,6 @@ class _LRU:
                 self.data.popitem(last=False)
 
 
-def _model_for(manifest: dict, checkpoint, model_name, pretrained, device) -> RetrievalModel:
-    source = manifest.get("source", {})
-    if checkpoint:
-        return load_checkpoint(checkpoint, device=device)
-    if model_name:
-        return create_model(
-            model_name, pretrained or "none", fusion=manifest["model"].get("fusion", "sum"), device=device
-        )
-    if source.get("checkpoint"):
-        return load_checkpoint(source["checkpoint"], device=device)
-    return create_model(
-        source["model"], source.get("pretrained", "none"), fusion=source.get("fusion", "sum"), device=device
-    )
-
-
 @dataclass(frozen=True)
 class _Snapshot:
     """One index version and everything derived from it, swapped as a whole by reload()."""
@@ -110,15 +95,6 @@ class _Snapshot:
         ids = frozenset(index.ids())
         categories = tuple(sorted({i.split("/", 1)[0] for i in ids if "/" in i}))
         return cls(index, manifest, ids, categories, Path(manifest.get("catalog_root", ".")))
-
-
-def _live_version(index_dir: Path) -> int | None:
-    """The version CURRENT names right now: one small read, cheap enough to poll every second."""
-    try:
-        name = (index_dir / CURRENT).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return int(name) if name.isdigit() else None
 
 
 class SearchEngine:
@@ -162,7 +138,10 @@ class SearchEngine:
         manifest = read_manifest(Path(index_dir))
         model_thread = ModelThread()
         try:
-            encoder = model_thread.run(_model_for, manifest, checkpoint, model, pretrained, device)
+            fusion = manifest["model"].get("fusion", "sum")
+            encoder = model_thread.run(
+                resolve_model, checkpoint, model, pretrained, fusion, device, recorded=manifest.get("source")
+            )
             # Mapped, not read: the engine never writes to the index, the float32 row store is only paged
             # in when a query needs it (filters' exact fallback), and server processes share one
             # page-cached copy.
@@ -203,7 +182,7 @@ class SearchEngine:
         if self.index_dir is None:
             return False
         with self._reload_lock:  # one load at a time; a second caller finds the work done
-            live = _live_version(self.index_dir)
+            live = live_version(self.index_dir)
             if live is None or live == self.version:
                 return False
             index, manifest = load_index_dir(self.index_dir, mmap=True)
@@ -218,7 +197,7 @@ class SearchEngine:
         if self.index_dir is None or now - self._last_check < min_interval:
             return False
         self._last_check = now
-        live = _live_version(self.index_dir)
+        live = live_version(self.index_dir)
         if live is None or live in (self.version, self._failed_version):
             return False
         try:

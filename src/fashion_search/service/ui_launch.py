@@ -79,11 +79,11 @@ def wait_until_up(url: str, timeout: float = 60.0, proc: subprocess.Popen | None
     return False
 
 
-def serve(args) -> int:
+def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8501, device: str | None = None) -> int:
     """`fashion-search ui`: check the index, run Streamlit until Ctrl-C, and return its exit code."""
-    read_manifest(Path(args.index))  # a missing or damaged index fails here with exit 2, not in the page
-    proc = launch_ui(args.index, args.host, args.port, getattr(args, "device", None))
-    url = f"http://{args.host}:{args.port}"
+    read_manifest(Path(index_dir))  # a missing or damaged index fails here with exit 2, not in the page
+    proc = launch_ui(index_dir, host, port, device)
+    url = f"http://{host}:{port}"
     print(f"fashion-search UI starting on {url} (Ctrl-C to stop)", flush=True)
 
     def forward(signum, _frame) -> None:

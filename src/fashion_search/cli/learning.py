@@ -1,4 +1,4 @@
-"""CLI commands for the learning loop: `train`, `eval`, `demo`."""
+"""CLI commands of the learning loop: `train`, `eval`, `demo`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from fashion_search.atomic import atomic_write_json, check_output_file
-from fashion_search.errors import FashionSearchError
+from fashion_search.cli.args import add_model_args, load_model, non_negative_int, port_number, positive_int
 
 _TRAIN_FLAGS = {
     "model": str,
@@ -54,13 +54,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from fashion_search.cli import _load_model
     from fashion_search.evaluation.fashioniq import evaluate, format_table, rank_submission
 
     for output in (args.json, args.submission):  # checked before minutes of evaluation, not after
         if output:
             check_output_file(output)
-    model, _ = _load_model(args, fusion=args.fusion)
+    model, _ = load_model(args, fusion=args.fusion)
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
     if args.submission:
         ranked = rank_submission(
@@ -93,7 +92,6 @@ def cmd_demo(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from fashion_search.cli import _add_model_args, non_negative_int, port_number, positive_int
     from fashion_search.config import TrainConfig
 
     p = sub.add_parser("train", help="fine-tune on Fashion-IQ-style triplets")
@@ -117,7 +115,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="Fashion-IQ protocol Recall@1/5/10/50")
     p.add_argument("--data", required=True)
-    _add_model_args(p, fusion=True)
+    add_model_args(p, fusion=True)
     p.add_argument("--split", default="val")
     p.add_argument("--categories", default=None, help="comma-separated subset")
     p.add_argument(
@@ -137,80 +135,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-serve", action="store_true", help="stop after indexing instead of launching the UI")
     p.add_argument("--port", type=port_number, default=8501)
     p.set_defaults(func=cmd_demo)
-
-    for face in ("serve", "ui"):
-        _add_face(sub, face)
-
-
-def _add_face(sub: argparse._SubParsersAction, face: str) -> None:
-    from fashion_search.cli import port_number
-
-    def run(args) -> int:
-        import importlib.util
-
-        from fashion_search.service.ui_launch import check_port_free
-
-        needs = ("fastapi", "uvicorn") if face == "serve" else ("streamlit",)
-        missing = [name for name in needs if importlib.util.find_spec(name) is None]
-        if missing:  # a CLI-only install (pip install .)
-            raise FashionSearchError(
-                f"`fashion-search {face}` needs {', '.join(missing)}: pip install 'fashion-search[{face}]'"
-            )
-        check_port_free(args.host, args.port)
-        if face == "serve":
-            from fashion_search.service.api import serve
-        else:
-            from fashion_search.service.ui_launch import serve
-        return serve(args)
-
-    p = sub.add_parser(
-        face, help="HTTP API over an index" if face == "serve" else "Streamlit web UI over an index"
-    )
-    p.add_argument("--index", required=True, help="index directory (from `fashion-search index`)")
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)",
-    )
-    port = 8000 if face == "serve" else 8501
-    p.add_argument("--port", type=port_number, default=port, help=f"default {port}")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    if face == "serve":
-        _add_serve_limits(p)
-    p.set_defaults(func=run)
-
-
-def _add_serve_limits(p: argparse.ArgumentParser) -> None:
-    from fashion_search.cli import non_negative_float, positive_float, positive_int
-
-    g = p.add_argument_group("limits and operations")
-    for flag, kind, default, text in (
-        ("--max-upload-mb", positive_float, 10.0, "largest image upload (default 10)"),
-        ("--max-pixels", positive_int, 40_000_000, "largest decoded image (default 40,000,000)"),
-        ("--max-text-chars", positive_int, 10_000, "longest text query (default 10,000)"),
-        ("--rate-limit", non_negative_float, 0.0, "requests per second per client address (default 0: off)"),
-        ("--rate-burst", positive_int, None, "burst allowance (default: 2 s worth)"),
-        (
-            "--reload-interval",
-            non_negative_float,
-            2.0,
-            "seconds between checks for a rebuilt index, swapped in without downtime (default 2; 0: off)",
-        ),
-        (
-            "--graceful-timeout",
-            non_negative_float,
-            10.0,
-            "on SIGTERM/SIGINT, seconds to let requests in flight finish (default 10)",
-        ),
-    ):
-        g.add_argument(flag, type=kind, default=default, help=text)
-    g.add_argument(
-        "--cors-origin",
-        dest="cors_origins",
-        action="append",
-        default=None,
-        help="allow browser calls from this origin (repeatable; default: none)",
-    )
-
-
-__all__ = ["add_commands", "FashionSearchError"]

@@ -1,0 +1,198 @@
+"""CLI commands over catalogs and datasets: `synth`, `data check`, `download-fashioniq`, `index`, `info`,
+`search`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fashion_search.cli.args import (
+    add_device_arg,
+    add_model_args,
+    load_model,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    text_weight,
+)
+from fashion_search.errors import FashionSearchError
+
+
+def cmd_synth(args) -> int:
+    from fashion_search.data.synthetic import generate
+
+    if args.images_per_category < 1:
+        raise FashionSearchError("--images-per-category must be positive")
+    summary = generate(
+        args.out, images_per_category=args.images_per_category, seed=args.seed, progress=not args.quiet
+    )
+    print(json.dumps(summary, indent=2) if args.json else f"synthetic dataset written to {args.out}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from fashion_search.data.fashioniq import FashionIQ, format_summary
+
+    summary = FashionIQ(args.dir).summary()
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_download(args) -> int:
+    from fashion_search.data.download import download_images, read_url_lists
+
+    pairs = read_url_lists([Path(p) for p in args.urls])
+    report = download_images(
+        pairs, Path(args.out), workers=args.workers, timeout=args.timeout, progress=not args.quiet
+    )
+    print(
+        f"downloaded {report.ok}, already present {report.skipped_existing}, failed {len(report.failed)} "
+        f"(see {Path(args.out) / 'download_report.json'})"
+    )
+    if report.failed and not (report.ok or report.skipped_existing):
+        print("fashion-search: error: every download failed (offline?); no image was saved", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_index(args) -> int:
+    from fashion_search.index.build import build_index
+    from fashion_search.index.store import index_exists, read_manifest
+
+    if not Path(args.images).is_dir():
+        raise FashionSearchError(f"image folder not found: {args.images}")
+    recorded = None
+    if not args.checkpoint and not args.model and index_exists(Path(args.out)):
+        recorded = read_manifest(Path(args.out))["source"]  # a re-run reuses the model the index records
+    model, source = load_model(args, recorded=recorded)
+    report = build_index(
+        args.images,
+        args.out,
+        model,
+        source,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        decode=args.decode,
+        index_kind=args.index_type,
+        index_storage=args.index_storage,
+        progress=not args.quiet,
+    )
+    print(report.summary())
+    for line in report.warnings():
+        print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from fashion_search.service.engine import SearchEngine
+
+    info = SearchEngine.open(args.index, device=args.device).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:18s} {value}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from fashion_search.service.engine import SearchEngine
+
+    if args.image is None and not args.text:
+        raise FashionSearchError("give --image, --text, or both")
+    if args.image is not None and not Path(args.image).is_file():
+        what = "is not a file" if Path(args.image).exists() else "not found"
+        raise FashionSearchError(f"query image {what}: {args.image}")
+    if args.text_weight is not None and (args.image is None or not args.text):
+        only = "a text" if args.image is None else "an image"
+        print(
+            f"note: --text-weight weighs an image against a text; this is {only}-only search",
+            file=sys.stderr,
+        )
+    engine = SearchEngine.open(args.index, checkpoint=args.checkpoint, device=args.device)
+    results = engine.search(
+        image=args.image, text=args.text, text_weight=args.text_weight, k=args.k, category=args.category
+    )
+    if args.json:
+        print(json.dumps({"results": [r.to_dict() for r in results]}, indent=2))
+    else:
+        if not results:
+            print(f"no results: the index holds {len(engine)} items", file=sys.stderr)
+        for rank, r in enumerate(results, 1):
+            print(f"{rank:3d}  {r.score:+.4f}  {r.id}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a synthetic dataset in the Fashion-IQ layout")
+    p.add_argument("out")
+    p.add_argument("--images-per-category", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("data", help="dataset utilities")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    c = data_sub.add_parser("check", help="count triplets and images present per split and category")
+    c.add_argument("dir", help="dataset root (captions/, image_splits/, images/)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("download-fashioniq", help="fetch Fashion-IQ images from ASIN-URL lists (resumable)")
+    p.add_argument("--urls", nargs="+", required=True, help="asin2url.*.txt files (ASIN \\t URL)")
+    p.add_argument("--out", required=True, help="images directory, e.g. DATA/images")
+    p.add_argument("--workers", type=positive_int, default=8)
+    p.add_argument("--timeout", type=positive_float, default=10.0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("index", help="embed every image under a folder into an index (incremental)")
+    p.add_argument("images", help="folder of catalog images (searched recursively)")
+    p.add_argument("--out", required=True, help="index directory to create or update")
+    add_model_args(p)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward (default 32)")
+    p.add_argument(
+        "--workers", type=non_negative_int, default=None, help="decoding processes (default: cores - 1)"
+    )
+    p.add_argument(
+        "--decode",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where JPEGs are decoded: gpu (nvJPEG on the CUDA device), cpu (the worker processes); "
+        "auto: gpu when the model runs on CUDA and torchvision has nvJPEG",
+    )
+    p.add_argument("--index-type", default="auto", help="auto | exact | flat | hnsw | ivf")
+    p.add_argument(
+        "--index-storage",
+        choices=("fp32", "fp16"),
+        default=None,
+        help="how the index keeps its vector copy: fp32 (default) or fp16 (half the memory; scores stay exact)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("info", help="describe an index")
+    p.add_argument("--index", required=True)
+    p.add_argument("--json", action="store_true")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("search", help="search an index by image, text, or both")
+    p.add_argument("--index", required=True)
+    p.add_argument("--image", help="reference image file")
+    p.add_argument("--text", help="text query, or the change to apply to the image")
+    p.add_argument(
+        "--text-weight",
+        type=text_weight,
+        default=None,
+        help="0 = image only, 1 = text only (default 0.5)",
+    )
+    p.add_argument("-k", type=positive_int, default=10, help="how many results (default 10)")
+    p.add_argument("--category", default=None, help="only items under this top-level folder")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--checkpoint", default=None, help="override the model recorded in the index (must match)")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_search)

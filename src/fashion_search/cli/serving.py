@@ -1,0 +1,115 @@
+"""CLI commands that serve an index: `serve` (the HTTP API) and `ui` (the Streamlit page)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from dataclasses import fields
+
+from fashion_search.cli.args import (
+    add_device_arg,
+    non_negative_float,
+    port_number,
+    positive_float,
+    positive_int,
+)
+from fashion_search.errors import FashionSearchError
+from fashion_search.service.limits import ServerLimits
+
+_NEEDS = {"serve": ("fastapi", "uvicorn"), "ui": ("streamlit",)}
+
+# serve's flags for ServerLimits' fields: (flag, type, help); defaults come from ServerLimits itself.
+_LIMIT_FLAGS = {
+    "max_upload_bytes": ("--max-upload-mb", positive_float, "largest image upload in MB"),
+    "max_pixels": ("--max-pixels", positive_int, "largest decoded image in pixels"),
+    "max_text_chars": ("--max-text-chars", positive_int, "longest text query"),
+    "rate_limit": ("--rate-limit", non_negative_float, "requests per second per client address; 0: off"),
+    "rate_burst": ("--rate-burst", positive_int, "burst allowance; none: 2 s worth"),
+    "reload_interval": (
+        "--reload-interval",
+        non_negative_float,
+        "seconds between checks for a rebuilt index, swapped in without downtime; 0: off",
+    ),
+    "graceful_timeout": (
+        "--graceful-timeout",
+        non_negative_float,
+        "on SIGTERM/SIGINT, seconds to let requests in flight finish",
+    ),
+}
+_MB = 1024 * 1024
+
+
+def _check_face(face: str, host: str, port: int) -> None:
+    """Refuse up front what would fail only after the index and model are loaded."""
+    from fashion_search.service.ui_launch import check_port_free
+
+    missing = [name for name in _NEEDS[face] if importlib.util.find_spec(name) is None]
+    if missing:  # a CLI-only install (pip install .)
+        raise FashionSearchError(
+            f"`fashion-search {face}` needs {', '.join(missing)}: pip install 'fashion-search[{face}]'"
+        )
+    check_port_free(host, port)
+
+
+def limits_from_args(args) -> ServerLimits:
+    values = {name: getattr(args, name) for name in _LIMIT_FLAGS if name != "max_upload_bytes"}
+    return ServerLimits(
+        max_upload_bytes=int(args.max_upload_mb * _MB), cors_origins=tuple(args.cors_origins or ()), **values
+    )
+
+
+def cmd_serve(args) -> int:
+    _check_face("serve", args.host, args.port)
+    from fashion_search.service.api import serve
+
+    return serve(args.index, args.host, args.port, limits_from_args(args), device=args.device)
+
+
+def cmd_ui(args) -> int:
+    _check_face("ui", args.host, args.port)
+    from fashion_search.service.ui_launch import serve
+
+    return serve(args.index, args.host, args.port, device=args.device)
+
+
+def _add_listen_args(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--index", required=True, help="index directory (from `fashion-search index`)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)",
+    )
+    p.add_argument("--port", type=port_number, default=port, help=f"default {port}")
+    add_device_arg(p)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP API over an index")
+    _add_listen_args(p, 8000)
+    g = p.add_argument_group("limits and operations")
+    defaults = {f.name: f.default for f in fields(ServerLimits)}
+    defaults["max_upload_bytes"] /= _MB
+    for name, (flag, kind, text) in _LIMIT_FLAGS.items():
+        default = defaults[name]
+        shown = (
+            "none" if default is None else f"{default:,g}" if isinstance(default, float) else f"{default:,}"
+        )
+        g.add_argument(
+            flag,
+            dest=name if name != "max_upload_bytes" else "max_upload_mb",
+            type=kind,
+            default=default,
+            help=f"{text} (default {shown})",
+        )
+    g.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        default=None,
+        help="allow browser calls from this origin (repeatable; default: none)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="Streamlit web UI over an index")
+    _add_listen_args(p, 8501)
+    p.set_defaults(func=cmd_ui)
