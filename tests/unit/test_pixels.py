@@ -12,11 +12,11 @@ from PIL import Image
 
 from conftest import run_cli
 from fashion_search.data import pixels as pixels_module
+from fashion_search.data.ahead import ahead_in_thread
 from fashion_search.data.images import load_image
 from fashion_search.data.loading import (
     ImagePathsDataset,
     _BatchAssembler,
-    ahead_in_thread,
     choose_decode,
     collate_decoded,
     embed_paths,
@@ -296,7 +296,7 @@ def test_the_next_batch_is_issued_on_a_stream_of_its_own_and_waited_for_before_u
     import contextlib
     import threading
 
-    from fashion_search.data.loading import _issued_on, _received_from
+    from fashion_search.data.cuda_pipeline import _issued_on, _received_from
 
     log, current = [], threading.local()
     side, main = FakeStream("side", log), FakeStream("main", log)
@@ -343,7 +343,7 @@ def test_the_next_batch_is_issued_on_a_stream_of_its_own_and_waited_for_before_u
 
 
 def test_side_streams_are_reused_but_lent_to_one_pipeline_at_a_time(monkeypatch):
-    from fashion_search.data.loading import _StreamPool
+    from fashion_search.data.cuda_pipeline import _StreamPool
 
     made = []
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(object()) or made[-1])

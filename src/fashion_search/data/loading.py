@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from fashion_search.data.cuda_pipeline import prepared_ahead
 from fashion_search.data.images import DEFAULT_MAX_PIXELS, load_image, read_image_bytes
 from fashion_search.data.pixels import DeviceJpegDecoder, PixelPipeline, device_decodable, nvjpeg_problem
 from fashion_search.errors import FashionSearchError, ImageDecodeError
@@ -146,72 +145,6 @@ class _BatchAssembler:
         return done, (torch.cat(parts) if parts else None)
 
 
-class _Raised(NamedTuple):
-    error: BaseException
-
-
-_END = object()
-
-
-def _is_item(x) -> bool:
-    return x is not _END and not isinstance(x, _Raised)
-
-
-def ahead_in_thread(items: Iterator, depth: int, gather: bool = False) -> Iterator:
-    """Yield what `items` yields, produced by a thread up to `depth` items ahead; its errors re-raised
-    here. Leaving early stops the thread at its next item.
-
-    With `gather=True` it yields lists instead: everything ready at that moment (at least one item, at
-    most `depth`), in order, so a consumer that falls behind catches up in bigger bites.
-    """
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_END)
-        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
-            put(_Raised(exc))
-        finally:
-            # Closed here, on the thread that runs it: a generator is closed by the thread it runs on.
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=produce, name="batch-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            taken = [ready.get()]
-            while gather and len(taken) < depth and _is_item(taken[-1]):
-                try:
-                    taken.append(ready.get_nowait())
-                except queue.Empty:
-                    break
-            good = taken if _is_item(taken[-1]) else taken[:-1]  # nothing is queued after an end
-            if good:
-                yield good if gather else good[0]
-            if taken[-1] is _END:
-                return
-            if isinstance(taken[-1], _Raised):
-                raise taken[-1].error
-    finally:
-        stop.set()
-        thread.join(timeout=5.0)
-
-
 def _marked(items: Iterator, marks: dict[str, float], name: str) -> Iterator:
     for item in items:
         marks.setdefault(name, time.perf_counter())  # atomic under the GIL, from whichever thread
@@ -258,69 +191,8 @@ def iter_embedded(
     batches = (assemble(batch) for batch in _marked(loaded, marks, "first_loaded"))
     batches = _marked(batches, marks, "first_to_device")
     if device.type == "cuda":
-        # Issuing the next batch's copies, device decode and resize from a thread keeps the GPU busy
-        # while this one's forward runs (without it the host serialises decode -> resize -> forward).
-        # That thread queues its work on a CUDA stream of its own: nvJPEG must not start while another
-        # thread may free memory still in use on the stream it decodes on (pixels.decode_jpegs).
-        stream = _side_streams.borrow(device)
-        issued = _issued_on(stream, batches, finished=lambda: _side_streams.give_back(device, stream))
-        batches = _received_from(ahead_in_thread(issued, depth=2), device)
+        batches = prepared_ahead(batches, device)
     return _embedded(model, batches, len(paths), desc, progress, marks)
-
-
-class _StreamPool:
-    """Side streams for the batch-ahead threads, reused: torch hands out streams from a pool of 32 and
-    the caching allocator keeps freed blocks per stream, so a fresh stream per call (a training run
-    validates several times an epoch) would leave a batch's worth of GPU memory cached on each. A stream
-    is lent to one pipeline at a time (two sharing one could free memory nvJPEG then writes into)."""
-
-    def __init__(self) -> None:
-        self._free: dict[torch.device, list] = {}
-        self._lock = threading.Lock()
-
-    def borrow(self, device: torch.device):
-        with self._lock:
-            free = self._free.setdefault(device, [])
-            return free.pop() if free else torch.cuda.Stream(device)
-
-    def give_back(self, device: torch.device, stream) -> None:
-        with self._lock:
-            self._free[device].append(stream)
-
-
-_side_streams = _StreamPool()
-
-
-def _issued_on(stream, batches: Iterator, finished=lambda: None) -> Iterator:
-    """Each batch's device work queued on `stream` (the producing thread's own), with an event that
-    says when it is done. `finished` runs on that thread once it issues nothing more."""
-    try:
-        while True:
-            with torch.cuda.stream(stream):
-                batch = next(batches, None)
-            if batch is None:
-                return
-            yield (*batch, stream.record_event())
-    finally:
-        try:
-            batches.close()
-        finally:
-            finished()
-
-
-def _received_from(batches: Iterator, device: torch.device) -> Iterator:
-    """The consumer's side of _issued_on: its stream waits for each batch's event before using the
-    pixels, and the allocator is told they are used there (so their memory, owned by the producer's
-    stream, is not handed out again before this stream is done with it)."""
-    try:
-        current = torch.cuda.current_stream(device)  # the consuming thread's
-        for indices, pixels, failed, done in batches:
-            current.wait_event(done)
-            if pixels is not None:
-                pixels.record_stream(current)
-            yield indices, pixels, failed
-    finally:
-        batches.close()
 
 
 def _embedded(model, batches, total: int, desc: str, progress: bool, marks: dict[str, float]):

@@ -17,8 +17,10 @@ import numpy as np
 from tqdm import tqdm
 
 from fashion_search.atomic import atomic_write_json
+from fashion_search.data.ahead import ahead_in_thread
+from fashion_search.data.cuda_pipeline import overlap_writes
 from fashion_search.data.images import iter_image_entries
-from fashion_search.data.loading import ahead_in_thread, iter_embedded
+from fashion_search.data.loading import iter_embedded
 from fashion_search.errors import FashionSearchError, IndexMismatchError
 from fashion_search.index.registry import choose_index_kind, create_index
 from fashion_search.index.selfcheck import recall_warning, sampled_recall
@@ -180,15 +182,9 @@ def _check_same_catalog(manifest: dict, root: Path, given: Path, index, current:
 
 
 def _write_groups(embedded, model: RetrievalModel):
-    """Embedded batches in the groups build_index writes them.
-
-    On a GPU the host would sit idle during each forward while the index's own CPU work (HNSW graph
-    insertion) waits for it, so embedding runs ahead in a thread and the index takes everything ready in
-    one add: bigger adds parallelise better (HNSW on two cores: 1,360 vectors/s in adds of 256, 1,980 in
-    adds of 4,096; docs/BENCHMARKS.md section 1). On the CPU both would compete for the same cores, and
-    a second thread running OpenMP kernels (faiss, torch) slows the forwards (service/model_thread.py):
-    one thread, one batch at a time.
-    """
+    """Embedded batches in the groups build_index writes them: on a GPU everything ready at once, from a
+    thread running ahead (data/cuda_pipeline.py, piece 3); on the CPU one batch at a time, in this
+    thread."""
     if _overlap_writes(model):
         yield from ahead_in_thread(embedded, depth=16, gather=True)  # its thread closes `embedded`
         return
@@ -200,7 +196,7 @@ def _write_groups(embedded, model: RetrievalModel):
 
 
 def _overlap_writes(model: RetrievalModel) -> bool:
-    return model.device.type == "cuda"
+    return overlap_writes(model.device)
 
 
 def build_index(
