@@ -8,9 +8,14 @@ model = create_model("ViT-B-32", pretrained="openai")   # or load_checkpoint("RU
 q = model.compose(model.encode_images([pil_image]), model.encode_texts(["same but in navy"]))
 """
 
+from importlib import metadata as _metadata
+
 from fashion_search.errors import FashionSearchError, ImageDecodeError, IndexMismatchError
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("fashion-search")  # pyproject.toml is the one place it is written
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "FashionSearchError",

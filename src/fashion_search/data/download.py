@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,17 @@ import httpx
 from PIL import Image
 from tqdm import tqdm
 
-from fashion_search import __version__
 from fashion_search.atomic import create_temp
 from fashion_search.data.images import IMAGE_EXTENSIONS, load_image
 from fashion_search.errors import FashionSearchError, ImageDecodeError
 
-USER_AGENT = f"fashion-search/{__version__} (Fashion-IQ image downloader; python-httpx/{httpx.__version__})"
+
+def user_agent() -> str:
+    """Names this tool and its version to the servers it asks (installed package metadata)."""
+    version = metadata.version("fashion-search")
+    return f"fashion-search/{version} (Fashion-IQ image downloader; python-httpx/{httpx.__version__})"
+
+
 REPORT_NAME = "download_report.json"
 # An ASIN becomes a file name: refuse anything that could leave the folder or hide as a dot-file.
 _ASIN_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -116,7 +122,7 @@ def download_images(
     own_client = client is None
     if client is None:
         client = httpx.Client(
-            headers={"User-Agent": USER_AGENT},
+            headers={"User-Agent": user_agent()},
             follow_redirects=True,
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=workers, max_keepalive_connections=workers),
