@@ -45,7 +45,7 @@ def assert_client_error(r: httpx.Response, *statuses: int) -> None:
 # -- endpoints -----------------------------------------------------------------------------------
 def test_health_info_and_docs(client, service_engine):  # noqa: F811
     assert client.get("/health").json() == {"status": "ok", "items": 12}
-    head = client.head("/health")  # as load balancers probe (it was 405)
+    head = client.head("/health")  # as load balancers probe
     assert head.status_code == 200 and head.content == b""
     info = client.get("/info").json()
     assert info["items"] == 12 and info["model"] == "fs-micro" and info["categories"] == ["dress", "shirt"]

@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The console script: main(), then, on success, an immediate exit.
 
-    Tearing down the thousands of modules torch and open_clip import took 1-2 s at interpreter exit
-    (the tail of `benchmarks/bench_index.py`, docs/BENCHMARKS.md section 1), paid by every command after
-    its work was done and its output written. On success there is nothing
+    Tearing down the thousands of modules torch and open_clip import is a noticeable pause at interpreter
+    exit, paid by every command after its work is done and its output written. On success there is nothing
     left to do: index files are written atomically and closed, DataLoader workers have exited, and
     stdout/stderr are flushed here. Errors take the normal exit path, cleanup included.
     """

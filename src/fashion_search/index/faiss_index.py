@@ -36,7 +36,7 @@ _DEFAULTS: dict[str, dict[str, int | str | None]] = {
 }
 
 # How faiss keeps its copy of the vectors. fp16 halves it (1 KB per 512-d item instead of 2 KB) and,
-# on normalised embeddings, changes an inner product by ~1e-4 (docs/BENCHMARKS.md §3 for recall): faiss
+# on normalised embeddings, changes an inner product by ~1e-4, which ranking barely notices: faiss
 # ranks on the fp16 codes and search() re-scores the returned items exactly from the float32 row store,
 # so the scores users see are exact. The row store stays float32: it is what every rebuild starts from,
 # and a server maps it from disk (load(mmap=True)) without reading it into memory.
@@ -54,18 +54,17 @@ def auto_nlist(n: int) -> int:
 
 
 def auto_nprobe(nlist: int) -> int:
-    # Probe ~1/32 of the lists, at least 16: about 3% of the vectors at a large catalog. On clustered
-    # data recall@10 was already 1.0 at nprobe 8 (10k, 100k; docs/BENCHMARKS.md); a quarter of the lists,
-    # the first rule here, scanned 250k vectors per query at 1M. Data with no cluster structure needs
+    # Probe ~1/32 of the lists, at least 16: about 3% of the vectors at a large catalog, plenty for
+    # clustered embeddings, where a few lists hold the neighbours. Data with no cluster structure needs
     # far more: set nprobe.
     return min(nlist, max(16, nlist // 32))
 
 
-# HNSW cannot delete from its graph, and rebuilding it costs 10-12 min at 1M items on 2 cores. Deleted
-# items stay in the graph as tombstones (still walked through, never returned) until they are this share
-# of it; then the graph is rebuilt from the live rows. The price: a live-label check per candidate (p50
-# 0.68 -> 0.88 ms at 1M with 1% deleted, docs/BENCHMARKS.md §3) and up to a fifth more memory and walk;
-# a catalog that replaces 1% a day rebuilds about every three weeks instead of every day.
+# HNSW cannot delete from its graph, and rebuilding it takes minutes at a million items. Deleted items
+# stay in the graph as tombstones (still walked through, never returned) until they are this share of
+# it; then the graph is rebuilt from the live rows. The price: a live-label check per candidate and up
+# to a fifth more memory and walk; a catalog that replaces 1% a day rebuilds about every three weeks
+# instead of every day.
 HNSW_MAX_DEAD_FRACTION = 0.2
 
 # k-means trains IVF on at most this many vectors per list (faiss's default, 256, means all of a
@@ -76,11 +75,10 @@ IVF_TRAIN_POINTS_PER_LIST = 64
 @contextlib.contextmanager
 def _one_thread_for_one_query(n_queries: int):
     """Search a single query on the calling thread alone: faiss parallelises over queries, and for one
-    query its OpenMP team only costs. On the 2-core VM a flat search of one query at 10k items took
-    0.89-1.71 ms with two threads against 0.52 with one, and after 0.25 s of idleness (a server between
-    requests: the second thread asleep) 9.6-9.8 against 1.5-1.8 ms; HNSW and IVF lost nothing
-    (`benchmarks/bench_ann.py --kinds flat --idle-gap 0.25`, docs/BENCHMARKS.md section 3). faiss's
-    notes on threads say as much: parallelism pays across queries (see facebookresearch/faiss#2953).
+    query its OpenMP team only costs, most of all after idleness (a server between requests: the second
+    thread asleep, to be woken), and HNSW and IVF lose nothing (`benchmarks/bench_ann.py --kinds flat
+    --idle-gap 0.25` measures it). faiss's notes on threads say as much: parallelism pays across
+    queries (facebookresearch/faiss#2953).
 
     omp_set_num_threads changes only the calling thread's setting, and faiss's OpenMP is the runtime
     PyTorch loaded (service/model_thread.py): it is put back at once, or the engine's model thread would

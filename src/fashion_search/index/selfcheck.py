@@ -1,9 +1,9 @@
 """How much of the exact top-k an approximate index finds, measured on its own stored vectors.
 
 HNSW and IVF trade recall for speed, and how much they give up depends on the embeddings: on clustered
-vectors (real image embeddings) recall@10 is >= 0.999 at the automatic settings, on structureless ones
-(uniform on the sphere, e.g. a model with random weights over a few thousand look-alike photos) it was
-0.14-0.64 at 100k items (docs/BENCHMARKS.md, section 3). An index run measures it on a sample of the
+vectors (real image embeddings) recall@10 is near 1 at the automatic settings, on structureless ones
+(uniform on the sphere, e.g. a model with random weights over a few thousand look-alike photos) it can
+fall far below (`benchmarks/bench_ann.py --data uniform`). An index run measures it on a sample of the
 catalog's own vectors as queries -- each query's own row left out of both lists -- so a catalog whose
 ANN index misses most neighbours is reported at once instead of silently returning poor results.
 """

@@ -1,9 +1,8 @@
 """open_clip, imported without Hugging Face `transformers` until a model needs it.
 
 When `transformers` is installed, `import open_clip` imports it too (for CoCa's caption generator and
-Hugging Face text towers, module-level `try: from transformers import ...`). On the H200 machine of
-docs/BENCHMARKS.md (transformers 5.17 installed) that was ~10 s of a 19 s `fashion-search index`
-start-up (`benchmarks/diagnose_index.py startup`), for models that never use it: ViT-B-32 and the
+Hugging Face text towers, module-level `try: from transformers import ...`): seconds of every start-up
+(`benchmarks/diagnose_index.py startup` shows it) for models that never use it: ViT-B-32 and the
 packaged fs-* configs have open_clip's own text tower. Hugging Face *tokenizers* (SigLIP, ...) are
 imported by open_clip lazily and need nothing from here.
 

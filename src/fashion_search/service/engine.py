@@ -403,6 +403,6 @@ class SearchEngine:
         For asyncio servers (`await asyncio.wrap_future(engine.search_future(...))`): the event loop
         hands the whole query to the model thread and is woken once with the answer, where a sync
         endpoint takes a pool thread that hands each step to the model thread and waits. Each hand-off
-        wakes a sleeping thread; on an idle machine that costs (docs/BENCHMARKS.md section 2).
+        wakes a sleeping thread, which costs most on an idle machine (`benchmarks/diagnose_http.py`).
         """
         return self._queued(kwargs.get("timings"), self.search, *args, **kwargs)

@@ -5,26 +5,25 @@ libgomp in the PyPI wheels), and OpenMP keeps a separate worker pool for every t
 parallel region (PyTorch's notes on CPU threading say so). Once two threads have done so -- the main
 thread that built the model, then a web server's worker thread that runs the forward -- the process
 manages more OpenMP threads than it has cores, and libgomp stops spinning between parallel regions:
-its workers sleep and are woken through the kernel hundreds of times per forward. Measured on the
-2-core VM (`python benchmarks/diagnose_threads.py`, docs/BENCHMARKS.md section 2): a query's batch-1
-image + text forwards of ViT-B-32 took ~171 ms on a second thread against ~137 ms on the thread that
-built the model, with ~770 instead of 0 voluntary context switches per query; built and run on one
-dedicated thread they are as fast as on the main thread.
+its workers sleep and are woken through the kernel hundreds of times per forward, and a query's
+forwards on a second thread run markedly slower than on the thread that built the model
+(`python benchmarks/diagnose_threads.py` measures both); built and run on one dedicated thread they
+are as fast as on the main thread.
 A FastAPI server (sync endpoints run in a pool of threads; the API's search endpoint is async and
 hands its query over with submit()), Streamlit (a thread per script run) and user code calling from
 several threads all hit that; routing every tensor operation through this one
 thread keeps a single OpenMP pool, and also serialises forwards (one at a time: predictable latency,
-bounded memory), which the engine's model lock used to do.
+bounded memory).
 
 FAISS counts too: the faiss-cpu wheel ships its own libgomp, but once PyTorch (imported first, its
 libraries loaded RTLD_GLOBAL) has put libgomp in the global symbol scope, FAISS's OpenMP calls bind to
 PyTorch's copy (LD_DEBUG=bindings shows it). An HNSW index built on the main thread slowed the forwards
 on this thread just as much; index searches therefore run on this thread as well.
 
-The price: under concurrent load an upload's decode (~4 ms on the 2-core CPU), a fusion and an index
-search (~2 ms at 100k, HNSW) queue behind whatever forward is running (~140 ms), so a re-weighted query
-with cached embeddings can wait one forward; with both cores already busy in that forward, running them
-beside it would not have been much faster. The engine reports the queueing as the "wait" stage.
+The price: under concurrent load an upload's decode, a fusion and an index search (each far shorter
+than a forward) queue behind whatever forward is running, so a re-weighted query with cached
+embeddings can wait one forward; with every core already busy in that forward, running them beside it
+would not have been much faster. The engine reports the queueing as the "wait" stage.
 """
 
 from __future__ import annotations
