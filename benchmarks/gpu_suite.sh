@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/BENCHMARKS.md in one go: decode diagnosis, indexing (JPEGs decoded on the GPU, then
 # on the CPU), query latency and training throughput on CUDA.
-# ~8 minutes on one H200 (session 4: see benchmarks/README.md); each step writes one JSON document into $OUT (default
-# benchmarks/results/gpu-DATE) and a failing step does not stop the next.
+# ~8 minutes on one H200 (see benchmarks/README.md); each step writes one JSON document into $OUT (default
+# benchmarks/results/DATE-gpu-MODEL, e.g. 2026-11-27-gpu-h200) and a failing step does not stop the next.
 #
 # On a machine with this project installed:   OUT=somewhere bash benchmarks/gpu_suite.sh
 # On this workplace's device machine (its python3 has torch but not open_clip, faiss or fastapi), carry
@@ -17,7 +17,10 @@ set -uo pipefail
 
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
+# Results go by date and hardware: the GPU's model name, lower-case, without the vendor ("NVIDIA H200" -> h200).
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | sed -e 's/^NVIDIA //' \
+    | tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
+OUT=${OUT:-benchmarks/results/$(date +%F)-gpu-${GPU_NAME:-$DEVICE}}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 

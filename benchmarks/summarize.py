@@ -1,6 +1,6 @@
 """One line per goal (and the decode diagnosis's main figures) from a folder of benchmark JSON documents.
 
-python benchmarks/summarize.py benchmarks/results/gpu-2026-11-27
+python benchmarks/summarize.py benchmarks/results/2026-11-27-gpu-h200
 """
 
 from __future__ import annotations
