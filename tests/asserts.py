@@ -83,3 +83,13 @@ def assert_topk_equivalent(
             assert not missing, (
                 f"query {qi}: ids {sorted(map(str, missing))} scoring above the k-th's tie band are missing"
             )
+
+
+def assert_hits_equivalent(got: Sequence[dict], want: Sequence[dict], *, atol: float = DOT_ATOL) -> None:
+    """One query's results as the API and `search --json` give them ({"id", "score"} best first), compared
+    as assert_topk_equivalent does."""
+
+    def arrays(hits: Sequence[dict]) -> tuple[np.ndarray, list[list[str]]]:
+        return np.array([[h["score"] for h in hits]], dtype=np.float64), [[h["id"] for h in hits]]
+
+    assert_topk_equivalent(*arrays(got), *arrays(want), atol=atol)
