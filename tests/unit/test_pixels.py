@@ -43,6 +43,8 @@ def test_uint8_reader_gives_the_transforms_exact_embeddings(micro_model, tmp_pat
     ok, emb, failed = embed_paths(micro_model, paths, workers=0, progress=False, decode="cpu")
 
     assert ok == list(range(5)) and not failed
+    # Bit for bit: the same pixels (/255 and Normalize are single rounded operations either way) in one
+    # batch of the same shape through the same forward.
     assert torch.equal(emb, micro_model.encode_pixels(float_path))
 
 
