@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format browser-deps install clean
+.PHONY: demo test test-fast lint format browser-deps install clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ browser-deps:
 
 test: $(STAMP) browser-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no CLI, server or browser processes; those live in integration/ and beyond): ~1.5 min on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit -m "not slow and not browser" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/fashion-search demo --dir demo

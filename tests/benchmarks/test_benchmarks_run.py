@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -97,6 +98,25 @@ def test_bench_index(runs):
     assert run["paused_s"] > 0 and run["wall_s"] > 0
 
 
+def test_bench_ann_data_has_no_near_tie_at_rank_10(monkeypatch):
+    """test_bench_ann wants flat's recall@10 to be exactly exact search's (1.0), before and after the
+    delete, though faiss's kernels and numpy's BLAS round scores differently (tests/asserts.py): that holds
+    on every CPU only if no query's 10th and 11th best scores are within rounding of each other."""
+    from asserts import DOT_ATOL
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from bench_ann import make_data
+
+    n, dim, queries, k, seed = 1000, 32, 20, 10, 0  # ARGS["ann"], with bench_ann's defaults for the rest
+    for kind in ("clustered", "uniform"):
+        base, q = make_data(kind, n, queries, dim, clusters=max(16, round(n**0.5)), spread=1.0, seed=seed)
+        # after_delete's choice of the 5% it deletes
+        dropped = np.random.default_rng(seed + 1).choice(n, size=int(n * 0.05), replace=False)
+        for rows in (np.arange(n), np.setdiff1d(np.arange(n), dropped)):
+            best = -np.sort(-(q @ base[rows].T), axis=1)[:, : k + 1]
+            assert (best[:, k - 1] - best[:, k]).min() > 2 * DOT_ATOL, kind  # 5.9e-5 at least, seen
+
+
 def test_bench_query(runs):
     doc, written = runs("query")
     check_common(doc, written, "query")
@@ -125,6 +145,8 @@ def test_bench_ann(runs):
             (k, s) for k in ("flat", "hnsw", "ivf") for s in ("fp32", "fp16")
         ]
         exact, flat = run["indexes"][0], run["indexes"][1]
+        # Exactly 1.0 although faiss and numpy round differently: no near-tie at rank 10 in this data
+        # (test_bench_ann_data_has_no_near_tie_at_rank_10).
         assert exact["settings"][0]["recall_at_10"] == 1.0 == flat["settings"][0]["recall_at_10"]
         assert exact["selfcheck"] is None is flat["selfcheck"]  # only approximate indexes are checked
         assert all(0 <= by_kind["selfcheck"]["recall"] <= 1 for by_kind in run["indexes"][3:])

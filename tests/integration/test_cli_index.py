@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_image
+from asserts import assert_hits_equivalent
+from conftest import run_cli, write_image
 from fashion_search.cli import main
 
 MODEL = ["--model", "fs-micro", "--pretrained", "none"]
@@ -89,12 +90,12 @@ def test_text_weight_limits_match_single_modalities(indexed):
     img = str(root / "shirt" / "item2.jpg")
     only_image = search(index, "--image", img, "-k", "6")
     only_text = search(index, "--text", "striped", "-k", "6")
-    assert [
-        r["id"] for r in search(index, "--image", img, "--text", "striped", "--text-weight", "0", "-k", "6")
-    ] == [r["id"] for r in only_image]
-    assert [
-        r["id"] for r in search(index, "--image", img, "--text", "striped", "--text-weight", "1", "-k", "6")
-    ] == [r["id"] for r in only_text]
+    # w=0 re-normalises the image embedding (w=1 the text's): the same ranking up to an ulp's near-ties
+    composed = [
+        search(index, "--image", img, "--text", "striped", "--text-weight", w, "-k", "6") for w in "01"
+    ]
+    assert_hits_equivalent(composed[0], only_image)
+    assert_hits_equivalent(composed[1], only_text)
 
 
 def test_category_filter(indexed):
@@ -351,3 +352,32 @@ def test_a_text_weight_without_both_query_parts_is_pointed_out(indexed):
         "search", "--index", str(index), "--image", str(root / "shirt" / "item0.jpg"), "--text-weight", "1"
     )
     assert "this is a image-only search" not in proc.stderr and "this is an image-only search" in proc.stderr
+
+
+# -- the CLI as a real process: exit code, stdout and stderr exactly as a user sees them -------------------
+
+
+def test_index_run_reports_recall_of_an_hnsw_index(tmp_path):
+    for n in range(14):
+        write_image(tmp_path / "cat" / f"{n}.jpg", (17 * n, 255 - 15 * n, 90 + 9 * n))
+    args = ("index", tmp_path / "cat", "--out", tmp_path / "i", "--model", "fs-micro", "--pretrained", "none")
+    args += ("--index-type", "hnsw", "--quiet", "--workers", "0")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "i" / "report.json").read_text())
+    check = report["ann_recall"]
+    assert (check["k"], check["queries"]) == (10, 14) and 0 <= check["recall"] <= 1 and check["seconds"] >= 0
+    assert "hnsw recall@10" in proc.stdout
+    again = run_cli(*args)  # nothing changed: no new check
+    assert json.loads((tmp_path / "i" / "report.json").read_text())["ann_recall"] is None, again.stderr
+
+
+def test_cli_decode_gpu_without_cuda_exits_2_with_one_line(tmp_path):
+    write_image(tmp_path / "cat" / "a.jpg")
+    proc = run_cli(
+        *("index", tmp_path / "cat", "--out", tmp_path / "i", "--model", "fs-micro", "--pretrained", "none"),
+        *("--device", "cpu", "--decode", "gpu", "--quiet"),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--decode gpu needs a CUDA device" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "i").exists()

@@ -57,6 +57,7 @@ def test_overlapped_writes_build_the_same_index_in_fewer_adds(shop, tmp_path, mi
     for field in ("items", "added", "removed", "unchanged", "skipped", "index_kind"):
         assert getattr(gathered, field) == getattr(one_by_one, field), field
     (a, ma), (b, mb) = load_index_dir(tmp_path / "inline"), load_index_dir(tmp_path / "ahead")
+    # bit for bit: the same batches of 2 through the same forward, only the writes overlap
     assert a.ids() == b.ids() and np.array_equal(a.vectors(), b.vectors())
     assert ma["files"] == mb["files"] and ma["skipped"] == mb["skipped"] and "broken.jpg" in mb["skipped"]
     written = json.loads((tmp_path / "ahead" / "report.json").read_text())

@@ -56,5 +56,7 @@ def test_a_catalog_photo_as_query_gets_its_own_vector_back(tmp_path):
     stored = dict(zip(engine.index.ids(), engine.index.vectors()))["1.jpg"]
     photo = (tmp_path / "cat" / "1.jpg").read_bytes()
 
-    assert np.allclose(engine.image_embedding(photo)[0].numpy(), stored, atol=1e-6)
+    # A batch of one against the build's batch of three: other kernels' rounding (7e-8 seen), where a
+    # full-resolution decode is ~1e-2 off.
+    assert np.allclose(engine.image_embedding(photo)[0].numpy(), stored, rtol=0, atol=1e-5)
     assert engine.search(image=photo, k=1)[0].id == "1.jpg"

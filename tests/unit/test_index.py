@@ -5,15 +5,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
+from asserts import DOT_ATOL, assert_topk_equivalent
 from fashion_search.errors import FashionSearchError
 from fashion_search.index.base import INDEX_KINDS
 from fashion_search.index.exact import ExactIndex
@@ -67,6 +65,15 @@ def _recall(truth: list[list[str]], got: list[list[str]]) -> float:
     return float(np.mean([len(set(t) & set(g)) / len(t) for t, g in zip(truth, got, strict=True)]))
 
 
+def _assert_agrees(kind: str, scores, got, truth_scores, truth, min_recall: float = 0.9) -> None:
+    """Exact search and flat faiss (fp16 codes re-scored included) give exact search's results, up to the
+    rounding of another matrix product and near-ties (asserts.py); approximate kinds reach `min_recall`."""
+    if kind in ("exact", "flat"):
+        assert_topk_equivalent(scores, got, truth_scores, truth)
+    else:
+        assert _recall(truth, got) >= min_recall
+
+
 # ---------------------------------------------------------------- agreement with exact search
 
 
@@ -74,8 +81,8 @@ def test_flat_matches_exact(data):
     ids, vectors, queries = data
     exact_scores, exact_ids = _build("exact", ids, vectors).search(queries, K)
     scores, got = _build("flat", ids, vectors).search(queries, K)
-    assert got == exact_ids
-    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+    # faiss's own kernels against numpy's BLAS: equal up to rounding, the same items up to near-ties
+    assert_topk_equivalent(scores, got, exact_scores, exact_ids)
     assert scores.dtype == np.float32 and scores.shape == (len(queries), K)
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
 
@@ -94,17 +101,17 @@ def test_approximate_recall_with_default_params(kind, dataset, request):
 
 def test_ivf_probing_every_list_is_exact(data):
     ids, vectors, queries = data
-    _, truth = _build("exact", ids, vectors).search(queries, K)
-    _, got = _build("ivf", ids, vectors, nlist=16, nprobe=16).search(queries, K)
-    assert got == truth
+    truth_scores, truth = _build("exact", ids, vectors).search(queries, K)
+    scores, got = _build("ivf", ids, vectors, nlist=16, nprobe=16).search(queries, K)
+    assert_topk_equivalent(scores, got, truth_scores, truth)
 
 
 def test_ivf_too_small_to_train_falls_back_to_flat(data):
     ids, vectors, queries = data
     index = _build("ivf", ids[:100], vectors[:100])
     assert isinstance(index._index, faiss.IndexFlat)
-    _, truth = _build("exact", ids[:100], vectors[:100]).search(queries, K)
-    assert index.search(queries, K)[1] == truth
+    truth_scores, truth = _build("exact", ids[:100], vectors[:100]).search(queries, K)
+    assert_topk_equivalent(*index.search(queries, K), truth_scores, truth)
     index.add(ids[100:], vectors[100:])  # now large enough: trains
     assert isinstance(index._index, faiss.IndexIVF) and len(index) == N
 
@@ -139,11 +146,11 @@ def test_add_remove_ids_and_len(kind, storage, clustered):
     kept = [i for i in ids if i not in removed]
     assert index.ids() == kept and len(index) == len(kept)
     np.testing.assert_array_equal(index.vectors(), vectors[[i not in removed for i in ids]])
-    _, after = index.search(queries, K)
+    scores, after = index.search(queries, K)
     assert all(len(line) == K and not set(line) & removed for line in after)
 
-    _, truth = _build("exact", kept, index.vectors()).search(queries, K)
-    assert _recall(truth, after) >= (1.0 if kind in ("exact", "flat") else 0.9)
+    truth_scores, truth = _build("exact", kept, index.vectors()).search(queries, K)
+    _assert_agrees(kind, scores, after, truth_scores, truth)
     index.add([ids[0]], vectors[0])  # a removed id may come back; a 1-d vector counts as one row
     assert index.ids()[-1] == ids[0] and index.search(vectors[0], 1)[1] == [[ids[0]]]
 
@@ -190,8 +197,8 @@ def test_allowed_filter(kind, storage, clustered):
         want = min(K, len(allowed_set))
         assert scores.shape == (len(queries), want)
         assert all(len(line) == want and set(line) <= allowed_set for line in got)
-        _, truth = exact.search(queries, K, allowed=allowed)
-        assert _recall(truth, got) >= (1.0 if kind in ("exact", "flat") else 0.9)
+        truth_scores, truth = exact.search(queries, K, allowed=allowed)
+        _assert_agrees(kind, scores, got, truth_scores, truth)
     scores, got = index.search(queries[:3], K, allowed=lambda i: False)
     assert scores.shape == (3, 0) and got == [[], [], []]
 
@@ -289,10 +296,11 @@ def test_fp16_storage_halves_faiss_copy_and_scores_stay_exact(kind, data, tmp_pa
     assert _recall(exact_ids, got) >= (0.99 if kind != "hnsw" else 0.9)
     row = {i: r for r, i in enumerate(ids)}
     for line_s, line_ids, q in zip(scores, got, queries, strict=True):
-        np.testing.assert_allclose(line_s, vectors[[row[i] for i in line_ids]] @ q, atol=1e-6)
+        np.testing.assert_allclose(line_s, vectors[[row[i] for i in line_ids]] @ q, rtol=0, atol=DOT_ATOL)
     assert (np.diff(scores, axis=1) <= 0).all()
     self_score, self_id = half.search(vectors[5], 1)
-    assert self_id == [[ids[5]]] and abs(float(self_score[0, 0]) - 1.0) < 1e-6  # not fp16's 1.00003
+    # float32's self-score, not the fp16 codes' (1 - 5.7e-5 for this row, 1 - 1.1e-4 code against code)
+    assert self_id == [[ids[5]]] and abs(float(self_score[0, 0]) - 1.0) < DOT_ATOL
 
 
 def test_rescoring_a_mapped_index_reads_rows_from_the_file_not_the_map(data, tmp_path, monkeypatch):
@@ -430,42 +438,6 @@ def test_read_only_directory(small, tmp_path):
         for path in (tmp_path, tmp_path / "versions"):
             path.chmod(0o755)
     _assert_still_old(tmp_path, old)
-
-
-_KILLER = """
-import os, signal, sys
-from pathlib import Path
-import numpy as np
-from fashion_search.index.registry import create_index
-from fashion_search.index import store
-
-index = create_index("flat", 8)
-index.add(["a", "b"], np.eye(2, 8, dtype=np.float32))
-def die(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGKILL)
-if sys.argv[2] == "replace":
-    store.os.replace = die          # dies with the new version complete, just before CURRENT switches
-else:
-    np.save = die                   # dies while the index writes its own files
-store.save_index_dir(Path(sys.argv[1]), index, {"model": "new"})
-"""
-
-
-@pytest.mark.parametrize("where", ["replace", "index-files"])
-def test_kill_9_mid_save_leaves_last_good_state(where, small, tmp_path):
-    old, new = small
-    save_index_dir(tmp_path, old, {"model": "old"})
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_KILLER), str(tmp_path), where], timeout=60)
-    assert proc.returncode == -9
-    leftovers = [p for p in [*tmp_path.iterdir(), *(tmp_path / "versions").iterdir()] if p.name != "CURRENT"]
-    assert len(leftovers) >= 3  # versions/, 000001 and the debris of the killed save
-    loaded, manifest = load_index_dir(tmp_path)
-    assert loaded.ids() == old.ids() and manifest["model"] == "old"
-    save_index_dir(tmp_path, new, {"model": "next"})  # the next save cleans the debris up
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", "versions"]
-    live = (tmp_path / "CURRENT").read_text().strip()
-    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["000001", live]
-    assert load_index_dir(tmp_path)[1]["model"] == "next"
 
 
 def test_leftover_tmp_dir_ignored_then_cleaned(small, tmp_path):

@@ -1,19 +1,10 @@
 """The Python API of the README: load_engine, typed results, encode/compose, and light imports."""
 
-import subprocess
-import sys
-
 import torch
 from PIL import Image
 
 import fashion_search
 from conftest import write_image
-
-
-def test_import_is_light():
-    code = "import sys, fashion_search; bad = [m for m in ('torch', 'streamlit', 'fastapi') if m in sys.modules]; print(bad)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
 
 
 def test_readme_snippet(tmp_path):

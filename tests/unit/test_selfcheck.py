@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
-from conftest import run_cli, write_image
 from fashion_search.index.registry import create_index
 from fashion_search.index.selfcheck import recall_warning, sampled_recall
 
@@ -42,18 +39,3 @@ def test_poor_recall_is_measured_and_worded():
     assert check["recall"] < 0.5
     line = recall_warning(check, "ivf")
     assert line.startswith("warning: the ivf index finds") and "--index-type flat" in line
-
-
-def test_index_run_reports_recall_of_an_hnsw_index(tmp_path):
-    for n in range(14):
-        write_image(tmp_path / "cat" / f"{n}.jpg", (17 * n, 255 - 15 * n, 90 + 9 * n))
-    args = ("index", tmp_path / "cat", "--out", tmp_path / "i", "--model", "fs-micro", "--pretrained", "none")
-    args += ("--index-type", "hnsw", "--quiet", "--workers", "0")
-    proc = run_cli(*args)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads((tmp_path / "i" / "report.json").read_text())
-    check = report["ann_recall"]
-    assert (check["k"], check["queries"]) == (10, 14) and 0 <= check["recall"] <= 1 and check["seconds"] >= 0
-    assert "hnsw recall@10" in proc.stdout
-    again = run_cli(*args)  # nothing changed: no new check
-    assert json.loads((tmp_path / "i" / "report.json").read_text())["ann_recall"] is None, again.stderr
