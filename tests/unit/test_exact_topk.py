@@ -90,3 +90,19 @@ def test_a_nan_score_does_not_hide_the_rest_of_the_catalog(monkeypatch):
         scores, found, want_scores, finite[want_rows], atol=dot_atol(queries, matrix[finite])
     )
     assert 3 not in found
+
+
+def test_a_wide_first_block_mostly_of_nan_scores_still_finds_the_finite_ones():
+    """The first wide block takes its floor from a sample of its scores; a sample with fewer than k
+    finite ones made that floor NaN, which no score passes: rows -1 came back (ids[-1] to a caller)."""
+    rng = np.random.default_rng(7)
+    matrix = np.full((70_000, 8), np.nan, dtype=np.float32)
+    finite = rng.choice(70_000, 10, replace=False)
+    matrix[finite] = rng.standard_normal((10, 8)).astype(np.float32)
+    queries = rng.standard_normal((2, 8)).astype(np.float32)
+    scores, found = exact_topk(matrix, queries, 5)
+    want_scores, want_rows = _reference(matrix[finite], queries, 5)
+    assert (found >= 0).all()
+    assert_topk_equivalent(
+        scores, found, want_scores, finite[want_rows], atol=dot_atol(queries, matrix[finite])
+    )

@@ -37,7 +37,8 @@ def _block_top(sims: np.ndarray, kk: int, floor: np.ndarray | None) -> tuple[np.
         if width < _FLOOR_MIN_COLUMNS or kk * 64 > _SAMPLE_COLUMNS:
             cols = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
             return np.take_along_axis(sims, cols, axis=1), cols
-        sample = sims[:, :: max(1, width // _SAMPLE_COLUMNS)]
+        # NaN scores (only from non-finite input) sort as -inf here, so a floor is never NaN.
+        sample = np.nan_to_num(sims[:, :: max(1, width // _SAMPLE_COLUMNS)], nan=-np.inf)
         floor = -np.partition(-sample, kk - 1, axis=1)[:, kk - 1]
     out_scores = np.full((rows, kk), -np.inf, dtype=np.float32)
     out_cols = np.full((rows, kk), -1, dtype=np.int64)
