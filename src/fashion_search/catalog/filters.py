@@ -10,14 +10,14 @@ import json
 import operator
 import tokenize
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from fashion_search.catalog.attributes import AttributeStore, Column
 from fashion_search.errors import FashionSearchError
 
-Value = Union[bool, int, float, str]
+Value = bool | int | float | str
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
 _AST_OPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
 _FLIP = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
@@ -64,7 +64,7 @@ class Not:
     item: Node
 
 
-Node = Union[Compare, In, And, Or, Not]
+Node = Compare | In | And | Or | Not
 
 
 # -- parsing -------------------------------------------------------------------------------------------
