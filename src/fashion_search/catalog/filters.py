@@ -156,6 +156,9 @@ def _comparison(a: ast.AST, op: ast.cmpop, b: ast.AST) -> Node:
         return Compare(a.id, symbol, _literal(b))
     if _is_attribute(b) and not _is_attribute(a):
         return Compare(b.id, _FLIP[symbol], _literal(a))  # 50 > price is price < 50
+    for side in (a, b):
+        if not _is_attribute(side):
+            _literal(side)  # arithmetic, calls and the like are reported where they stand
     raise _Error(a, "a comparison needs one attribute name and one value")
 
 
@@ -177,6 +180,8 @@ def _literal(n: ast.AST) -> Value:
         and type(n.operand.value) in (int, float)
     ):
         return -n.operand.value if isinstance(n.op, ast.USub) else n.operand.value
+    if isinstance(n, ast.BinOp):
+        raise _Error(n, "arithmetic is not supported: compare an attribute with a value")
     raise _Error(n, "expected a value: a number, a quoted string, true or false")
 
 
