@@ -145,11 +145,20 @@ def filtered_topk(
     return out_s.reshape(len(results), kk), out_r.reshape(len(results), kk)
 
 
-# A mask matching at most this many rows is answered by an exact scan of those rows (gathering their
-# vectors), a looser one by the ANN with over-fetch. Measured at 1M x 512-d on 2 cores
-# (benchmarks/bench_filters.py, docs/BENCHMARKS.md): gathering and scoring 10k rows costs ~3 ms, while
-# HNSW needs an efSearch of ~2k/selectivity to collect k matches, i.e. ~2,000 at 1 %.
-MASK_EXACT_MAX_ROWS = 30_000
+# A mask matching few rows is answered by an exact scan of those rows (gathering their vectors: cost ~m),
+# a looser one by the ANN with over-fetch (asked for ~2k n / m candidates: cost ~n / m). The two cross
+# near m = c * sqrt(k n); c = 6 from the forced-strategy runs of benchmarks/bench_filters.py (20k and 200k
+# items, 2 cores): at 1M and k = 10 that is ~19k rows, ~2 % of the catalog. MASK_EXACT_MAX_ROWS, when set,
+# replaces the rule (benchmarks force one strategy with it).
+MASK_EXACT_ROWS_FACTOR = 6.0
+MASK_EXACT_MAX_ROWS: int | None = None
+
+
+def exact_scan_limit(n: int, k: int) -> int:
+    """The most matching rows answered by an exact scan of them rather than by ANN over-fetch."""
+    if MASK_EXACT_MAX_ROWS is not None:
+        return MASK_EXACT_MAX_ROWS
+    return int(MASK_EXACT_ROWS_FACTOR * math.sqrt(max(k, 1) * n))
 
 
 def check_mask(mask: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -190,7 +199,7 @@ def masked_topk(
     """
     rows = np.flatnonzero(mask)
     n, m = len(store), rows.size
-    limit = MASK_EXACT_MAX_ROWS if exact_max_rows is None else exact_max_rows
+    limit = exact_scan_limit(n, k) if exact_max_rows is None else exact_max_rows
     kk = min(k, m)
     if kk == 0:
         return np.empty((q.shape[0], 0), dtype=np.float32), np.empty((q.shape[0], 0), dtype=np.int64)
