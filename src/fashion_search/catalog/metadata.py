@@ -120,7 +120,7 @@ def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, Any]], list[int
         import pyarrow.parquet as pq  # imported here: only Parquet catalogs need pyarrow
     except ImportError as exc:
         raise FashionSearchError(
-            f"reading {path} needs pyarrow: pip install "fashion-search[parquet]" (or use CSV / JSON Lines)"
+            f"reading {path} needs pyarrow: pip install 'fashion-search[parquet]' (or use CSV / JSON Lines)"
         ) from exc
     try:
         table = pq.read_table(path)
