@@ -177,3 +177,13 @@ def test_store_without_metadata_has_category_only():
     store, report = AttributeStore.build(["dress/a.jpg", "b.jpg"], None)
     assert store.schema() == {"category": "string"} and report.items_without_row == 0
     assert store.row_metadata(0) == {"category": "dress"}
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if not installed
+    path = tmp_path / "m.parquet"
+    path.write_bytes(b"PAR1")
+    with pytest.raises(FashionSearchError, match=r"needs pyarrow: pip install 'fashion-search\[parquet\]'"):
+        read_metadata(path)
