@@ -164,3 +164,18 @@ def test_hnsw_with_tombstones_and_a_mask():
         scores, rows, found = index.search_hits(queries, 10, mask=eligible)
     _check_topk(scores, rows, live, queries, eligible, 10)
     assert found == [[ids[20 + r] for r in line] for line in rows.tolist()]
+
+
+def test_masked_search_on_a_memory_mapped_index(tmp_path):
+    from fashion_search.index.base import load_index
+
+    rng = np.random.default_rng(4)
+    n = 500
+    vectors = _vectors(rng, n)
+    ids = [str(i) for i in range(n)]
+    _index("hnsw", ids, vectors).save(tmp_path)
+    index = load_index(tmp_path, mmap=True)
+    eligible = rng.random(n) < 0.05  # the exact scan of the matching rows, read in place from the map
+    queries = _vectors(rng, 2)
+    scores, rows, _ = index.search_hits(queries, 5, mask=eligible)
+    _check_topk(scores, rows, vectors, queries, eligible, 5)

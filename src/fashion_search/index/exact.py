@@ -190,13 +190,21 @@ def masked_topk(
     k: int,
     mask: np.ndarray,
     exact_max_rows: int | None = None,
+    subset_topk: Callable[[np.ndarray, int, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k among the rows where `mask` is True: (scores (q, k'), rows (q, k')), k' = min(k, matches).
 
     Few matches (or no `ann`): an exact scan of those rows. Many: `ann` (queries, fetch) -> (scores, rows,
     -1 for holes) over-fetched by the inverse of the match rate, the mask checked per candidate by array
     lookup; queries still short of k after fetches up to 1/8 of the catalog fall back to the exact scan.
+    `subset_topk` (queries, k, rows) -> (scores, rows) does the exact scan (default: exact_topk).
     """
+
+    def scan(qs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if subset_topk is not None and m < n:
+            return subset_topk(qs, kk, rows)
+        return exact_topk(store.matrix, qs, kk, None if m == n else rows)  # all rows: no gather
+
     rows = np.flatnonzero(mask)
     n, m = len(store), rows.size
     limit = exact_scan_limit(n, k) if exact_max_rows is None else exact_max_rows
@@ -204,7 +212,7 @@ def masked_topk(
     if kk == 0:
         return np.empty((q.shape[0], 0), dtype=np.float32), np.empty((q.shape[0], 0), dtype=np.int64)
     if ann is None or m <= limit:
-        return exact_topk(store.matrix, q, kk, None if m == n else rows)  # all rows: no gather
+        return scan(q)
     out_s = np.empty((q.shape[0], kk), dtype=np.float32)
     out_r = np.empty((q.shape[0], kk), dtype=np.int64)
     pending = np.arange(q.shape[0])
@@ -225,7 +233,7 @@ def masked_topk(
         if fetch > n // 8:
             break
     if pending.size:
-        out_s[pending], out_r[pending] = exact_topk(store.matrix, q[pending], kk, rows)
+        out_s[pending], out_r[pending] = scan(q[pending])
     return out_s, out_r
 
 

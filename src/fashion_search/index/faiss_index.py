@@ -298,7 +298,9 @@ class FaissIndex(VectorIndex):
             # A flat "ANN" scans everything whatever it is asked for: the matching rows alone are cheaper
             # until they are a large share, past which over-fetching from one full scan is.
             limit = n // 4 if self._is_flat() else None
-            scores, rows = masked_topk(self._ann, self._rows, q, k, mask, exact_max_rows=limit)
+            scores, rows = masked_topk(
+                self._ann, self._rows, q, k, mask, exact_max_rows=limit, subset_topk=self._subset_topk
+            )
         elif allowed is not None:
             scores, rows = filtered_topk(self._ann, self._rows, q, k, allowed)
         else:
@@ -311,6 +313,35 @@ class FaissIndex(VectorIndex):
             scores, rows = self._rescore(q, rows)
         ids = self._rows.ids
         return scores, rows, [[ids[r] for r in line] for line in rows.tolist()]
+
+    def _subset_topk(self, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k among `rows` for a few queries, reading the rows in place (no gathered copy) on one
+        thread: numpy's BLAS woke its second thread for one query and cost ~8 ms at 2k rows (0.3 ms
+        like this; 20k rows: 9.6 ms against 18 ms gathered; 200k x 512, 2 cores)."""
+        if q.shape[0] > 8:
+            return exact_topk(self._rows.matrix, q, k, rows)
+        matrix = self._rows.matrix
+        if not matrix.flags.c_contiguous:
+            return exact_topk(matrix, q, k, rows)
+        ids = np.ascontiguousarray(np.broadcast_to(rows.astype(np.int64), (q.shape[0], rows.size)))
+        sims = np.empty((q.shape[0], rows.size), dtype=np.float32)
+        with _one_thread_for_one_query(1):
+            faiss.fvec_inner_products_by_idx(
+                faiss.swig_ptr(sims),
+                faiss.swig_ptr(q),
+                faiss.swig_ptr(matrix),
+                faiss.swig_ptr(ids),
+                self.dim,
+                q.shape[0],
+                rows.size,
+            )
+        if k < rows.size:
+            cols = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        else:
+            cols = np.tile(np.arange(rows.size), (q.shape[0], 1))
+        best = np.take_along_axis(sims, cols, axis=1)
+        order = np.argsort(-best, axis=1, kind="stable")
+        return np.take_along_axis(best, order, axis=1), rows[np.take_along_axis(cols, order, axis=1)]
 
     def _is_flat(self) -> bool:
         return isinstance(self._index, faiss.IndexFlatCodes)
