@@ -41,11 +41,18 @@ class VectorIndex(ABC):
 
     @abstractmethod
     def search(
-        self, queries: np.ndarray, k: int, allowed: Callable[[str], bool] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed: Callable[[str], bool] | None = None,
+        mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[list[str]]]:
         """Top-k by inner product, best first: (scores (q, k') float32, ids per query).
 
-        k' = min(k, number of eligible items); `allowed` restricts the eligible ids.
+        k' = min(k, number of eligible items). `allowed` (a predicate on ids) and `mask` (a bool array
+        aligned with ids(), e.g. catalog.filters.mask) restrict the eligible items; given both, an item
+        must pass both. A mask is the fast way: it is checked by array lookup, and a selective one is
+        answered by an exact scan of the matching rows.
         """
 
     @abstractmethod

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fashion_search.errors import FashionSearchError
 from fashion_search.index.base import RowStore, VectorIndex, as_queries, check_k, read_meta, write_meta
 
 # Score matrices are computed for this many (query, item) pairs at a time (64 MiB of float32), so a large
@@ -145,6 +146,98 @@ def filtered_topk(
     return out_s.reshape(len(results), kk), out_r.reshape(len(results), kk)
 
 
+# A mask matching few rows is answered by an exact scan of those rows (gathering their vectors: cost ~m),
+# a looser one by the ANN with over-fetch (asked for ~2k n / m candidates: cost ~n / m). The two cross
+# near m = c * sqrt(k n); c = 6 from the forced-strategy runs of benchmarks/bench_filters.py (20k and 200k
+# items, 2 cores): at 1M and k = 10 that is ~19k rows, ~2 % of the catalog. MASK_EXACT_MAX_ROWS, when set,
+# replaces the rule (benchmarks force one strategy with it).
+MASK_EXACT_ROWS_FACTOR = 6.0
+MASK_EXACT_MAX_ROWS: int | None = None
+
+
+def exact_scan_limit(n: int, k: int) -> int:
+    """The most matching rows answered by an exact scan of them rather than by ANN over-fetch."""
+    if MASK_EXACT_MAX_ROWS is not None:
+        return MASK_EXACT_MAX_ROWS
+    return int(MASK_EXACT_ROWS_FACTOR * math.sqrt(max(k, 1) * n))
+
+
+def check_mask(mask: np.ndarray | None, n: int) -> np.ndarray | None:
+    """A row mask as a bool array of length n (or None); anything else is refused."""
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.dtype != np.bool_ or m.shape != (n,):
+        raise FashionSearchError(f"a row mask must be a bool array of shape ({n},), got {m.dtype} {m.shape}")
+    return m
+
+
+def combined_mask(
+    store: RowStore, mask: np.ndarray | None, allowed: Callable[[str], bool] | None
+) -> np.ndarray | None:
+    """One bool mask from an optional mask and an optional id predicate (None: everything eligible)."""
+    mask = check_mask(mask, len(store))
+    if allowed is None:
+        return mask
+    ok = np.zeros(len(store), dtype=bool)
+    ok[store.allowed_rows(allowed, {})] = True
+    return ok if mask is None else ok & mask
+
+
+def masked_topk(
+    ann: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None,
+    store: RowStore,
+    q: np.ndarray,
+    k: int,
+    mask: np.ndarray,
+    exact_max_rows: int | None = None,
+    subset_topk: Callable[[np.ndarray, int, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k among the rows where `mask` is True: (scores (q, k'), rows (q, k')), k' = min(k, matches).
+
+    Few matches (or no `ann`): an exact scan of those rows. Many: `ann` (queries, fetch) -> (scores, rows,
+    -1 for holes) over-fetched by the inverse of the match rate, the mask checked per candidate by array
+    lookup; queries still short of k after fetches up to 1/8 of the catalog fall back to the exact scan.
+    `subset_topk` (queries, k, rows) -> (scores, rows) does the exact scan (default: exact_topk).
+    """
+
+    def scan(qs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if subset_topk is not None and m < n:
+            return subset_topk(qs, kk, rows)
+        return exact_topk(store.matrix, qs, kk, None if m == n else rows)  # all rows: no gather
+
+    rows = np.flatnonzero(mask)
+    n, m = len(store), rows.size
+    limit = exact_scan_limit(n, k) if exact_max_rows is None else exact_max_rows
+    kk = min(k, m)
+    if kk == 0:
+        return np.empty((q.shape[0], 0), dtype=np.float32), np.empty((q.shape[0], 0), dtype=np.int64)
+    if ann is None or m <= limit:
+        return scan(q)
+    out_s = np.empty((q.shape[0], kk), dtype=np.float32)
+    out_r = np.empty((q.shape[0], kk), dtype=np.int64)
+    pending = np.arange(q.shape[0])
+    # Twice the expected need: a candidate passes with probability ~m/n, and the ANN's own ranking is
+    # only approximately the exact one.
+    fetch = min(n, max(k + 32, math.ceil(2 * kk * n / m)))
+    while pending.size:
+        scores, found = ann(q[pending], fetch)
+        ok = (found >= 0) & mask[np.maximum(found, 0)]
+        enough = ok.sum(axis=1) >= kk
+        for i in np.flatnonzero(enough):
+            take = np.flatnonzero(ok[i])[:kk]  # ann answers best first, so these are its best matches
+            out_s[pending[i]], out_r[pending[i]] = scores[i, take], found[i, take]
+        pending = pending[~enough]
+        if not pending.size or fetch >= n:
+            break
+        fetch = min(n, 4 * fetch)
+        if fetch > n // 8:
+            break
+    if pending.size:
+        out_s[pending], out_r[pending] = scan(q[pending])
+    return out_s, out_r
+
+
 class ExactIndex(VectorIndex):
     """Exact search by one matrix product per query batch; fine up to ~100k items, slow beyond."""
 
@@ -161,14 +254,30 @@ class ExactIndex(VectorIndex):
         return int(self._rows.delete(ids).size)
 
     def search(
-        self, queries: np.ndarray, k: int, allowed: Callable[[str], bool] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed: Callable[[str], bool] | None = None,
+        mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[list[str]]]:
+        scores, _, ids = self.search_hits(queries, k, allowed, mask)
+        return scores, ids
+
+    def search_hits(
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed: Callable[[str], bool] | None = None,
+        mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+        """search() plus the row positions (q, k') of the hits, for looking up their attributes."""
         q = as_queries(queries, self.dim)
         k = check_k(k)
-        rows = None if allowed is None else self._rows.allowed_rows(allowed, {})
+        eligible = combined_mask(self._rows, mask, allowed)
+        rows = None if eligible is None else np.flatnonzero(eligible)
         scores, found = exact_topk(self._rows.matrix, q, k, rows)
         ids = self._rows.ids
-        return scores, [[ids[r] for r in line] for line in found.tolist()]
+        return scores, found, [[ids[r] for r in line] for line in found.tolist()]
 
     def ids(self) -> list[str]:
         return list(self._rows.ids)
