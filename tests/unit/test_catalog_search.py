@@ -17,7 +17,7 @@ from fashion_search.catalog.grouping import grouped_search
 from fashion_search.catalog.metadata import MetadataTable
 from fashion_search.errors import FashionSearchError
 from fashion_search.index import exact
-from fashion_search.index.base import create_index
+from fashion_search.index.registry import create_index
 
 TOL = 1e-5
 DIM = 8
@@ -167,7 +167,7 @@ def test_hnsw_with_tombstones_and_a_mask():
 
 
 def test_masked_search_on_a_memory_mapped_index(tmp_path):
-    from fashion_search.index.base import load_index
+    from fashion_search.index.registry import load_index
 
     rng = np.random.default_rng(4)
     n = 500
