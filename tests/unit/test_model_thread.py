@@ -51,7 +51,7 @@ def test_the_engine_builds_its_model_and_runs_every_tensor_operation_on_one_thre
         for name in ("encode_pixels", "encode_texts", "compose"):
             setattr(model, name, _recording(getattr(model, name), seen, name))
         engine.query_pixels = _recording(engine.query_pixels, seen, "decode")
-        engine.index.search = _recording(engine.index.search, seen, "search")
+        engine.index.search_hits = _recording(engine.index.search_hits, seen, "search")
 
         callers: list[int] = []
         errors: list[BaseException] = []

@@ -78,6 +78,7 @@ def cmd_index(args) -> int:
         index_kind=args.index_type,
         index_storage=args.index_storage,
         progress=not args.quiet,
+        metadata=args.metadata,
     )
     print(report.summary())
     for line in report.warnings():
@@ -113,7 +114,13 @@ def cmd_search(args) -> int:
         )
     engine = SearchEngine.open(args.index, checkpoint=args.checkpoint, device=args.device)
     results = engine.search(
-        image=args.image, text=args.text, text_weight=args.text_weight, k=args.k, category=args.category
+        image=args.image,
+        text=args.text,
+        text_weight=args.text_weight,
+        k=args.k,
+        category=args.category,
+        where=args.where,
+        group=not args.no_group,
     )
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in results]}, indent=2))
@@ -121,7 +128,8 @@ def cmd_search(args) -> int:
         if not results:
             print(f"no results: the index holds {len(engine)} items", file=sys.stderr)
         for rank, r in enumerate(results, 1):
-            print(f"{rank:3d}  {r.score:+.4f}  {r.id}")
+            product = f"  [{r.product_id}]" if r.product_id else ""
+            print(f"{rank:3d}  {r.score:+.4f}  {r.id}{product}")
     return 0
 
 
@@ -171,6 +179,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="how the index keeps its vector copy: fp32 (default) or fp16 (half the memory; scores stay exact)",
     )
+    p.add_argument(
+        "--metadata",
+        metavar="FILE",
+        help="the items' attributes: CSV, JSON Lines or Parquet with a column `image` (the item id) and "
+        "optionally `product_id`; every other column becomes a filterable attribute",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)
 
@@ -192,6 +206,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-k", type=positive_int, default=10, help="how many results (default 10)")
     p.add_argument("--category", default=None, help="only items under this top-level folder")
+    p.add_argument(
+        "--where",
+        metavar="EXPR",
+        help="filter by attributes, in Milvus's expression syntax: \"price < 50 and brand in ['Acme', 'Zed']\"",
+    )
+    p.add_argument(
+        "--no-group",
+        action="store_true",
+        help="every matching image, not one result per product (when the catalog names products)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--checkpoint", default=None, help="override the model recorded in the index (must match)")
     add_device_arg(p)

@@ -17,6 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from fashion_search.atomic import atomic_write_json
+from fashion_search.catalog.attributes import AttributeStore
+from fashion_search.catalog.metadata import read_metadata
 from fashion_search.data.ahead import ahead_in_thread
 from fashion_search.data.cuda_pipeline import overlap_writes
 from fashion_search.data.images import iter_image_entries
@@ -24,7 +26,7 @@ from fashion_search.data.loading import iter_embedded
 from fashion_search.errors import FashionSearchError, IndexMismatchError
 from fashion_search.index.registry import choose_index_kind, create_index
 from fashion_search.index.selfcheck import recall_warning, sampled_recall
-from fashion_search.index.store import index_exists, load_index_dir, save_index_dir
+from fashion_search.index.store import index_exists, load_version, save_index_dir
 from fashion_search.models.retrieval import RetrievalModel
 
 REPORT_NAME = "report.json"
@@ -49,6 +51,8 @@ class BuildReport:
     index_kind: str = ""
     converted_from: str | None = None  # the kind an automatically chosen index outgrew this run
     ann_recall: dict | None = None  # index.selfcheck.sampled_recall, measured when the index changed
+    # With --metadata: the file, the attributes' types, and how its rows met the indexed items.
+    metadata: dict | None = None
     # Where build_index's own thread spent its time: preparing (scanning the folder unless the caller
     # did, reading the existing index, starting the reader), waiting for embeddings, adding them to the
     # index, saving, measuring recall. "wait" near zero means the index was the bottleneck.
@@ -64,6 +68,12 @@ class BuildReport:
 
     def warnings(self) -> list[str]:
         lines = [recall_warning(self.ann_recall, self.index_kind)]
+        meta = self.metadata or {}
+        if meta.get("rows_not_indexed") or meta.get("items_without_row"):
+            lines.append(
+                f"note: {meta['rows_not_indexed']} metadata rows name no indexed image and "
+                f"{meta['items_without_row']} indexed images have no metadata row (listed in {REPORT_NAME})"
+            )
         if self.items == 0:
             lines.append(
                 "warning: the index is empty: no readable image (jpg, png, webp, ...) under the folder"
@@ -80,9 +90,15 @@ class BuildReport:
             if self.ann_recall
             else ""
         )
+        attributes = (
+            "\nattributes: " + ", ".join(f"{k} ({v})" for k, v in self.metadata["attributes"].items())
+            if self.metadata
+            else ""
+        )
         return (
             f"indexed {self.items} items: {self.added} added, {self.removed} removed, {self.unchanged} unchanged, "
             f"{len(self.skipped)} skipped (unreadable; see {REPORT_NAME}) in {self.seconds:.1f}s{converted}{recall}"
+            + attributes
         )
 
 
@@ -212,6 +228,7 @@ def build_index(
     index_storage: str | None = None,
     save_seconds: float | None = None,
     progress: bool = True,
+    metadata: str | os.PathLike | None = None,
 ) -> BuildReport:
     """Embed every image under `images_dir` into the index at `out_dir` (incrementally).
 
@@ -220,6 +237,9 @@ def build_index(
     `index_kind` and `index_storage` (fp32 | fp16, faiss kinds only) shape a new index; for an existing
     one they must match it or be left at their defaults. save_seconds defaults to
     $FASHION_SEARCH_SAVE_SECONDS or 60 (the variable lets crash tests save often).
+    `metadata` (CSV, JSON Lines or Parquet; column `image` = the item id) gives the items' attributes;
+    left out, a re-run keeps the attributes the index has. Only the attributes changed: nothing is
+    embedded again.
     """
     started = time.perf_counter()
     if save_seconds is None:
@@ -227,12 +247,14 @@ def build_index(
     given, root, out = Path(images_dir).absolute(), Path(images_dir).resolve(), Path(out_dir)
     if not root.is_dir():
         raise FashionSearchError(f"image folder not found: {images_dir}")
+    table = read_metadata(metadata) if metadata is not None else None  # bad input fails before any work
     catalog = scan_catalog(root)
     misnamed = [f.id for f in catalog if not _utf8_name(f.id)]
     catalog = [f for f in catalog if _utf8_name(f.id)]
 
+    attributes = None
     if index_exists(out):
-        index, manifest = load_index_dir(out)
+        index, manifest, attributes = load_version(out)
         check_identity(manifest["model"], model, f"index {out}")
         _check_layout(index, index_kind, index_storage, out)
         known, known_bad = manifest.get("files", {}), manifest.get("skipped", {})
@@ -269,6 +291,7 @@ def build_index(
     report.skipped = [
         {"id": i, "reason": v["reason"]} for i, v in known_bad.items() if i in current and i not in todo_ids
     ]
+    attribute_ids = index.ids()  # the rows the loaded attributes are aligned with
     index.remove(stale)
     files = {i: known[i] for i in index.ids()}
     bad = {s["id"]: known_bad[s["id"]] for s in report.skipped}
@@ -277,8 +300,19 @@ def build_index(
         for i in misnamed
     ]
 
+    def current_attributes() -> AttributeStore:
+        ids = index.ids()
+        if table is not None:
+            store, met = AttributeStore.build(ids, table)
+            report.metadata = {"file": str(metadata), "attributes": store.schema(), **met.__dict__}
+            return store
+        if attributes is not None:
+            return attributes.reindex(attribute_ids, ids)
+        return AttributeStore.build(ids, None)[0]
+
     def save() -> None:
         now = datetime.now(timezone.utc).isoformat()
+        store = current_attributes()
         save_index_dir(
             out,
             index,
@@ -294,7 +328,9 @@ def build_index(
                 "files": files,
                 "skipped": bad,
                 "index_choice": chosen,  # "auto": the kind follows the catalog's size on later runs
+                "attributes": store.schema(),
             },
+            store,
         )
 
     last_save = time.monotonic()

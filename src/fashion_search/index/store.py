@@ -9,16 +9,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fashion_search.catalog.attributes import AttributeStore
 from fashion_search.errors import FashionSearchError
 from fashion_search.index.base import VectorIndex, one_line
 from fashion_search.index.registry import load_index
 
-# Layout:  INDEX/CURRENT (name of the live version)  INDEX/versions/000001/{manifest.json, index files}
+# Layout:  INDEX/CURRENT (name of the live version)
+#          INDEX/versions/000001/{manifest.json, index files, attributes/ (the items' catalog attributes)}
 # A version directory is complete before it gets its final name, and CURRENT is switched by os.replace, so
 # at every instant CURRENT names a complete version. One writer at a time is assumed; readers are free.
 CURRENT = "CURRENT"
 VERSIONS = "versions"
 MANIFEST = "manifest.json"
+ATTRIBUTES = "attributes"
 _TMP = ".tmp-"
 
 
@@ -112,10 +115,13 @@ def _cleanup(index_dir: Path, keep: set[str], newest: int) -> None:
                     path.unlink(missing_ok=True)
 
 
-def save_index_dir(index_dir: Path, index: VectorIndex, manifest: dict[str, Any]) -> Path:
+def save_index_dir(
+    index_dir: Path, index: VectorIndex, manifest: dict[str, Any], attributes: AttributeStore | None = None
+) -> Path:
     """Write `index` as a new version of index_dir and make it live atomically; return the version dir.
 
-    manifest.json gets `manifest` plus "version" and "index": {"kind", "dim", "count"}. The current and the
+    manifest.json gets `manifest` plus "version" and "index": {"kind", "dim", "count"}. `attributes` (rows
+    aligned with index.ids()) go live with the vectors, in the same version. The current and the
     previous versions are kept (a reader that just resolved CURRENT can still open the previous one).
     """
     index_dir = Path(index_dir)
@@ -132,6 +138,11 @@ def save_index_dir(index_dir: Path, index: VectorIndex, manifest: dict[str, Any]
         tmp.mkdir()
         try:
             index.save(tmp)
+            if attributes is not None:
+                if len(attributes) != len(index):
+                    raise ValueError(f"{len(attributes)} attribute rows for {len(index)} items")
+                (tmp / ATTRIBUTES).mkdir()
+                attributes.save(tmp / ATTRIBUTES)
             (tmp / MANIFEST).write_text(text, encoding="utf-8")
             for path in tmp.rglob("*"):
                 if path.is_file():
@@ -204,11 +215,22 @@ def index_exists(index_dir: Path) -> bool:
 
 def load_index_dir(index_dir: Path, mmap: bool = False) -> tuple[VectorIndex, dict[str, Any]]:
     """Load the live version: (index, manifest)."""
+    index, manifest, _ = load_version(index_dir, mmap=mmap)
+    return index, manifest
+
+
+def load_version(index_dir: Path, mmap: bool = False) -> tuple[VectorIndex, dict[str, Any], AttributeStore]:
+    """Load the live version whole: (index, manifest, attributes). A version saved without attributes
+    has the built-in ones (each item's category)."""
     for attempt in range(3):
         version = _resolve(index_dir)
         try:
             manifest = _read_manifest_at(version)
             index = load_index(version, mmap=mmap)
+            if (version / ATTRIBUTES).is_dir():
+                attributes = AttributeStore.load(version / ATTRIBUTES, mmap=mmap)
+            else:
+                attributes = AttributeStore.build(index.ids(), None)[0]
             break
         except FashionSearchError:
             # A concurrent save may have switched CURRENT and pruned this version while we read it.
@@ -220,4 +242,8 @@ def load_index_dir(index_dir: Path, mmap: bool = False) -> tuple[VectorIndex, di
         raise FashionSearchError(
             f"corrupt index at {version}: {MANIFEST} says {info}, the files hold {actual}"
         )
-    return index, manifest
+    if len(attributes) != len(index):
+        raise FashionSearchError(
+            f"corrupt index at {version}: {len(attributes)} attribute rows for {len(index)} items"
+        )
+    return index, manifest, attributes

@@ -35,6 +35,8 @@ class SearchHit(BaseModel):
     id: str
     score: float
     image_url: str
+    product_id: str | None = None
+    metadata: dict = {}
 
 
 class SearchResponse(BaseModel):
@@ -234,17 +236,26 @@ def create_app(engine: SearchEngine, limits: ServerLimits | None = None, **chang
         ] = None,
         k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
         category: Annotated[str | None, Form(description="top-level catalog folder")] = None,
+        where: Annotated[
+            str | None,
+            Form(description="attribute filter, Milvus expression syntax: price < 50 and in_stock == true"),
+        ] = None,
+        group: Annotated[
+            bool, Form(description="one result per product (when the catalog has products)")
+        ] = True,
     ) -> SearchResponse:
         content_type = request.headers.get("content-type", "")
         if content_type and not content_type.startswith(
             ("multipart/form-data", "application/x-www-form-urlencoded")
         ):
             raise HTTPException(
-                415, "send the query as multipart/form-data: image, text, text_weight, k, category"
+                415,
+                "send the query as multipart/form-data: image, text, text_weight, k, category, where, group",
             )
-        if text is not None and len(text) > limits.max_text_chars:
-            # Checked here, not by Form(max_length=...): the limit is per app, annotations are per module.
-            raise HTTPException(422, f"text is longer than {limits.max_text_chars:,} characters")
+        for name, value in (("text", text), ("where", where)):
+            if value is not None and len(value) > limits.max_text_chars:
+                # Checked here, not by Form(max_length=...): the limit is per app, annotations per module.
+                raise HTTPException(422, f"{name} is longer than {limits.max_text_chars:,} characters")
         data = await _read_upload(image, limits.max_upload_bytes)
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -259,6 +270,8 @@ def create_app(engine: SearchEngine, limits: ServerLimits | None = None, **chang
                 category=category or None,
                 timings=timings,
                 max_pixels=limits.max_pixels,
+                where=where or None,
+                group=group,
             )
         )
         took = (time.perf_counter() - started) * 1000.0
@@ -267,7 +280,16 @@ def create_app(engine: SearchEngine, limits: ServerLimits | None = None, **chang
         response.headers["Server-Timing"] = ", ".join(
             [f"{stage};dur={ms:.2f}" for stage, ms in timings.items()] + [f"total;dur={took:.2f}"]
         )
-        hits = [SearchHit(id=r.id, score=r.score, image_url=f"/items/{quote(r.id)}/image") for r in results]
+        hits = [
+            SearchHit(
+                id=r.id,
+                score=r.score,
+                image_url=f"/items/{quote(r.id)}/image",
+                product_id=r.product_id,
+                metadata=r.metadata,
+            )
+            for r in results
+        ]
         return SearchResponse(results=hits, took_ms=round(took, 3))
 
     @app.get("/items/{item_id:path}/image", response_class=FileResponse)

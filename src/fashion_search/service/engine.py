@@ -12,18 +12,22 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
+from fashion_search.catalog import filters
+from fashion_search.catalog.attributes import CATEGORY, AttributeStore
+from fashion_search.catalog.grouping import grouped_search
 from fashion_search.data.images import DEFAULT_MAX_PIXELS, load_image
 from fashion_search.data.loading import choose_decode
 from fashion_search.data.pixels import DeviceJpegDecoder, device_decodable
 from fashion_search.errors import FashionSearchError
 from fashion_search.index.build import check_identity
-from fashion_search.index.store import live_version, load_index_dir, read_manifest
+from fashion_search.index.store import live_version, load_version, read_manifest
 from fashion_search.models.checkpoint import resolve_model
 from fashion_search.models.fusion import check_text_weight
 from fashion_search.models.retrieval import RetrievalModel
@@ -54,6 +58,8 @@ class SearchResult:
     id: str
     score: float
     path: str
+    product_id: str | None = None  # from the catalog metadata's product_id column
+    metadata: dict = field(default_factory=dict)  # the item's attributes (missing ones left out)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,12 +95,18 @@ class _Snapshot:
     ids: frozenset
     categories: tuple
     catalog_root: Path
+    attributes: AttributeStore
+    grouped: bool  # the catalog names products: results are one per product unless asked otherwise
 
     @classmethod
-    def of(cls, index, manifest: dict) -> _Snapshot:
+    def of(cls, index, manifest: dict, attributes: AttributeStore | None = None) -> _Snapshot:
         ids = frozenset(index.ids())
         categories = tuple(sorted({i.split("/", 1)[0] for i in ids if "/" in i}))
-        return cls(index, manifest, ids, categories, Path(manifest.get("catalog_root", ".")))
+        if attributes is None:
+            attributes = AttributeStore.build(index.ids(), None)[0]
+        grouped = bool(attributes.product_vocab)
+        root = Path(manifest.get("catalog_root", "."))
+        return cls(index, manifest, ids, categories, root, attributes, grouped)
 
 
 class SearchEngine:
@@ -115,12 +127,13 @@ class SearchEngine:
         manifest: dict,
         index_dir: Path | None = None,
         model_thread: ModelThread | None = None,
+        attributes: AttributeStore | None = None,
     ):
         check_identity(manifest["model"], model, f"index {index_dir or ''}".strip())
         self.model = model
         self.model_thread = model_thread or ModelThread()
         self.index_dir = Path(index_dir) if index_dir else None
-        self._snap = _Snapshot.of(index, manifest)
+        self._snap = _Snapshot.of(index, manifest, attributes)
         self._reload_lock = threading.Lock()
         self._image_cache, self._text_cache = _LRU(256), _LRU(1024)
         self._last_check, self._failed_version = 0.0, None
@@ -145,8 +158,8 @@ class SearchEngine:
             # Mapped, not read: the engine never writes to the index, the float32 row store is only paged
             # in when a query needs it (filters' exact fallback), and server processes share one
             # page-cached copy.
-            index, manifest = load_index_dir(Path(index_dir), mmap=True)
-            return cls(encoder, index, manifest, Path(index_dir), model_thread)
+            index, manifest, attributes = load_version(Path(index_dir), mmap=True)
+            return cls(encoder, index, manifest, Path(index_dir), model_thread, attributes)
         except BaseException:
             model_thread.close()
             raise
@@ -185,9 +198,11 @@ class SearchEngine:
             live = live_version(self.index_dir)
             if live is None or live == self.version:
                 return False
-            index, manifest = load_index_dir(self.index_dir, mmap=True)
+            index, manifest, attributes = load_version(self.index_dir, mmap=True)
             check_identity(manifest["model"], self.model, f"index {self.index_dir}")
-            self._snap = _Snapshot.of(index, manifest)  # one reference assignment: atomic for readers
+            self._snap = _Snapshot.of(
+                index, manifest, attributes
+            )  # one reference assignment: atomic for readers
             log.info("reloaded index %s: version %s, %d items", self.index_dir, self.version, len(index))
             return True
 
@@ -247,7 +262,24 @@ class SearchEngine:
             "updated": snap.manifest.get("updated"),
             "version": snap.manifest.get("version"),
             "skipped": len(snap.manifest.get("skipped", {})),
+            "attributes": snap.attributes.schema(),
+            "products": len(snap.attributes.product_vocab),
         }
+
+    def attribute_values(self) -> dict[str, dict]:
+        """What a filter can ask of each attribute, for building filter widgets: numbers' range,
+        strings' distinct values (all of them: the page shows a picker only for a few), bools."""
+        out: dict[str, dict] = {}
+        for name, col in self._snap.attributes.columns.items():
+            entry: dict = {"type": col.kind}
+            if col.kind == "number":
+                present = np.asarray(col.data)[~np.isnan(col.data)]
+                if present.size:
+                    entry.update(min=float(present.min()), max=float(present.max()), integral=col.integral)
+            elif col.kind == "string":
+                entry["values"] = list(col.vocab or [])
+            out[name] = entry
+        return out
 
     # -- query encoding (cached) ---------------------------------------------------------------
     def image_embedding(
@@ -366,35 +398,67 @@ class SearchEngine:
         category: str | None = None,
         timings: dict[str, float] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        where: str | None = None,
+        group: bool = True,
     ) -> list[SearchResult]:
         """Best-first results; w=0 ranks by the image alone, w=1 by the text alone.
 
-        `timings` receives milliseconds per stage (see image_embedding; "search" for the index).
-        `max_pixels` bounds a query image's decode (a server sets it lower for strangers' uploads).
+        `where` filters by the items' attributes (Milvus's boolean expressions, catalog/filters.py:
+        `price < 50 and brand in ['Acme', 'Zed']`); the results are the true top k among the matching
+        items. When the catalog names products, results are one per product (its best matching image)
+        and k counts products, unless `group=False`. `timings` receives milliseconds per stage (see
+        image_embedding; "search" for the index). `max_pixels` bounds a query image's decode (a server
+        sets it lower for strangers' uploads).
         """
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise FashionSearchError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
         snap = self._snap  # read once: this search sees one index version from start to end
-        if category is not None and category not in snap.categories:
-            raise FashionSearchError(
-                f"unknown category {category!r} (known: {', '.join(snap.categories) or 'none'})"
-            )
-        allowed = (lambda i: i.startswith(category + "/")) if category else None
+        mask = self._filter_mask(snap, where, category)  # bad filters fail before any forward pass
+        grouped = group and snap.grouped
 
         def embed_and_search():
             # One hop to the model thread for the whole query; the index search belongs there too:
             # FAISS binds to the OpenMP runtime PyTorch loaded (model_thread.py).
             query = self.query_embedding(image, text, text_weight, timings, max_pixels)
             if len(snap.index) == 0:
-                return [[]], [[]]
+                return np.empty((1, 0), dtype=np.float32), np.empty((1, 0), dtype=np.int64), [[]]
+            kk = min(k, len(snap.index))
             with _stage(timings, "search"):
-                return snap.index.search(query.numpy(), min(k, len(snap.index)), allowed=allowed)
+                if grouped:
+                    return grouped_search(snap.index, query.numpy(), kk, snap.attributes.groups(), mask=mask)
+                return snap.index.search_hits(query.numpy(), kk, mask=mask)
 
-        scores, ids = self._on_model_thread(timings, embed_and_search)
+        scores, rows, ids = self._on_model_thread(timings, embed_and_search)
+        attributes = snap.attributes
         return [
-            SearchResult(id=i, score=float(s), path=str(snap.catalog_root / i))
-            for s, i in zip(scores[0], ids[0])
+            SearchResult(
+                id=i,
+                score=float(s),
+                path=str(snap.catalog_root / i),
+                product_id=attributes.product_id(r),
+                metadata=attributes.row_metadata(r),
+            )
+            for s, r, i in zip(scores[0].tolist(), rows[0].tolist(), ids[0])
         ]
+
+    @staticmethod
+    def _filter_mask(snap: _Snapshot, where: str | None, category: str | None) -> np.ndarray | None:
+        """The rows a query may return, as a bool array aligned with the index; None: every row."""
+        if category is not None and category not in snap.categories:
+            raise FashionSearchError(
+                f"unknown category {category!r} (known: {', '.join(snap.categories) or 'none'})"
+            )
+        parts = []
+        if where is not None and where.strip():
+            node = filters.parse(where)
+            filters.check(node, snap.attributes.schema())
+            parts.append(node)
+        if category:
+            parts.append(filters.Compare(CATEGORY, "==", category))
+        if not parts:
+            return None
+        node = parts[0] if len(parts) == 1 else filters.And(tuple(parts))
+        return filters.mask(node, snap.attributes)
 
     def search_future(self, *args, **kwargs) -> Future[list[SearchResult]]:
         """search(*args, **kwargs) as one job queued on the model thread, returned as a future; errors
