@@ -16,7 +16,7 @@ import numpy as np
 from fashion_search.errors import FashionSearchError
 
 # Every kind an index.json may name; index/registry.py maps each to its class.
-INDEX_KINDS: tuple[str, ...] = ("exact", "flat", "hnsw", "ivf")
+INDEX_KINDS: tuple[str, ...] = ("exact", "flat", "hnsw", "ivf", "milvus")
 
 META_FILE = "index.json"
 IDS_FILE = "ids.json"
