@@ -262,3 +262,14 @@ def test_a_collection_is_not_shared_or_switched(shop, tmp_path):
         "--collection", "elsewhere", check=False,
     )  # fmt: skip
     assert switched.returncode == 2 and "differs" in switched.stderr
+    faiss = cli(
+        "index",
+        str(base / "photos"),
+        "--out",
+        str(base / "milvus"),
+        *BUILD,
+        "--backend",
+        "faiss",
+        check=False,
+    )
+    assert faiss.returncode == 2 and "is a Milvus index" in faiss.stderr

@@ -91,12 +91,16 @@ def cmd_index(args) -> int:
 def _backend(args) -> tuple[str, dict | None]:
     """(index kind, constructor parameters) from --backend, --milvus-uri and --collection."""
     milvus_flags = args.milvus_uri is not None or args.collection is not None
+    from fashion_search.index.store import index_exists, read_manifest
+
     if args.backend != "milvus":
         if milvus_flags:
             raise FashionSearchError("--milvus-uri and --collection need --backend milvus")
+        if args.backend == "faiss" and index_exists(Path(args.out)):
+            if read_manifest(Path(args.out))["index"]["kind"] == "milvus":
+                raise FashionSearchError(f"{args.out} is a Milvus index: index into a new --out for FAISS")
         return args.index_type, None
     from fashion_search.index.milvus_index import check_collection, check_uri, default_collection
-    from fashion_search.index.store import index_exists
 
     if args.index_type not in ("auto", "milvus"):
         raise FashionSearchError("--index-type applies to the faiss backend; Milvus builds an HNSW index")

@@ -12,8 +12,6 @@ save deletes them (orphans), and re-embedded items are upserted, so nothing is e
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import re
 import weakref
@@ -28,15 +26,24 @@ from fashion_search.catalog.attributes import CATEGORY, AttributeStore
 from fashion_search.errors import FashionSearchError
 from fashion_search.index.base import RowStore, VectorIndex, as_queries, check_k, read_meta, write_meta
 from fashion_search.index.exact import exact_topk
+from fashion_search.index.milvus_rows import (
+    BATCH,
+    GROUP,
+    ID,
+    RESERVED_FIELDS,
+    VECTOR,
+    all_ids,
+    changed_rows,
+    chunks,
+    entities,
+    flat,
+    lite_quirks,
+)
 
 TOKEN_ENV = "MILVUS_TOKEN"
 INSTALL_HINT = "pip install 'fashion-search[milvus]'"
-# Fields of our own; an attribute may not take these names.
-ID, VECTOR, GROUP = "id", "vector", "group_key"
-RESERVED_FIELDS = frozenset({ID, VECTOR, GROUP})
 DEFAULT_PARAMS = {"index_type": "HNSW", "metric_type": "COSINE", "M": 16, "efConstruction": 200, "ef": 64}
 _MAX_VARCHAR = 65535
-_BATCH = 1000  # rows per upsert: 512-d float rows keep a request far below gRPC's 64 MB
 _FIELD_TYPES = {"number": "DOUBLE", "bool": "BOOL", "string": "VARCHAR"}
 _COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
@@ -182,7 +189,7 @@ class MilvusIndex(VectorIndex):
                 **extra,
             )
         except pymilvus.exceptions.MilvusException as exc:
-            raise FashionSearchError(f"Milvus at {self.uri} failed the search: {_one_line(exc)}") from None
+            raise FashionSearchError(f"Milvus at {self.uri} failed the search: {flat(exc)}") from None
         pos = self._rows.pos
         lines = [
             [(float(h["distance"]), pos[h["id"]], h["id"]) for h in hits if h["id"] in pos] for hits in answer
@@ -230,7 +237,7 @@ class MilvusIndex(VectorIndex):
         try:
             self._sync()
         except pymilvus.exceptions.MilvusException as exc:
-            raise FashionSearchError(f"Milvus at {self.uri} refused the update: {_one_line(exc)}") from None
+            raise FashionSearchError(f"Milvus at {self.uri} refused the update: {flat(exc)}") from None
         write_meta(
             directory, self.kind, self.dim, {"uri": self.uri, "collection": self.collection, **self.params}
         )
@@ -259,9 +266,7 @@ class MilvusIndex(VectorIndex):
                 # The token comes from the environment only: never an argument, a file or a log line.
                 client = pymilvus.MilvusClient(self.uri, token=os.environ.get(TOKEN_ENV, ""))
             except Exception as exc:  # pymilvus raises its own hierarchy and grpc errors
-                raise FashionSearchError(
-                    f"cannot connect to Milvus at {self.uri}: {_one_line(exc)}"
-                ) from None
+                raise FashionSearchError(f"cannot connect to Milvus at {self.uri}: {flat(exc)}") from None
             # Milvus Lite runs a server process per file: closing the client when this object goes
             # ends it, even when nobody calls close().
             weakref.finalize(self, client.close)
@@ -293,15 +298,15 @@ class MilvusIndex(VectorIndex):
             todo = np.arange(len(ids))
         else:
             if not self._reconciled:
-                self._removed |= _all_ids(client, self.collection) - set(ids)
+                self._removed |= all_ids(client, self.collection) - set(ids)
             if self._removed:
-                for batch in _chunks(sorted(self._removed)):
+                for batch in chunks(sorted(self._removed)):
                     client.delete(self.collection, ids=batch)
             dirty = np.fromiter((i in self._dirty for i in ids), dtype=bool, count=len(ids))
-            todo = np.flatnonzero(_changed_rows(pushed, ids, store) | dirty)
-        for start in range(0, len(todo), _BATCH):
-            rows = todo[start : start + _BATCH]
-            client.upsert(self.collection, _entities(ids, self._rows.take(rows), store, rows))
+            todo = np.flatnonzero(changed_rows(pushed, ids, store) | dirty)
+        for start in range(0, len(todo), BATCH):
+            rows = todo[start : start + BATCH]
+            client.upsert(self.collection, entities(ids, self._rows.take(rows), store, rows))
         client.flush(self.collection)
         self._dirty.clear()
         self._removed.clear()
@@ -341,99 +346,5 @@ class MilvusIndex(VectorIndex):
             metric_type=p["metric_type"],
             params={"M": p["M"], "efConstruction": p["efConstruction"]} if p["index_type"] == "HNSW" else {},
         )
-        with _lite_quirks():
+        with lite_quirks():
             client.create_collection(self.collection, schema=schema, index_params=index_params)
-
-
-def _entities(ids: list[str], vectors: np.ndarray, store: AttributeStore, rows: np.ndarray) -> list[dict]:
-    out = []
-    for vec, r in zip(vectors, rows.tolist()):
-        product = store.product_id(r)
-        entity = {
-            ID: ids[r],
-            VECTOR: vec.tolist(),
-            GROUP: f"p:{product}" if product is not None else f"i:{ids[r]}",
-        }
-        meta = store.row_metadata(r)
-        for name, col in store.columns.items():
-            value = meta.get(name)
-            entity[name] = float(value) if col.kind == "number" and value is not None else value
-        if store.schema().get(CATEGORY) == "string" and entity.get(CATEGORY) is None:
-            entity[CATEGORY] = ""  # a partition key cannot be null
-        out.append(entity)
-    return out
-
-
-def _decoded(store: AttributeStore, rows: np.ndarray) -> list[np.ndarray]:
-    """Per column (and the product), the plain values of `rows` (-1: no row) as object arrays."""
-    out = []
-    for col in store.columns.values():
-        data = np.asarray(col.data)[np.maximum(rows, 0)]
-        if col.kind == "number":
-            values = np.where(np.isnan(data), None, data).astype(object)
-        elif col.kind == "bool":
-            values = np.array([None if v < 0 else bool(v) for v in data.tolist()], dtype=object)
-        else:
-            vocab = np.array([*(col.vocab or []), None], dtype=object)
-            values = vocab[np.where(data < 0, len(vocab) - 1, data)]
-        values[rows < 0] = "\0missing row"
-        out.append(values)
-    vocab = np.array([*store.product_vocab, None], dtype=object)
-    products = np.asarray(store.products)[np.maximum(rows, 0)]
-    out.append(vocab[np.where(products < 0, len(vocab) - 1, products)])
-    return out
-
-
-def _changed_rows(
-    pushed: tuple[list[str], AttributeStore] | None, ids: list[str], store: AttributeStore
-) -> np.ndarray:
-    """Rows of `store` whose attributes or product differ from what the collection holds (same schema)."""
-    if pushed is None:
-        return np.ones(len(ids), dtype=bool)
-    position = {item: i for i, item in enumerate(pushed[0])}
-    old_rows = np.array([position.get(i, -1) for i in ids], dtype=np.int64)
-    new_rows = np.arange(len(ids))
-    changed = old_rows < 0
-    for old, new in zip(_decoded(pushed[1], old_rows), _decoded(store, new_rows)):
-        changed |= np.array([a != b for a, b in zip(old.tolist(), new.tolist())], dtype=bool)
-    return changed
-
-
-def _all_ids(client, collection: str) -> set[str]:
-    found: set[str] = set()
-    with _lite_quirks():
-        iterator = client.query_iterator(collection, batch_size=_BATCH, filter="", output_fields=[ID])
-        try:
-            while batch := iterator.next():
-                found.update(row[ID] for row in batch)
-        finally:
-            iterator.close()
-    return found
-
-
-@contextlib.contextmanager
-def _lite_quirks():
-    """Milvus Lite lacks the AllocTimestamp call that pymilvus makes when it waits for an index and
-    before a query iterator: its in-process server logs a traceback, pymilvus a warning, and both carry
-    on correctly (a client-side timestamp; this process is the only writer). Keep that noise off a
-    user's terminal; real errors still raise."""
-    loggers = [
-        logging.getLogger(name) for name in ("grpc._server", "pymilvus.client.iterator.query_iterator")
-    ]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for log, level in zip(loggers, levels):
-            log.setLevel(level)
-
-
-def _chunks(items: list[str]) -> Iterable[list[str]]:
-    for start in range(0, len(items), _BATCH):
-        yield items[start : start + _BATCH]
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
