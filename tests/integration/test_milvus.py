@@ -128,6 +128,9 @@ def engines(shop):
 
 
 def test_the_index_records_the_backend_and_info_shows_it(shop):
+    from fashion_search.index import milvus_index, store
+
+    assert milvus_index.VERSION_ATTRIBUTES == store.ATTRIBUTES
     base, out = shop
     assert "milvus recall@10 1.000" in out.stdout
     info = json.loads(cli("info", "--index", str(base / "milvus"), "--json").stdout)

@@ -41,6 +41,8 @@ from fashion_search.index.milvus_rows import (
 )
 
 TOKEN_ENV = "MILVUS_TOKEN"
+# index/store.py's ATTRIBUTES (store imports the registry, which imports this: no import back).
+VERSION_ATTRIBUTES = "attributes"
 INSTALL_HINT = "pip install 'fashion-search[milvus]'"
 DEFAULT_PARAMS = {"index_type": "HNSW", "metric_type": "COSINE", "M": 16, "efConstruction": 200, "ef": 64}
 _MAX_VARCHAR = 65535
@@ -315,9 +317,7 @@ class MilvusIndex(VectorIndex):
 
     def _pushed_attributes(self) -> tuple[list[str], AttributeStore] | None:
         if self._pushed is None and self._version_dir is not None:
-            from fashion_search.index.store import ATTRIBUTES
-
-            folder, ids = self._version_dir / ATTRIBUTES, self._loaded_ids
+            folder, ids = self._version_dir / VERSION_ATTRIBUTES, self._loaded_ids
             if folder.is_dir():
                 self._pushed = (ids, AttributeStore.load(folder, mmap=False))
             else:
