@@ -66,6 +66,7 @@ def cmd_index(args) -> int:
     recorded = None
     if not args.checkpoint and not args.model and index_exists(Path(args.out)):
         recorded = read_manifest(Path(args.out))["source"]  # a re-run reuses the model the index records
+    kind, index_params = _backend(args)
     model, source = load_model(args, recorded=recorded)
     report = build_index(
         args.images,
@@ -75,15 +76,46 @@ def cmd_index(args) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         decode=args.decode,
-        index_kind=args.index_type,
+        index_kind=kind,
         index_storage=args.index_storage,
         progress=not args.quiet,
         metadata=args.metadata,
+        index_params=index_params,
     )
     print(report.summary())
     for line in report.warnings():
         print(line, file=sys.stderr)
     return 0
+
+
+def _backend(args) -> tuple[str, dict | None]:
+    """(index kind, constructor parameters) from --backend, --milvus-uri and --collection."""
+    milvus_flags = args.milvus_uri is not None or args.collection is not None
+    from fashion_search.index.store import index_exists, read_manifest
+
+    if args.backend != "milvus":
+        if milvus_flags:
+            raise FashionSearchError("--milvus-uri and --collection need --backend milvus")
+        if args.backend == "faiss" and index_exists(Path(args.out)):
+            if read_manifest(Path(args.out))["index"]["kind"] == "milvus":
+                raise FashionSearchError(f"{args.out} is a Milvus index: index into a new --out for FAISS")
+        return args.index_type, None
+    from fashion_search.index.milvus_index import check_collection, check_uri, default_collection
+
+    if args.index_type not in ("auto", "milvus"):
+        raise FashionSearchError("--index-type applies to the faiss backend; Milvus builds an HNSW index")
+    if args.milvus_uri is None and not index_exists(Path(args.out)):
+        raise FashionSearchError(
+            "--backend milvus needs --milvus-uri (shop.db for Milvus Lite, or http://host:19530)"
+        )
+    params = {}
+    if args.milvus_uri is not None:
+        params["uri"] = check_uri(args.milvus_uri)
+    if args.collection is not None:
+        params["collection"] = check_collection(args.collection)
+    elif not index_exists(Path(args.out)):
+        params["collection"] = default_collection(args.out)
+    return "milvus", params
 
 
 def cmd_info(args) -> int:
@@ -184,6 +216,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="the items' attributes: CSV, JSON Lines or Parquet with a column `image` (the item id) and "
         "optionally `product_id`; every other column becomes a filterable attribute",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("faiss", "milvus"),
+        default=None,
+        help="where the vectors are searched: faiss (files in --out, the default) or milvus (a collection)",
+    )
+    p.add_argument(
+        "--milvus-uri",
+        metavar="URI",
+        help="Milvus Lite file (shop.db) or server (http://host:19530); a token is read from $MILVUS_TOKEN",
+    )
+    p.add_argument(
+        "--collection", metavar="NAME", help="Milvus collection (default: fs_ + the --out folder name)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)

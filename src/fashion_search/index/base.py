@@ -15,8 +15,10 @@ import numpy as np
 
 from fashion_search.errors import FashionSearchError
 
-# Every kind an index.json may name; index/registry.py maps each to its class.
+# The kinds kept in local files, chosen by catalog size; index/registry.py maps each to its class.
 INDEX_KINDS: tuple[str, ...] = ("exact", "flat", "hnsw", "ivf")
+# Kinds whose vectors are searched by a service (index/milvus_index.py); built only when asked for by name.
+REMOTE_KINDS: tuple[str, ...] = ("milvus",)
 
 META_FILE = "index.json"
 IDS_FILE = "ids.json"
@@ -235,7 +237,7 @@ def write_meta(directory: Path, kind: str, dim: int, params: dict[str, Any]) -> 
 
 def read_meta(directory: Path) -> dict[str, Any]:
     meta = json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
-    if not isinstance(meta, dict) or meta.get("kind") not in INDEX_KINDS:
+    if not isinstance(meta, dict) or meta.get("kind") not in INDEX_KINDS + REMOTE_KINDS:
         raise ValueError(f"{META_FILE} names no known index kind")
     if (
         not isinstance(meta.get("dim"), int)

@@ -229,6 +229,7 @@ def build_index(
     save_seconds: float | None = None,
     progress: bool = True,
     metadata: str | os.PathLike | None = None,
+    index_params: dict | None = None,
 ) -> BuildReport:
     """Embed every image under `images_dir` into the index at `out_dir` (incrementally).
 
@@ -239,7 +240,8 @@ def build_index(
     $FASHION_SEARCH_SAVE_SECONDS or 60 (the variable lets crash tests save often).
     `metadata` (CSV, JSON Lines or Parquet; column `image` = the item id) gives the items' attributes;
     left out, a re-run keeps the attributes the index has. Only the attributes changed: nothing is
-    embedded again.
+    embedded again. `index_params` go to a new index's constructor (milvus: uri, collection); an
+    existing index must have been built with the same ones.
     """
     started = time.perf_counter()
     if save_seconds is None:
@@ -257,13 +259,15 @@ def build_index(
         index, manifest, attributes = load_version(out)
         check_identity(manifest["model"], model, f"index {out}")
         _check_layout(index, index_kind, index_storage, out)
+        if index_params and hasattr(index, "check_target"):
+            index.check_target(index_params, out)
         known, known_bad = manifest.get("files", {}), manifest.get("skipped", {})
         # Indexes written before this field existed keep the kind they were built with.
         chosen = manifest.get("index_choice", "explicit")
     else:
         chosen = "auto" if index_kind == "auto" else "explicit"
         kind = choose_index_kind(len(catalog)) if index_kind == "auto" else index_kind
-        params = {} if index_storage is None else {"storage": index_storage}
+        params = {**(index_params or {}), **({} if index_storage is None else {"storage": index_storage})}
         if kind == "exact" and params:
             raise FashionSearchError(
                 "--index-storage applies to flat, hnsw and ivf indexes; exact keeps float32 vectors"

@@ -23,6 +23,10 @@ HNSW_MAX_ITEMS = 5_000_000
 def _index_class(kind: str) -> type[VectorIndex]:
     if kind == "exact":
         return ExactIndex
+    if kind == "milvus":
+        from fashion_search.index.milvus_index import MilvusIndex  # pymilvus is optional: imported on use
+
+        return MilvusIndex
     if kind in INDEX_KINDS:
         return FaissIndex
     raise FashionSearchError(f"unknown index kind {kind!r}: choose one of {', '.join(INDEX_KINDS)}")
@@ -33,6 +37,8 @@ def create_index(kind: str, dim: int, **params: Any) -> VectorIndex:
     cls = _index_class(kind)
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
         raise FashionSearchError(f"index dimension must be a positive integer, got {dim!r}")
+    if kind == "milvus":
+        return cls(int(dim), **params)
     if kind == "exact":
         if params:
             raise FashionSearchError(f"the exact index takes no parameters, got {', '.join(sorted(params))}")

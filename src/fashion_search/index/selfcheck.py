@@ -20,7 +20,7 @@ from fashion_search.index.exact import exact_topk
 SAMPLE = 200
 K = 10
 WARN_BELOW = 0.9
-APPROXIMATE_KINDS = ("hnsw", "ivf")
+APPROXIMATE_KINDS = ("hnsw", "ivf", "milvus")
 
 
 def sampled_recall(index: VectorIndex, sample: int = SAMPLE, k: int = K, seed: int = 0) -> dict | None:

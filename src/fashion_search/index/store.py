@@ -126,6 +126,10 @@ def save_index_dir(
     """
     index_dir = Path(index_dir)
     full = {**manifest, "index": {"kind": index.kind, "dim": index.dim, "count": len(index)}}
+    if hasattr(index, "describe"):  # a remote backend (index/milvus_index.py): where it lives, no secrets
+        full["backend"] = index.describe()
+    if attributes is not None and hasattr(index, "attach_attributes"):
+        index.attach_attributes(attributes)  # it filters by them itself, so they go with its save()
     final: Path | None = None
     try:
         versions = index_dir / VERSIONS

@@ -256,6 +256,7 @@ class SearchEngine:
             "checkpoint_sha256": ident.get("checkpoint_sha256"),
             "index_kind": snap.index.kind,
             "index_storage": snap.index.storage,
+            "backend": snap.manifest.get("backend", {"backend": "faiss"}),
             "categories": list(snap.categories),
             "catalog_root": str(snap.catalog_root),
             "created": snap.manifest.get("created"),
@@ -413,7 +414,11 @@ class SearchEngine:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise FashionSearchError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
         snap = self._snap  # read once: this search sees one index version from start to end
-        mask = self._filter_mask(snap, where, category)  # bad filters fail before any forward pass
+        node = self._filter_node(snap, where, category)  # bad filters fail before any forward pass
+        # An index that filters and groups itself (index/milvus_index.py) gets the checked tree, the
+        # others a mask over the local attributes: the one place the two kinds of backend differ.
+        remote = hasattr(snap.index, "search_where")
+        mask = None if node is None or remote else filters.mask(node, snap.attributes)
         grouped = group and snap.grouped
 
         def embed_and_search():
@@ -424,6 +429,8 @@ class SearchEngine:
                 return np.empty((1, 0), dtype=np.float32), np.empty((1, 0), dtype=np.int64), [[]]
             kk = min(k, len(snap.index))
             with _stage(timings, "search"):
+                if remote:
+                    return snap.index.search_where(query.numpy(), kk, node, grouped)
                 if grouped:
                     return grouped_search(snap.index, query.numpy(), kk, snap.attributes.groups(), mask=mask)
                 return snap.index.search_hits(query.numpy(), kk, mask=mask)
@@ -442,8 +449,8 @@ class SearchEngine:
         ]
 
     @staticmethod
-    def _filter_mask(snap: _Snapshot, where: str | None, category: str | None) -> np.ndarray | None:
-        """The rows a query may return, as a bool array aligned with the index; None: every row."""
+    def _filter_node(snap: _Snapshot, where: str | None, category: str | None) -> filters.Node | None:
+        """The checked filter a query's rows must pass (where and category together); None: every row."""
         if category is not None and category not in snap.categories:
             raise FashionSearchError(
                 f"unknown category {category!r} (known: {', '.join(snap.categories) or 'none'})"
@@ -457,8 +464,7 @@ class SearchEngine:
             parts.append(filters.Compare(CATEGORY, "==", category))
         if not parts:
             return None
-        node = parts[0] if len(parts) == 1 else filters.And(tuple(parts))
-        return filters.mask(node, snap.attributes)
+        return parts[0] if len(parts) == 1 else filters.And(tuple(parts))
 
     def search_future(self, *args, **kwargs) -> Future[list[SearchResult]]:
         """search(*args, **kwargs) as one job queued on the model thread, returned as a future; errors
