@@ -1,8 +1,10 @@
-"""Fusion of an image and a text embedding into one query: a registry of `sum` and `combiner`.
+"""Fusion of an image and a text embedding into one query: a registry of `sum`, `combiner`, `attention`.
 
 Every fusion has one signature, `(image_emb, text_emb, text_weight) -> query_emb` (L2-normalised), and
 honours the text weight the same way: w=0 returns the image embedding (pure image search), w=1 the text
 embedding (pure text search), and the default w=0.5 is exactly what the fusion was trained for.
+The embeddings are tensors or `QueryFeatures`; a fusion with `uses_tokens` (attention) needs the
+latter, with token features from the towers (`RetrievalModel.encode_query_pixels` / `_texts`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fashion_search.errors import FashionSearchError
+from fashion_search.models.features import QueryFeatures
 
 DEFAULT_TEXT_WEIGHT = 0.5
 _FUSIONS: dict[str, type[Fusion]] = {}
@@ -49,6 +52,7 @@ class Fusion(nn.Module):
     """Base class: subclasses implement `fuse` (the trained combination at the default weight)."""
 
     name = "base"
+    uses_tokens = False  # True: reads the towers' token features, not only the pooled embeddings
 
     def __init__(self, dim: int):
         super().__init__()
@@ -62,13 +66,22 @@ class Fusion(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, image: torch.Tensor, text: torch.Tensor, text_weight: float | None = None
+        self,
+        image: torch.Tensor | QueryFeatures,
+        text: torch.Tensor | QueryFeatures,
+        text_weight: float | None = None,
     ) -> torch.Tensor:
         w = check_text_weight(text_weight)
-        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        image_f, text_f = QueryFeatures.of(image).normalised(), QueryFeatures.of(text).normalised()
         if w in (0.0, 1.0):  # exact, not merely rank-equivalent
-            return image if w == 0.0 else text
-        return self.weighted(image, text, w)
+            return image_f.pooled if w == 0.0 else text_f.pooled
+        if self.uses_tokens:
+            return self.weighted_tokens(image_f, text_f, w)
+        return self.weighted(image_f.pooled, text_f.pooled, w)
+
+    def weighted_tokens(self, image: QueryFeatures, text: QueryFeatures, w: float) -> torch.Tensor:
+        """The query at weight w in (0, 1) for a fusion that reads token features."""
+        raise NotImplementedError
 
     def weighted(self, image: torch.Tensor, text: torch.Tensor, w: float) -> torch.Tensor:
         """The query at weight w in (0, 1), from normalised embeddings."""
@@ -137,3 +150,7 @@ class Combiner(Fusion):
         residual = self.out(self.drop(F.relu(self.mix(joint))))
         g = torch.sigmoid(self.gate(joint))
         return F.normalize(residual + g * text + (1 - g) * image, dim=-1)
+
+
+# Registered last: the attention fusion subclasses Fusion, so its module imports this one.
+from fashion_search.models import attention as _attention  # noqa: E402, F401

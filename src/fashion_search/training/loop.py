@@ -74,10 +74,11 @@ def train_step(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: tor
     if tokens is None:
         tokens = backbone.tokenize(batch["text"])
     with amp:
-        images = backbone.image_features(pixels)
-        ref, tgt = images.chunk(2)
-        txt = backbone.text_features(tokens.to(device, non_blocking=True))
+        # Pooled embeddings, plus token features when the fusion reads them (attention).
+        ref, tgt = model.image_query_features(pixels).chunk(2)
+        txt = model.text_query_features(tokens.to(device, non_blocking=True))
         query = model.fusion(ref, txt)
+    tgt, txt = tgt.pooled, txt.pooled
     # The losses in float32, outside autocast: under it the logits' matmul would run in bf16, whose
     # steps near a logit scale of 100 are 0.5 -- as large as the differences being learned.
     scale = backbone.logit_scale.exp().clamp(max=100.0)
