@@ -15,7 +15,7 @@ from torch import nn
 
 from fashion_search.errors import FashionSearchError
 from fashion_search.models.features import QueryFeatures
-from fashion_search.models.fusion import Fusion, register_fusion
+from fashion_search.models.fusion_base import Fusion, register_fusion
 
 
 def _default_heads(dim: int) -> int:
