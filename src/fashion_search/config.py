@@ -27,7 +27,12 @@ _FLOAT_OPTIONS = (
     "warmup_ratio",
     "grad_clip",
     "clip_loss_weight",
+    "temperature",
+    "warmup_epochs",
+    "color_jitter",
+    "stop_at_loss",
 )
+RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
 def default_pretrained(model: str) -> str:
@@ -59,7 +64,9 @@ class TrainConfig:
     layer_decay: float = 0.8
     weight_decay: float = 0.1
     warmup_ratio: float = 0.05
+    warmup_epochs: float | None = None  # when set, the warmup in epochs (replaces warmup_ratio)
     grad_clip: float = 1.0
+    temperature: float | None = None  # None: CLIP's learnable temperature; a number: fixed at it
     clip_loss_weight: float = 0.5  # the standard CLIP image-text loss beside the composed loss
     hard_negatives: int = 4  # triplets per related group placed together in a batch
     # From the second epoch on, regroup triplets by k-means over the current model's target embeddings
@@ -67,6 +74,10 @@ class TrainConfig:
     mine_hard_negatives: int = 0
     patience: int = 3  # early stopping: epochs without a better mean(R@10, R@50)
     augment: bool = True
+    # Hue and saturation jitter (saturation ±s, hue ±s/4 of the colour wheel), the same for reference and
+    # target. 0 by default: a hue shift makes a caption like "is red" false (docs/TRAINING.md).
+    color_jitter: float = 0.0
+    stop_at_loss: float | None = None  # stop once an epoch's mean training loss is at or below it
     seed: int = 0
     workers: int = 2
     device: str | None = None
@@ -103,7 +114,11 @@ class TrainConfig:
                 ("layer_decay", "must be in (0, 1]", lambda v: 0 < v <= 1),
                 ("weight_decay", "must be >= 0", lambda v: v >= 0),
                 ("warmup_ratio", "must be in [0, 1]", lambda v: 0 <= v <= 1),
+                ("warmup_epochs", "must be >= 0", lambda v: v is None or v >= 0),
                 ("grad_clip", "must be > 0", lambda v: v > 0),
+                ("temperature", "must be > 0", lambda v: v is None or v > 0),
+                ("color_jitter", "must be in [0, 1]", lambda v: 0 <= v <= 1),
+                ("stop_at_loss", "must be > 0", lambda v: v is None or v > 0),
                 ("clip_loss_weight", "must be >= 0", lambda v: v >= 0),
                 ("hard_negatives", "must be >= 0", lambda v: v >= 0),
                 ("mine_hard_negatives", "must be >= 0", lambda v: v >= 0),
@@ -139,7 +154,8 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def load(cls, path: str | Path, **overrides) -> TrainConfig:
+    def load(cls, path: str | Path, base: dict | None = None, **overrides) -> TrainConfig:
+        """A YAML file's options over `base` (a recipe's), flags (`overrides`, None = not given) over both."""
         try:
             values = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
@@ -147,14 +163,34 @@ class TrainConfig:
             raise FashionSearchError(f"cannot read config {path}: {reason}") from None
         if not isinstance(values, dict):
             raise FashionSearchError(f"config {path} must be a mapping of option: value")
+        values = {**(base or {}), **values}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)
+
+    def to_yaml(self) -> str:
+        """What RUN/config.yaml holds (and `train --print-config` prints)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def dump(self, path: str | Path) -> None:
         from fashion_search.atomic import atomic_open
 
         with atomic_open(path, "w") as fh:  # a kill mid-write must not leave a config --resume cannot read
-            fh.write(yaml.safe_dump(self.to_dict(), sort_keys=False))
+            fh.write(self.to_yaml())
+
+
+def list_recipes() -> list[str]:
+    """The recipes shipped in the package (`train --recipe NAME`)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name: str) -> dict:
+    """A shipped recipe's options; flags and --config override them."""
+    path = RECIPES_DIR / f"{name}.yaml"
+    if name not in list_recipes():
+        raise FashionSearchError(f"unknown recipe {name!r} (known: {', '.join(list_recipes())})")
+    values = yaml.safe_load(path.read_text()) or {}
+    TrainConfig.from_dict(values)  # a broken recipe fails here, naming its option, not mid-run
+    return values
 
 
 # A recipe for the compact model trained from scratch on the synthetic data on 2 CPU cores:

@@ -71,7 +71,7 @@ def add_model_args(p: argparse.ArgumentParser, fusion: bool = False) -> None:
         "(default: openai; none for the compact fs-* models)",
     )
     if fusion:
-        p.add_argument("--fusion", default="sum", help="sum | combiner (without --checkpoint)")
+        p.add_argument("--fusion", default="sum", help="sum | combiner | attention (without --checkpoint)")
     add_device_arg(p)
 
 

@@ -19,6 +19,11 @@ _TRAIN_FLAGS = {
     "lr_fusion": float,
     "layer_decay": float,
     "weight_decay": float,
+    "warmup_epochs": float,
+    "grad_clip": float,
+    "temperature": float,
+    "color_jitter": float,
+    "stop_at_loss": float,
     "clip_loss_weight": float,
     "hard_negatives": int,
     "mine_hard_negatives": int,
@@ -31,8 +36,7 @@ _TRAIN_FLAGS = {
 
 
 def cmd_train(args) -> int:
-    from fashion_search.config import TrainConfig
-    from fashion_search.training.loop import train
+    from fashion_search.config import TrainConfig, load_recipe
 
     overrides = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
     overrides.update(data=args.data, out=args.out)
@@ -40,12 +44,19 @@ def cmd_train(args) -> int:
         overrides["categories"] = args.categories
     if args.no_augment:
         overrides["augment"] = False
+    # Precedence: flags over --config FILE over --recipe NAME over the defaults.
+    recipe = load_recipe(args.recipe) if args.recipe else {}
     if args.config:
-        cfg = TrainConfig.load(args.config, **overrides)
+        cfg = TrainConfig.load(args.config, base=recipe, **overrides)
     elif args.resume and (Path(args.out) / "config.yaml").exists():
         cfg = TrainConfig.load(Path(args.out) / "config.yaml", **overrides)
     else:
-        cfg = TrainConfig.from_dict(overrides)
+        cfg = TrainConfig.from_dict({**recipe, **overrides})
+    if args.print_config:  # what would run, before any data, weights or run directory is touched
+        print(cfg.to_yaml(), end="")
+        return 0
+    from fashion_search.training.loop import train
+
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     print(
         f"best epoch {result.best_epoch} (mean R@10/R@50 {result.best_score:.2f}); checkpoint: {result.run_dir / 'checkpoint.pt'}"
@@ -92,12 +103,21 @@ def cmd_demo(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from fashion_search.config import TrainConfig
+    from fashion_search.config import TrainConfig, list_recipes
 
     p = sub.add_parser("train", help="fine-tune on Fashion-IQ-style triplets")
     p.add_argument("--data", required=True, help="dataset root in the Fashion-IQ layout")
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, last.pt, history.json)")
     p.add_argument("--config", help="YAML file of training options (flags override it)")
+    p.add_argument(
+        "--recipe",
+        help=f"a shipped recipe: {' | '.join(list_recipes())} (fiq: the defaults; flags and --config override it)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration (as RUN/config.yaml holds it) and exit without training",
+    )
     p.add_argument("--categories", help="comma-separated subset of dress,shirt,toptee")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--no-augment", action="store_true")
@@ -107,6 +127,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         pretrained="openai; none for the compact fs-* models",
         device="the best available",
         max_steps_per_epoch="the whole epoch",
+        warmup_epochs=f"none (warmup_ratio {TrainConfig.warmup_ratio} of the steps)",
+        temperature="learnable",
+        stop_at_loss="none",
     )
     for name, typ in _TRAIN_FLAGS.items():
         shown = defaults[name] if defaults[name] is not None else "none"

@@ -160,6 +160,7 @@ def iter_embedded(
     desc: str = "embedding",
     decode: str = "auto",
     marks: dict[str, float] | None = None,
+    encode=None,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
     """An iterator of (indices embedded, their (n, dim) embeddings, [(index, reason) failed]), batch by
     batch. The reader starts here, on the calling thread: its decode workers are forked before any
@@ -168,6 +169,7 @@ def iter_embedded(
     `marks` receives the perf_counter() times of the first batch's steps: decode_setup (the decode choice
     made: on CUDA the nvJPEG probe), first_loaded (from the workers), first_to_device (its copies and
     device decode queued; the device's work shows in the next mark), first_embedded.
+    `encode` replaces model.encode_pixels (the query side's encode_query_pixels: token features too).
     """
     marks = {} if marks is None else marks
     workers = default_workers() if workers is None else workers
@@ -192,14 +194,14 @@ def iter_embedded(
     batches = _marked(batches, marks, "first_to_device")
     if device.type == "cuda":
         batches = prepared_ahead(batches, device)
-    return _embedded(model, batches, len(paths), desc, progress, marks)
+    return _embedded(encode or model.encode_pixels, batches, len(paths), desc, progress, marks)
 
 
-def _embedded(model, batches, total: int, desc: str, progress: bool, marks: dict[str, float]):
+def _embedded(encode, batches, total: int, desc: str, progress: bool, marks: dict[str, float]):
     try:
         with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
             for indices, pixels, failed in batches:
-                emb = model.encode_pixels(pixels) if pixels is not None else None
+                emb = encode(pixels) if pixels is not None else None
                 marks.setdefault("first_embedded", time.perf_counter())
                 bar.update(len(indices) + len(failed))
                 yield indices, emb, failed

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fashion_search.data.fashioniq import FashionIQ, join_captions, join_captions_reversed
-from fashion_search.data.loading import embed_paths
+from fashion_search.data.loading import embed_paths, iter_embedded
 from fashion_search.errors import FashionSearchError
 from fashion_search.evaluation.metrics import (
     DEFAULT_KS,
@@ -32,18 +32,52 @@ JOININGS = ("standard", "both")
 KEYS = tuple(f"R@{k}" for k in DEFAULT_KS)
 
 
+def compose_queries(
+    model: RetrievalModel,
+    ref: torch.Tensor,
+    ref_paths: Sequence[Path],
+    texts: list[str],
+    batch_size: int = 64,
+    workers: int | None = None,
+) -> torch.Tensor:
+    """model.compose over (reference, text) pairs, given the references' pooled embeddings and files.
+
+    A fusion that reads token features gets each reference re-encoded with its tokens, batch by batch,
+    and only the fused queries are kept: a split's worth of tokens would not fit in memory.
+    """
+    if not model.fusion.uses_tokens:
+        return model.compose(ref, model.encode_texts(texts))
+    out = torch.empty(len(texts), model.dim)
+    for indices, feats, failed in iter_embedded(
+        model, ref_paths, batch_size, workers, progress=False, encode=model.encode_query_pixels
+    ):
+        if failed:  # it decoded for the gallery a moment ago
+            i, reason = failed[0]
+            raise FashionSearchError(f"reference image {ref_paths[i]} no longer decodes: {reason}")
+        out[indices] = model.compose(feats, model.encode_query_texts([texts[i] for i in indices]))
+    return out
+
+
 def _queries(
-    model: RetrievalModel, ref: torch.Tensor, texts: list[str], texts_rev: list[str] | None, joining: str
+    model: RetrievalModel,
+    ref: torch.Tensor,
+    texts: list[str],
+    texts_rev: list[str] | None,
+    joining: str,
+    ref_paths: Sequence[Path] = (),
+    batch_size: int = 64,
+    workers: int | None = None,
 ):
     """Query embeddings for every mode; `both` averages the two caption orders (used by some papers)."""
     txt = model.encode_texts(texts)
     modes = {"image_only": ref, "text_only": txt}
     baseline = SumFusion(model.dim)
-    composed = model.compose(ref, txt)
+    composed = compose_queries(model, ref, ref_paths, texts, batch_size, workers)
     summed = baseline(ref, txt)
     if joining == "both" and texts_rev is not None:
         txt_rev = model.encode_texts(texts_rev)
-        composed = F.normalize(composed + model.compose(ref, txt_rev), dim=-1)
+        rev = compose_queries(model, ref, ref_paths, texts_rev, batch_size, workers)
+        composed = F.normalize(composed + rev, dim=-1)
         summed = F.normalize(summed + baseline(ref, txt_rev), dim=-1)
         modes["text_only"] = F.normalize(txt + txt_rev, dim=-1)
     modes["composed"] = composed
@@ -83,7 +117,10 @@ def evaluate_category(
     texts_rev = [join_captions_reversed(*t.captions) for t in usable] if joining == "both" else None
     targets = np.array([position[t.target] for t in usable])
     results = {}
-    for mode, queries in _queries(model, ref, texts, texts_rev, joining).items():
+    ref_paths = [data.image_path(t.reference) for t in usable]
+    for mode, queries in _queries(
+        model, ref, texts, texts_rev, joining, ref_paths, batch_size, workers
+    ).items():
         ranks = target_ranks((queries @ gallery_emb.T).numpy(), targets)
         results[mode] = {**recalls(ranks), **counts}
     return results
@@ -202,7 +239,9 @@ def rank_submission(
         rows = []
         if usable:
             ref = gallery_emb[[position[t.reference] for t in usable]]
-            queries = model.compose(ref, model.encode_texts([join_captions(*t.captions) for t in usable]))
+            texts = [join_captions(*t.captions) for t in usable]
+            ref_paths = [data.image_path(t.reference) for t in usable]
+            queries = compose_queries(model, ref, ref_paths, texts, batch_size, workers)
             scores = queries @ gallery_emb.T
             best = torch.topk(scores, min(top, len(gallery_ids)), dim=1).indices.tolist()
             rows = [

@@ -15,6 +15,7 @@ from torch import nn
 
 from fashion_search.errors import FashionSearchError, PretrainedUnavailableError
 from fashion_search.models import COMPACT_MODELS, CONFIG_DIR
+from fashion_search.models.features import QueryFeatures
 from fashion_search.models.openclip_import import enable_transformers, needs_transformers, open_clip
 
 open_clip.add_model_config(CONFIG_DIR)
@@ -216,6 +217,61 @@ class ClipBackbone(nn.Module):
 
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+
+    # -- token features, for a fusion that reads them (the query side only; the index stays pooled) --
+    def image_query_features(self, pixels: torch.Tensor) -> QueryFeatures:
+        """Pooled embedding (normalised) + the ViT's patch tokens, projected to the joint space by the
+        tower's own projection, as `image_features` projects the pooled token."""
+        visual = self.clip.visual
+        if not isinstance(visual, open_clip.transformer.VisionTransformer):
+            raise FashionSearchError(
+                f"the attention fusion needs an OpenCLIP ViT image tower; {self.spec.model} has "
+                f"{type(visual).__name__}"
+            )
+        # open_clip's own switch for returning tokens. Flipped for this call only: every forward runs
+        # on one thread (the engine's model thread, the training loop), so no other caller sees it.
+        previous, visual.output_tokens = visual.output_tokens, True
+        try:
+            pooled, tokens = visual(pixels)
+        finally:
+            visual.output_tokens = previous
+        if visual.proj is not None:
+            tokens = tokens @ visual.proj
+        return QueryFeatures(F.normalize(pooled.float(), dim=-1), self._joint(tokens.float()))
+
+    def text_query_features(self, tokens: torch.Tensor) -> QueryFeatures:
+        """Pooled embedding (normalised) + every token's final state, projected like the pooled one;
+        padding is masked out."""
+        # The standard CLIP keeps its text tower's parts on itself, a custom-text CLIP under .text.
+        tower = getattr(self.clip, "text", self.clip)
+        final_norm, projection = getattr(tower, "ln_final", None), getattr(tower, "text_projection", None)
+        if final_norm is None:
+            raise FashionSearchError(f"the attention fusion cannot read {self.spec.model}'s text tokens")
+        states: list[torch.Tensor] = []
+        # The final LayerNorm sees every token's state before pooling picks one: the one hook point that
+        # leaves open_clip's own encode_text (and its pooling rule) in charge.
+        hook = final_norm.register_forward_hook(lambda _m, _i, out: states.append(out))
+        try:
+            pooled = self.clip.encode_text(tokens)
+        finally:
+            hook.remove()
+        if not states or states[-1].ndim != 3 or states[-1].shape[1] != tokens.shape[1]:
+            raise FashionSearchError(f"the attention fusion cannot read {self.spec.model}'s text tokens")
+        hidden = states[-1]
+        if isinstance(projection, nn.Linear):
+            hidden = projection(hidden)
+        elif projection is not None:
+            hidden = hidden @ projection
+        mask = tokens != getattr(tower, "pad_id", 0)
+        return QueryFeatures(F.normalize(pooled.float(), dim=-1), self._joint(hidden.float()), mask)
+
+    def _joint(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[-1] != self.dim:
+            raise FashionSearchError(
+                f"the attention fusion cannot use {self.spec.model}: its tokens have {tokens.shape[-1]} "
+                f"channels, not the joint space's {self.dim}"
+            )
+        return tokens
 
 
 def _build_initialised(model: str, weights: str | None, device: torch.device, options: dict) -> nn.Module:

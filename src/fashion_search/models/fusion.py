@@ -1,84 +1,41 @@
-"""Fusion of an image and a text embedding into one query: a registry of `sum` and `combiner`.
+"""Fusion of an image and a text embedding into one query: a registry of `sum`, `combiner`, `attention`.
 
 Every fusion has one signature, `(image_emb, text_emb, text_weight) -> query_emb` (L2-normalised), and
 honours the text weight the same way: w=0 returns the image embedding (pure image search), w=1 the text
 embedding (pure text search), and the default w=0.5 is exactly what the fusion was trained for.
+The embeddings are tensors or `QueryFeatures`; a fusion with `uses_tokens` (attention) needs the
+latter, with token features from the towers (`RetrievalModel.encode_query_pixels` / `_texts`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fashion_search.errors import FashionSearchError
+# The registry and the base class live in fusion_base (attention.py subclasses it too); importing
+# the attention module here registers it, so every fusion is known wherever this module is.
+from fashion_search.models.attention import AttentionFusion
+from fashion_search.models.fusion_base import (
+    DEFAULT_TEXT_WEIGHT,
+    Fusion,
+    check_text_weight,
+    create_fusion,
+    list_fusions,
+    register_fusion,
+)
 
-DEFAULT_TEXT_WEIGHT = 0.5
-_FUSIONS: dict[str, type[Fusion]] = {}
-
-
-def register_fusion(name: str) -> Callable[[type[Fusion]], type[Fusion]]:
-    def decorate(cls: type[Fusion]) -> type[Fusion]:
-        cls.name = name
-        _FUSIONS[name] = cls
-        return cls
-
-    return decorate
-
-
-def list_fusions() -> list[str]:
-    return sorted(_FUSIONS)
-
-
-def create_fusion(name: str, dim: int, **kwargs) -> Fusion:
-    if name not in _FUSIONS:
-        raise FashionSearchError(f"unknown fusion {name!r} (known: {', '.join(list_fusions())})")
-    return _FUSIONS[name](dim, **kwargs)
-
-
-def check_text_weight(text_weight: float | None) -> float:
-    w = DEFAULT_TEXT_WEIGHT if text_weight is None else float(text_weight)
-    if not 0.0 <= w <= 1.0:
-        raise FashionSearchError(f"text weight must be in [0, 1], got {text_weight}")
-    return w
-
-
-class Fusion(nn.Module):
-    """Base class: subclasses implement `fuse` (the trained combination at the default weight)."""
-
-    name = "base"
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def config(self) -> dict:
-        """Constructor arguments, stored in checkpoints so the fusion can be rebuilt."""
-        return {"dim": self.dim}
-
-    def fuse(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(
-        self, image: torch.Tensor, text: torch.Tensor, text_weight: float | None = None
-    ) -> torch.Tensor:
-        w = check_text_weight(text_weight)
-        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-        if w in (0.0, 1.0):  # exact, not merely rank-equivalent
-            return image if w == 0.0 else text
-        return self.weighted(image, text, w)
-
-    def weighted(self, image: torch.Tensor, text: torch.Tensor, w: float) -> torch.Tensor:
-        """The query at weight w in (0, 1), from normalised embeddings."""
-        fused = self.fuse(image, text)
-        # The slider walks a path image -> trained fusion -> text; its midpoint is the trained point.
-        if w <= DEFAULT_TEXT_WEIGHT:
-            a = w / DEFAULT_TEXT_WEIGHT
-            return F.normalize((1 - a) * image + a * fused, dim=-1)
-        a = (w - DEFAULT_TEXT_WEIGHT) / (1 - DEFAULT_TEXT_WEIGHT)
-        return F.normalize((1 - a) * fused + a * text, dim=-1)
+__all__ = [
+    "DEFAULT_TEXT_WEIGHT",
+    "AttentionFusion",
+    "Combiner",
+    "Fusion",
+    "SumFusion",
+    "check_text_weight",
+    "create_fusion",
+    "list_fusions",
+    "register_fusion",
+]
 
 
 @register_fusion("sum")

@@ -11,6 +11,7 @@ from torch import nn
 
 from fashion_search.data.pixels import PixelPipeline
 from fashion_search.models.backbone import ClipBackbone, autocast
+from fashion_search.models.features import QueryFeatures
 from fashion_search.models.fusion import Fusion
 from fashion_search.models.openclip_import import open_clip
 
@@ -95,11 +96,55 @@ class RetrievalModel(nn.Module):
                 out.append(self.backbone.text_features(tokens).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
+    # -- the query side: what the fusion consumes (pooled embeddings, plus tokens when it reads them) --
+    def image_query_features(self, pixels: torch.Tensor) -> QueryFeatures:
+        """Differentiable (training): model-input pixels -> the fusion's image input."""
+        if self.fusion.uses_tokens:
+            return self.backbone.image_query_features(pixels)
+        return QueryFeatures(self.backbone.image_features(pixels))
+
+    def text_query_features(self, tokens: torch.Tensor) -> QueryFeatures:
+        """Differentiable (training): token ids -> the fusion's text input."""
+        if self.fusion.uses_tokens:
+            return self.backbone.text_query_features(tokens)
+        return QueryFeatures(self.backbone.text_features(tokens))
+
+    @torch.inference_mode()
+    def encode_query_pixels(self, pixels: torch.Tensor) -> QueryFeatures:
+        """Like encode_pixels, for a query image: what compose() needs of it, float32 on the CPU."""
+        if not self.fusion.uses_tokens:
+            return QueryFeatures(self.encode_pixels(pixels))
+        self.eval()
+        with autocast(self.device):
+            feats = self.backbone.image_query_features(self.model_input(pixels))
+        return feats.float().cpu()
+
+    @torch.inference_mode()
+    def encode_query_texts(self, texts: Sequence[str], batch_size: int = 64) -> QueryFeatures:
+        """Like encode_texts, for query texts: what compose() needs of them, float32 on the CPU."""
+        if not self.fusion.uses_tokens:
+            return QueryFeatures(self.encode_texts(texts, batch_size))
+        self.eval()
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.backbone.tokenize(list(texts[i : i + batch_size])).to(self.device)
+            with autocast(self.device):
+                feats = self.backbone.text_query_features(tokens).float().cpu()
+            # Padding is dropped past the longest text: a cached query holds its own tokens only.
+            length = int(feats.token_mask().sum(1).max())
+            out.append(QueryFeatures(feats.pooled, feats.tokens[:, :length], feats.mask[:, :length]))
+        return QueryFeatures.cat(out)
+
     @torch.inference_mode()
     def compose(
-        self, image_emb: torch.Tensor, text_emb: torch.Tensor, text_weight: float | None = None
+        self,
+        image_emb: torch.Tensor | QueryFeatures,
+        text_emb: torch.Tensor | QueryFeatures,
+        text_weight: float | None = None,
     ) -> torch.Tensor:
-        """Fuse image and text embeddings into query embeddings (w=0 image only, w=1 text only)."""
+        """Fuse image and text embeddings (or query features) into query embeddings (w=0 image only,
+        w=1 text only)."""
         self.eval()
         dev = self.device
-        return self.fusion(image_emb.to(dev), text_emb.to(dev), text_weight).float().cpu()
+        image, text = QueryFeatures.of(image_emb).to(dev), QueryFeatures.of(text_emb).to(dev)
+        return self.fusion(image, text, text_weight).float().cpu()

@@ -29,6 +29,7 @@ from fashion_search.errors import FashionSearchError
 from fashion_search.index.build import check_identity
 from fashion_search.index.store import live_version, load_version, read_manifest
 from fashion_search.models.checkpoint import resolve_model
+from fashion_search.models.features import QueryFeatures
 from fashion_search.models.fusion import check_text_weight
 from fashion_search.models.retrieval import RetrievalModel
 from fashion_search.service.model_thread import ModelThread
@@ -286,11 +287,18 @@ class SearchEngine:
     def image_embedding(
         self, image, max_pixels: int = DEFAULT_MAX_PIXELS, timings: dict[str, float] | None = None
     ) -> torch.Tensor:
-        """Embed a query image (bytes, path or PIL image); cached by content hash.
+        """Embed a query image (bytes, path or PIL image) as the index embeds items; cached by content.
 
         `timings`, when given, receives milliseconds per stage of work actually done ("decode",
         "wait" for the model, "image"): the API sends them as a Server-Timing header.
         """
+        return self.image_features(image, max_pixels, timings).pooled
+
+    def image_features(
+        self, image, max_pixels: int = DEFAULT_MAX_PIXELS, timings: dict[str, float] | None = None
+    ) -> QueryFeatures:
+        """What the fusion needs of a query image (its embedding, plus token features for a fusion that
+        reads them), cached by content hash: a new text weight or k re-encodes nothing."""
         if isinstance(image, Image.Image):
             raw = image.tobytes() + repr((image.mode, image.size)).encode()
         elif isinstance(image, bytes | bytearray):
@@ -305,14 +313,14 @@ class SearchEngine:
         if cached is not None:
             return cached
 
-        def decode_and_embed() -> torch.Tensor:
+        def decode_and_embed() -> QueryFeatures:
             with _stage(timings, "decode"):
                 if isinstance(image, Image.Image):
                     pixels = self.model.pixel_pipeline.to_uint8(image)[None]
                 else:
                     pixels = self.query_pixels(raw, max_pixels)
             with _stage(timings, "image"):
-                return self.model.encode_pixels(pixels)
+                return self.model.encode_query_pixels(pixels)
 
         emb = self._on_model_thread(timings, decode_and_embed)
         self._image_cache.put(key, emb)
@@ -356,15 +364,19 @@ class SearchEngine:
         return self.model_thread.submit(job)
 
     def text_embedding(self, text: str, timings: dict[str, float] | None = None) -> torch.Tensor:
+        return self.text_features(text, timings).pooled
+
+    def text_features(self, text: str, timings: dict[str, float] | None = None) -> QueryFeatures:
+        """What the fusion needs of a query text, cached by the text (see image_features)."""
         if not isinstance(text, str) or not text.strip():
             raise FashionSearchError("text query is empty")
         cached = self._text_cache.get(text)
         if cached is not None:
             return cached
 
-        def embed() -> torch.Tensor:
+        def embed() -> QueryFeatures:
             with _stage(timings, "text"):
-                return self.model.encode_texts([text])
+                return self.model.encode_query_texts([text])
 
         emb = self._on_model_thread(timings, embed)
         self._text_cache.put(text, emb)
@@ -382,8 +394,8 @@ class SearchEngine:
             raise FashionSearchError("give a query image, a text, or both")
         w = check_text_weight(text_weight)
         if image is not None and text and text.strip():
-            img = self.image_embedding(image, max_pixels, timings)
-            txt = self.text_embedding(text, timings)
+            img = self.image_features(image, max_pixels, timings)
+            txt = self.text_features(text, timings)
             return self._on_model_thread(timings, self.model.compose, img, txt, w)
         if image is not None:
             return self.image_embedding(image, max_pixels, timings)

@@ -19,13 +19,18 @@ class PairAugment:
     """The same random flip, small affine and brightness/contrast change for reference and target.
 
     Applied identically to both images, so relative captions ("darker", "longer") stay true; no hue or
-    saturation jitter, because a hue shift would make "is red" false.
+    saturation jitter by default, because a hue shift would make "is red" false (`color` > 0 adds it,
+    for the seed's recipe: saturation ±color, hue ±color/4).
     """
 
     def __init__(
-        self, translate: float = 0.04, scale: tuple[float, float] = (0.95, 1.05), jitter: float = 0.1
+        self,
+        translate: float = 0.04,
+        scale: tuple[float, float] = (0.95, 1.05),
+        jitter: float = 0.1,
+        color: float = 0.0,
     ):
-        self.translate, self.scale, self.jitter = translate, scale, jitter
+        self.translate, self.scale, self.jitter, self.color = translate, scale, jitter, color
 
     def __call__(self, images: Sequence[Image.Image], rng: random.Random) -> list[Image.Image]:
         flip = rng.random() < 0.5
@@ -33,6 +38,9 @@ class PairAugment:
         brightness = rng.uniform(1 - self.jitter, 1 + self.jitter)
         contrast = rng.uniform(1 - self.jitter, 1 + self.jitter)
         tx, ty = rng.uniform(-self.translate, self.translate), rng.uniform(-self.translate, self.translate)
+        # Drawn only when asked for, so the default recipe's random stream (and --resume) is unchanged.
+        if self.color:
+            saturation, hue = rng.uniform(1 - self.color, 1 + self.color), rng.uniform(-1, 1) * self.color / 4
         out = []
         for im in images:
             w, h = im.size
@@ -42,6 +50,8 @@ class PairAugment:
                 im, angle=0.0, translate=[int(tx * w), int(ty * h)], scale=scale, shear=[0.0], fill=fill
             )
             im = TF.adjust_contrast(TF.adjust_brightness(im, brightness), contrast)
+            if self.color:
+                im = TF.adjust_hue(TF.adjust_saturation(im, saturation), hue)
             out.append(im)
         return out
 

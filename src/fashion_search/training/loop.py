@@ -74,13 +74,17 @@ def train_step(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: tor
     if tokens is None:
         tokens = backbone.tokenize(batch["text"])
     with amp:
-        images = backbone.image_features(pixels)
-        ref, tgt = images.chunk(2)
-        txt = backbone.text_features(tokens.to(device, non_blocking=True))
+        # Pooled embeddings, plus token features when the fusion reads them (attention).
+        ref, tgt = model.image_query_features(pixels).chunk(2)
+        txt = model.text_query_features(tokens.to(device, non_blocking=True))
         query = model.fusion(ref, txt)
+    tgt, txt = tgt.pooled, txt.pooled
     # The losses in float32, outside autocast: under it the logits' matmul would run in bf16, whose
     # steps near a logit scale of 100 are 0.5 -- as large as the differences being learned.
-    scale = backbone.logit_scale.exp().clamp(max=100.0)
+    if cfg.temperature is None:
+        scale = backbone.logit_scale.exp().clamp(max=100.0)
+    else:  # fixed: logit_scale gets no gradient, so the optimiser leaves it as it is
+        scale = torch.tensor(1.0 / cfg.temperature, device=tgt.device)
     loss = composed_loss(query.float(), tgt.float(), scale, batch["target_id"])
     if cfg.clip_loss_weight > 0:
         loss = loss + cfg.clip_loss_weight * clip_loss(tgt.float(), txt.float(), scale, batch["target_id"])
@@ -149,7 +153,7 @@ def build_train_loader(
         "train",
         cfg.categories,
         model.pixel_pipeline.to_uint8,
-        PairAugment() if cfg.augment else None,
+        PairAugment(color=cfg.color_jitter) if cfg.augment else None,
         cfg.seed,
         draft_size=model.backbone.image_size,
     )
@@ -191,7 +195,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     dataset, sampler, loader = build_train_loader(model, data, cfg, device)
     steps_per_epoch = min(len(sampler), cfg.max_steps_per_epoch or len(sampler))
     optimizer = build_optimizer(model, cfg)
-    scheduler = cosine_with_warmup(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio)
+    scheduler = cosine_with_warmup(optimizer, cfg.epochs * steps_per_epoch, warmup_fraction(cfg))
     history: list[dict] = []
     start_epoch, best_score, best_epoch, stale = 0, -1.0, -1, 0
     if resume and (run / "last.pt").exists():
@@ -207,7 +211,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     categories = [c for c in cfg.categories if c in data.categories("val")]
 
     for epoch in range(start_epoch, cfg.epochs):
-        if stale >= cfg.patience:
+        if stale >= cfg.patience or _loss_reached(cfg, history):
             break
         started = time.perf_counter()
         dataset.set_epoch(epoch)
@@ -283,6 +287,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             )
     atomic_write_json(run / "history.json", _history_doc(cfg, best_epoch, history, finished=True))
     return TrainResult(run, best_score, best_epoch, len(history), history)
+
+
+def warmup_fraction(cfg: TrainConfig) -> float:
+    """The share of all steps spent warming up: warmup_epochs of the epochs when given, else warmup_ratio."""
+    return cfg.warmup_ratio if cfg.warmup_epochs is None else min(1.0, cfg.warmup_epochs / cfg.epochs)
+
+
+def _loss_reached(cfg: TrainConfig, history: list[dict]) -> bool:
+    """The stop_at_loss rule, read from the history so that a resumed run obeys it too."""
+    last = history[-1].get("loss") if history else None
+    return cfg.stop_at_loss is not None and last is not None and last <= cfg.stop_at_loss
 
 
 def _history_doc(cfg: TrainConfig, best_epoch: int, history: list[dict], finished: bool) -> dict:
