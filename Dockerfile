@@ -67,7 +67,7 @@ VOLUME ["/index", "/catalog", "/models"]
 USER app
 WORKDIR /home/app
 EXPOSE 8000
-# Probes GET /health on $FASHION_SEARCH_PORT; the start period covers loading the model.
+# GET /health on $FASHION_SEARCH_PORT (or $FASHION_SEARCH_HEALTH_URL); the start period covers loading the model.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python3", "/usr/local/bin/fashion-search-healthcheck"]
 ENTRYPOINT ["fashion-search"]
