@@ -23,17 +23,19 @@ if subprocess.run([sys.executable, "-c", probe]).returncode == 0:
 
 path = f"{root}/_meta_registrations.py"
 text = open(path).read()
-guard = '''
+guard = """
 
 def _register_fake_if_ops(op_name):
     # As register_meta: nothing to register when torchvision's _C operators did not load.
     return torch.library.register_fake(op_name) if torchvision.extension._has_ops() else (lambda fn: fn)
-'''
+"""
 anchor = "\n\n@functools.lru_cache(None)\ndef get_meta_lib"
 if "_register_fake_if_ops" not in text:
     if anchor not in text:
         sys.exit(f"{path}: unexpected layout, not patched")
-    text = text.replace('@torch.library.register_fake("torchvision::', '@_register_fake_if_ops("torchvision::')
+    text = text.replace(
+        '@torch.library.register_fake("torchvision::', '@_register_fake_if_ops("torchvision::'
+    )
     text = text.replace(anchor, guard + anchor, 1)
     open(path, "w").write(text)
 check = "import torchvision.transforms as T; from PIL import Image; T.ToTensor()(Image.new('RGB', (4, 4)))"

@@ -42,7 +42,9 @@ def log(msg: str) -> None:
     print(f"[container-test {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def sh(cmd: list[str], timeout: float, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
+def sh(
+    cmd: list[str], timeout: float, check: bool = True, quiet: bool = False
+) -> subprocess.CompletedProcess:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
@@ -127,7 +129,9 @@ def multipart(fields: dict[str, str]) -> tuple[bytes, str]:
 def wait_healthy(base: str, name: str) -> dict:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        state = podman("inspect", "--format", "{{.State.Status}}", name, timeout=30, check=False).stdout.strip()
+        state = podman(
+            "inspect", "--format", "{{.State.Status}}", name, timeout=30, check=False
+        ).stdout.strip()
         if state not in ("running", "created", "configured"):
             raise AssertionError(f"the API container stopped ({state}):\n{logs(name)}")
         try:
@@ -178,13 +182,40 @@ def run_test(work: Path) -> None:
         d.mkdir()
         d.chmod(0o777)
     offline = ["run", "--rm", "--network", "none", "--no-healthcheck"]
-    podman(*offline, "-v", f"{synth}:/synth", IMAGE, "synth", "/synth", "--images-per-category", "50", "--quiet",
-           timeout=300)
+    podman(
+        *offline,
+        "-v",
+        f"{synth}:/synth",
+        IMAGE,
+        "synth",
+        "/synth",
+        "--images-per-category",
+        "50",
+        "--quiet",
+        timeout=300,
+    )
     catalog = synth / "images"
     n_images = sum(1 for p in catalog.rglob("*") if p.is_file())
-    podman(*offline, "-v", f"{catalog}:/catalog:ro", "-v", f"{index}:/index", IMAGE, "index", "/catalog",
-           "--out", "/index", "--model", "fs-micro", "--pretrained", "none", "--workers", "0", "--quiet",
-           timeout=600)
+    podman(
+        *offline,
+        "-v",
+        f"{catalog}:/catalog:ro",
+        "-v",
+        f"{index}:/index",
+        IMAGE,
+        "index",
+        "/catalog",
+        "--out",
+        "/index",
+        "--model",
+        "fs-micro",
+        "--pretrained",
+        "none",
+        "--workers",
+        "0",
+        "--quiet",
+        timeout=600,
+    )
     log(f"fs-micro index over {n_images} synthetic images")
 
     name = f"fs-smoke-{os.getpid()}"
@@ -192,8 +223,22 @@ def run_test(work: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     try:
         # Without systemd podman cannot schedule the health check: the test runs it (no timer).
-        podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "--health-interval", "disable",
-               "-v", f"{catalog}:/catalog:ro", "-v", f"{index}:/index:ro", IMAGE, timeout=120)
+        podman(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "-p",
+            f"127.0.0.1:{port}:8000",
+            "--health-interval",
+            "disable",
+            "-v",
+            f"{catalog}:/catalog:ro",
+            "-v",
+            f"{index}:/index:ro",
+            IMAGE,
+            timeout=120,
+        )
         body = wait_healthy(base, name)
         assert body == {"status": "ok", "items": n_images}, body
         log(f"GET /health: {body}")
@@ -212,11 +257,13 @@ def run_test(work: Path) -> None:
         assert check.returncode == 0, f"podman healthcheck run: {check.stdout}{check.stderr}"
         log("podman healthcheck run: healthy")
 
-        uid = podman("exec", name, "sh", "-c", "awk '/^Uid:/ {print $2}' /proc/1/status", timeout=60).stdout.strip()
+        uid = podman(
+            "exec", name, "sh", "-c", "awk '/^Uid:/ {print $2}' /proc/1/status", timeout=60
+        ).stdout.strip()
         assert uid.isdigit() and int(uid) != 0, f"the server runs as uid {uid!r}"
         log(f"the server runs as uid {uid}")
     finally:
-        podman("rm", "-f", "-t", "5", name, timeout=120, check=False)
+        podman("rm", "-f", "-v", "-t", "5", name, timeout=120, check=False)
 
 
 def main() -> int:
