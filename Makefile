@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint format browser-deps install clean
+.PHONY: demo test test-fast test-container lint format browser-deps install clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ test: $(STAMP) browser-deps
 # Unit tests only (no CLI, server or browser processes; those live in integration/ and beyond): ~1.5 min on 2 cores.
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit -m "not slow and not browser" $(PYTEST_ARGS)
+
+# Build the image and serve a tiny index from it (podman; installed when missing, root): ~1-2 min once
+# the base image and wheels are cached. Prints SKIP and succeeds only where no container can start.
+test-container:
+	python3 tests/container/smoke.py
 
 demo: $(STAMP)
 	$(VENV)/bin/fashion-search demo --dir demo
