@@ -8,9 +8,17 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import fashion_search.data.images as images
 import fashion_search.service.ui_launch as ui_launch
 from fashion_search.models.retrieval import RetrievalModel
-from service_fixtures import empty_index, garment_image, service_engine, service_index  # noqa: F401  (fixtures)
+from service_fixtures import (  # noqa: F401  (fixtures)
+    build_service_index,
+    empty_index,
+    garment_image,
+    make_catalog,
+    service_engine,
+    service_index,
+)
 
 UI = Path(ui_launch.__file__).with_name("ui.py")
 
@@ -134,3 +142,27 @@ def test_launch_command_passes_the_index_after_the_separator(tmp_path):
         cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
         and cmd[cmd.index("--server.port") + 1] == "8600"
     )
+
+
+def test_the_page_never_reads_an_image_outside_the_catalog(monkeypatch, tmp_path):
+    """A symlink in the catalog to a photo outside it is indexed, but the page shows no picture of it:
+    its thumbnails go through engine.item_path, the check the HTTP API uses."""
+    catalog = make_catalog(tmp_path / "catalog")
+    outside = tmp_path / "private" / "secret.jpg"
+    outside.parent.mkdir()
+    garment_image((200, 10, 10), period=4).save(outside)
+    (catalog / "dress" / "linked.jpg").symlink_to(outside)
+    index = build_service_index(tmp_path, catalog)
+
+    read = []
+    original = images.load_image
+    monkeypatch.setattr(
+        images, "load_image", lambda source, *a, **kw: read.append(source) or original(source, *a, **kw)
+    )
+    at = page(monkeypatch, index)
+    at.number_input(key="k").set_value(20).run()
+    at.text_input(key="text").input("a red dress").run()
+    assert "dress/linked.jpg" in result_ids(at)  # the item is found...
+    root = catalog.resolve()
+    opened = [Path(p).resolve() for p in read if isinstance(p, str)]
+    assert opened and all(root in p.parents for p in opened), opened  # ...but its file is never read

@@ -129,16 +129,22 @@ def shuffle_samples() -> None:
 
 
 # -- drawing -------------------------------------------------------------------------------------------
+def catalog_thumbnail(engine: SearchEngine, item_id: str) -> bytes | None:
+    """Every catalog picture on the page comes through here: engine.item_path is the one check (the
+    API's too) that an id names a file inside the catalog, so a symlink out of it shows nothing."""
+    try:
+        path = engine.item_path(item_id)
+        return item_thumbnail(str(path), path.stat().st_mtime_ns)
+    except (FashionSearchError, OSError):
+        return None
+
+
 def ref_thumbnail(engine: SearchEngine, ref: dict | None) -> bytes | None:
     if ref is None:
         return None
     if "upload" in ref:
         return ref["thumb"]
-    try:
-        path = engine.item_path(ref["id"])
-        return item_thumbnail(str(path), path.stat().st_mtime_ns)
-    except (FashionSearchError, OSError):
-        return None
+    return catalog_thumbnail(engine, ref["id"])
 
 
 def ref_label(ref: dict | None) -> str:
@@ -281,9 +287,7 @@ def run_search(engine: SearchEngine) -> None:
         cols = st.columns(GRID_COLUMNS)
         for col, (rank, r) in zip(cols, enumerate(results[start : start + GRID_COLUMNS], start)):
             with col, st.container(border=True, key=f"result_{rank}"):
-                path = Path(r.path)
-                thumb = item_thumbnail(str(path), path.stat().st_mtime_ns) if path.is_file() else None
-                show_image(thumb)
+                show_image(catalog_thumbnail(engine, r.id))
                 st.markdown(f"**{rank + 1}.** `{r.id}`")
                 st.caption(f"similarity **{r.score:.3f}**")
                 current = s.ref is not None and s.ref.get("id") == r.id
