@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import socket
 import sys
 from pathlib import Path
@@ -28,6 +29,21 @@ COLOURS = [
     (110, 120, 60),
 ]
 CATEGORIES = ("dress", "shirt")
+COLOUR_NAMES = [
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "black",
+    "white",
+    "purple",
+    "orange",
+    "teal",
+    "brown",
+    "pink",
+    "olive",
+]
+BRANDS = ("Acme", "Zed", "Moda")
 
 
 def garment_image(
@@ -56,7 +72,30 @@ def make_catalog(root: Path) -> Path:
     return root
 
 
-def build_service_index(base: Path, catalog: Path | None = None) -> Path:
+def write_shop_metadata(path: Path) -> dict[str, dict]:
+    """A product CSV for `make_catalog`'s 12 photos: six products of two photos each (same category),
+    with a title, brand, price, stock flag and shop link. Returns the rows by item id, as typed values."""
+    rows = {}
+    for n in range(len(COLOURS)):
+        item = f"{CATEGORIES[n % 2]}/item{n:02d}.jpg"
+        rows[item] = {
+            "image": item,
+            "product_id": f"P{n % 6}",
+            "title": f"{COLOUR_NAMES[n].capitalize()} striped {CATEGORIES[n % 2]}",
+            "colour": COLOUR_NAMES[n],
+            "brand": BRANDS[n % 3],
+            "price": 12.5 + 7.5 * n,
+            "in_stock": n % 4 != 0,
+            "url": f"https://shop.example/p/P{n % 6}",
+        }
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(next(iter(rows.values()))))
+        writer.writeheader()
+        writer.writerows({**r, "in_stock": str(r["in_stock"]).lower()} for r in rows.values())
+    return rows
+
+
+def build_service_index(base: Path, catalog: Path | None = None, metadata: Path | None = None) -> Path:
     """Index `catalog` (default: a fresh `make_catalog`) under `base/index`.
 
     The random fs-micro model is saved as a checkpoint first, so every process that opens the index
@@ -76,13 +115,24 @@ def build_service_index(base: Path, catalog: Path | None = None) -> Path:
     atomic_torch_save(model_payload(create_model("fs-micro", "none", fusion="sum", device="cpu")), ckpt)
     model = load_checkpoint(ckpt, device="cpu")
     source = {"model": "fs-micro", "pretrained": "none", "fusion": "sum", "checkpoint": str(ckpt)}
-    build_index(catalog, base / "index", model, source, workers=0, progress=False)
+    build_index(catalog, base / "index", model, source, workers=0, progress=False, metadata=metadata)
     return base / "index"
+
+
+def build_shop_index(base: Path) -> tuple[Path, dict[str, dict]]:
+    """`build_service_index` with `write_shop_metadata`'s product CSV; returns the index and the rows."""
+    rows = write_shop_metadata(base / "products.csv")
+    return build_service_index(base, metadata=base / "products.csv"), rows
 
 
 @pytest.fixture(scope="session")
 def service_index(tmp_path_factory) -> Path:
     return build_service_index(tmp_path_factory.mktemp("service"))
+
+
+@pytest.fixture(scope="session")
+def shop_index(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    return build_shop_index(tmp_path_factory.mktemp("shop"))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The offline end-to-end demo: synth -> train the compact model -> evaluate -> index -> web UI.
+"""The offline end-to-end demo: synth -> train the compact model -> evaluate -> index (with a product
+catalog CSV) -> web UI.
 
 Every stage leaves its artifact under DIR and is skipped on a second run when that artifact exists,
 so `make demo` is slow once and quick afterwards.
@@ -6,17 +7,48 @@ so `make demo` is slow once and quick afterwards.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
-from fashion_search.atomic import atomic_write_json
+from fashion_search.atomic import atomic_open, atomic_write_json
 from fashion_search.config import DEMO_OVERRIDES, TrainConfig
 
 DEMO_IMAGES_PER_CATEGORY = 600
 DEMO_SEED = 0
+DEMO_BRANDS = ("Acme", "Zed", "Moda", "Nord", "Lumen")
+# Price bands per category; each product's price is drawn once inside its band.
+_PRICES = {"dress": (35, 140), "shirt": (20, 80), "toptee": (12, 45)}
+_IN_STOCK_SHARE = 0.8
+_WORDS = {  # attribute values as a shop writes them in a title ("" = left out)
+    "pattern": {"solid": "", "stripes": "striped", "dots": "polka-dot", "checks": "checked"},
+    "sleeve": {"sleeveless": "sleeveless", "short": "short-sleeve", "long": "long-sleeve"},
+    "length": {
+        "mini": "mini",
+        "knee": "knee-length",
+        "maxi": "maxi",
+        "cropped": "cropped",
+        "regular": "",
+        "long": "longline",
+    },
+    "category": {"dress": "dress", "shirt": "shirt", "toptee": "top"},
+}
+CATALOG_COLUMNS = (
+    "image",
+    "product_id",
+    "title",
+    "brand",
+    "price",
+    "in_stock",
+    "colour",
+    "sleeve",
+    "length",
+    "pattern",
+    "neckline",
+)
 
 
 def _stage(title: str) -> None:
@@ -47,6 +79,59 @@ def build_catalog(data_dir: Path, catalog: Path, split: str = "val") -> int:
             _link_or_copy(src, catalog / category / src.name)
             count += 1
     return count
+
+
+def product_title(category: str, attrs: dict[str, str]) -> str:
+    """A shop's title for a synthetic garment: "Red striped long-sleeve maxi dress"."""
+    words = [
+        attrs["colour"],
+        _WORDS["pattern"][attrs["pattern"]],
+        _WORDS["sleeve"][attrs["sleeve"]],
+        _WORDS["length"][attrs["length"]],
+        _WORDS["category"][category],
+    ]
+    return " ".join(w for w in words if w).capitalize()
+
+
+def write_catalog_metadata(data_dir: Path, catalog: Path, out: Path, seed: int = DEMO_SEED) -> int:
+    """Write the demo catalog's product CSV (one row per image under `catalog`); returns the products.
+
+    A product is one garment (a line of the generator with one set of attributes) and its photos are
+    that garment in the families' different looks, as a shop has several photos of one product. Price,
+    brand and stock are drawn per product from a generator seeded by (seed, product number): the same
+    file on every run, whatever the Python hash seed.
+    """
+    import numpy as np
+
+    from fashion_search.data.synthetic_draw import ATTRIBUTES
+
+    attributes = json.loads((data_dir / "attributes.json").read_text(encoding="utf-8"))
+    items = []
+    for path in sorted(catalog.glob("*/*")):
+        record = attributes.get(path.stem)
+        if record is not None:
+            items.append((f"{path.parent.name}/{path.name}", record))
+    keys = sorted({(r["category"], r["line"], *(r[a] for a in ATTRIBUTES)) for _, r in items})
+    products = {}
+    for n, key in enumerate(keys):
+        rng = np.random.default_rng([seed, n])
+        low, high = _PRICES[key[0]]
+        products[key] = {
+            "product_id": f"{key[0][0].upper()}{n + 1:04d}",
+            "brand": DEMO_BRANDS[int(rng.integers(len(DEMO_BRANDS)))],
+            "price": f"{int(rng.integers(low, high + 1)) - 0.01:.2f}",
+            "in_stock": "true" if rng.random() < _IN_STOCK_SHARE else "false",
+        }
+    with atomic_open(out, "w") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CATALOG_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for image_id, r in items:
+            attrs = {a: r[a] for a in ATTRIBUTES}
+            product = products[(r["category"], r["line"], *attrs.values())]
+            writer.writerow(
+                {"image": image_id, "title": product_title(r["category"], attrs), **product, **attrs}
+            )
+    return len(products)
 
 
 def demo_config(directory: Path) -> TrainConfig:
@@ -119,8 +204,12 @@ def run_demo(directory: Path, serve: bool = True, port: int = 8501) -> int:
     from fashion_search.models.checkpoint import model_source
 
     n = build_catalog(data_dir, catalog)
+    metadata = directory / "catalog.csv"
+    products = write_catalog_metadata(data_dir, catalog, metadata)
+    print(f"{metadata}: {products} products (title, brand, price, stock, colour, sleeve, length, ...)")
     source = model_source(model, run_dir / "checkpoint.pt")
-    print(build_index(catalog, index_dir, model, source, workers=0).summary(), f"({n} catalog images)")
+    report = build_index(catalog, index_dir, model, source, workers=0, metadata=metadata)
+    print(report.summary(), f"({n} catalog images)")
     print(f"\ndemo ready in {time.perf_counter() - started:.0f}s")
 
     _stage("5/5 search")
@@ -128,6 +217,10 @@ def run_demo(directory: Path, serve: bool = True, port: int = 8501) -> int:
     print("try it from the command line:")
     print(
         f'  fashion-search search --index {index_dir} --image {example} --text "is red and sleeveless" -k 5'
+    )
+    print(
+        f'  fashion-search search --index {index_dir} --text "a red dress" '
+        '--where "price < 60 and in_stock == true" -k 5'
     )
     print(f"  fashion-search serve --index {index_dir}   # HTTP API on http://127.0.0.1:8000/docs")
     if not serve:

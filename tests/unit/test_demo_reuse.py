@@ -1,8 +1,12 @@
-"""The demo reuses a finished run only if this version can load its checkpoint."""
+"""The demo reuses a finished run only if this version can load its checkpoint, and writes the same
+product catalog CSV on every run."""
 
+import csv
 import json
 
-from fashion_search.demo import load_finished_run
+from fashion_search.catalog.metadata import read_metadata
+from fashion_search.data.synthetic import generate
+from fashion_search.demo import build_catalog, load_finished_run, product_title, write_catalog_metadata
 from fashion_search.models.checkpoint import atomic_torch_save, model_payload
 
 
@@ -40,3 +44,54 @@ def test_a_run_of_an_older_architecture_is_moved_aside_not_deleted(tmp_path, mic
     (old_index,) = tmp_path.glob("index.old-*")
     assert (old_run / "checkpoint.pt").exists() and (old_index / "CURRENT").exists()
     assert "training again" in capsys.readouterr().out
+
+
+def test_the_demo_catalog_csv_is_a_typed_product_catalog_written_the_same_every_time(tmp_path):
+    data, catalog = tmp_path / "data", tmp_path / "catalog"
+    generate(data, images_per_category=50, seed=3, image_size=32, progress=False)
+    n_images = build_catalog(data, catalog)
+    products = write_catalog_metadata(data, catalog, tmp_path / "catalog.csv")
+    first = (tmp_path / "catalog.csv").read_bytes()
+    assert write_catalog_metadata(data, catalog, tmp_path / "catalog.csv") == products
+    assert (tmp_path / "catalog.csv").read_bytes() == first  # reproducible
+
+    table = read_metadata(tmp_path / "catalog.csv")
+    assert sorted(table.images) == sorted(p.relative_to(catalog).as_posix() for p in catalog.glob("*/*"))
+    assert len(table) == n_images and 1 < products < n_images  # several photos per product
+    assert table.types == {
+        "title": "string",
+        "brand": "string",
+        "price": "number",
+        "in_stock": "bool",
+        "colour": "string",
+        "sleeve": "string",
+        "length": "string",
+        "pattern": "string",
+        "neckline": "string",
+    }
+    attributes = json.loads((data / "attributes.json").read_text())
+    with open(tmp_path / "catalog.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    by_product = {}
+    for row in rows:
+        record = attributes[row["image"].split("/")[1].removesuffix(".jpg")]
+        assert row["colour"] == record["colour"] and row["sleeve"] == record["sleeve"]
+        assert row["image"].split("/")[0] == record["category"]
+        by_product.setdefault(row["product_id"], set()).add(
+            tuple(row[c] for c in ("title", "brand", "price", "in_stock", "colour", "pattern", "length"))
+        )
+    # A product's photos share its title, brand, price, stock and attributes.
+    assert len(by_product) == products and all(len(v) == 1 for v in by_product.values())
+
+
+def test_product_titles_read_like_a_shop():
+    attrs = {"colour": "red", "pattern": "stripes", "sleeve": "long", "length": "maxi", "neckline": "round"}
+    assert product_title("dress", attrs) == "Red striped long-sleeve maxi dress"
+    plain = {
+        "colour": "navy",
+        "pattern": "solid",
+        "sleeve": "short",
+        "length": "regular",
+        "neckline": "v-neck",
+    }
+    assert product_title("toptee", plain) == "Navy short-sleeve top"

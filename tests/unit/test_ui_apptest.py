@@ -1,16 +1,27 @@
-"""The Streamlit page's logic under AppTest: messages, search, slider, refinement history, uploads."""
+"""The Streamlit page's logic under AppTest: messages, search, slider, refinement history, uploads,
+catalog filters and product cards."""
 
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import fashion_search.data.images as images
 import fashion_search.service.ui_launch as ui_launch
 from fashion_search.models.retrieval import RetrievalModel
-from service_fixtures import empty_index, garment_image, service_engine, service_index  # noqa: F401  (fixtures)
+from service_fixtures import (  # noqa: F401  (fixtures)
+    build_service_index,
+    empty_index,
+    garment_image,
+    make_catalog,
+    service_engine,
+    service_index,
+    shop_index,
+)
 
 UI = Path(ui_launch.__file__).with_name("ui.py")
 
@@ -24,7 +35,12 @@ def page(monkeypatch, index: Path | str) -> AppTest:
 
 def result_ids(at: AppTest) -> list[str]:
     # Each result card shows "**N.** `id`"; N is its rank.
-    return [m.value.split("`")[1] for m in at.markdown if m.value.startswith("**") and m.value[2:3].isdigit()]
+    return [m.value.split("`")[1] for m in at.markdown if re.match(r"^\*\*\d+\.\*\* `", m.value)]
+
+
+def filter_keys(at: AppTest) -> set[str]:
+    widgets = [*at.slider, *at.multiselect, *at.checkbox, *at.text_input]
+    return {w.key for w in widgets if w.key and w.key.startswith("flt_")}
 
 
 def scores(at: AppTest) -> list[float]:
@@ -134,3 +150,90 @@ def test_launch_command_passes_the_index_after_the_separator(tmp_path):
         cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
         and cmd[cmd.index("--server.port") + 1] == "8600"
     )
+
+
+# -- catalog filters and product cards -------------------------------------------------------------------
+@pytest.fixture
+def shop(monkeypatch, shop_index):  # noqa: F811
+    index, rows = shop_index
+    at = page(monkeypatch, index)
+    at.text_input(key="text").input("a striped garment").run()
+    return at, rows
+
+
+def test_a_catalog_without_metadata_has_no_filter_widgets(app):
+    assert filter_keys(app) == set()
+    assert "This catalog has no attributes to filter by." in [c.value for c in app.sidebar.caption]
+    assert not app.toggle  # no products, nothing to group
+
+
+def test_filter_widgets_follow_the_schema(shop):
+    at, _ = shop
+    # Title and url are for the cards; category keeps its own selectbox.
+    assert filter_keys(at) == {"flt_brand", "flt_colour", "flt_price", "flt_in_stock"}
+    assert at.multiselect(key="flt_brand").options == ["Acme", "Moda", "Zed"]
+    assert at.multiselect(key="flt_brand").value == []
+    assert at.slider(key="flt_price").value == pytest.approx((12.5, 95.0))
+    assert at.checkbox(key="flt_in_stock").label == "Only in stock"
+    assert at.toggle(key="group").value is True
+
+
+def test_filters_narrow_the_results_to_matching_items(shop):
+    at, rows = shop
+    at.toggle(key="group").set_value(False).run()
+    assert len(result_ids(at)) == 12  # every photo, no filter yet
+    at.multiselect(key="flt_brand").set_value(["Zed"]).run()
+    zed = {i for i, r in rows.items() if r["brand"] == "Zed"}
+    assert set(result_ids(at)) == zed
+    assert 'filter: `brand in ["Zed"]`' in [c.value for c in at.caption]
+    at.slider(key="flt_price").set_value((12.5, 60.0)).run()
+    assert set(result_ids(at)) == {i for i in zed if rows[i]["price"] <= 60.0} != set()
+    at.checkbox(key="flt_in_stock").check().run()
+    expected = {i for i in zed if rows[i]["price"] <= 60.0 and rows[i]["in_stock"]}
+    assert set(result_ids(at)) == expected != set()
+    at.multiselect(key="flt_brand").set_value([]).run()
+    at.slider(key="flt_price").set_value((12.5, 95.0)).run()
+    assert set(result_ids(at)) == {i for i, r in rows.items() if r["in_stock"]}
+    assert not at.error and not at.exception
+
+
+def test_cards_show_title_brand_price_and_product(shop):
+    at, rows = shop
+    at.toggle(key="group").set_value(False).run()
+    first = rows[result_ids(at)[0]]
+    assert f"**{first['title']}**" in [m.value for m in at.markdown]
+    facts = f"{first['brand']} · price {first['price']:,.2f} · product {first['product_id']}"
+    assert facts in [c.value for c in at.caption]
+
+
+def test_one_result_per_product_unless_toggled_off(shop):
+    at, rows = shop
+    grouped = result_ids(at)
+    assert len(grouped) == 6 and len({rows[i]["product_id"] for i in grouped}) == 6
+    assert any(c.value.startswith("6 products in") for c in at.caption)
+    at.toggle(key="group").set_value(False).run()
+    assert len(result_ids(at)) == 12
+
+
+def test_the_page_never_reads_an_image_outside_the_catalog(monkeypatch, tmp_path):
+    """A symlink in the catalog to a photo outside it is indexed, but the page shows no picture of it:
+    its thumbnails go through engine.item_path, the check the HTTP API uses."""
+    catalog = make_catalog(tmp_path / "catalog")
+    outside = tmp_path / "private" / "secret.jpg"
+    outside.parent.mkdir()
+    garment_image((200, 10, 10), period=4).save(outside)
+    (catalog / "dress" / "linked.jpg").symlink_to(outside)
+    index = build_service_index(tmp_path, catalog)
+
+    read = []
+    original = images.load_image
+    monkeypatch.setattr(
+        images, "load_image", lambda source, *a, **kw: read.append(source) or original(source, *a, **kw)
+    )
+    at = page(monkeypatch, index)
+    at.number_input(key="k").set_value(20).run()
+    at.text_input(key="text").input("a red dress").run()
+    assert "dress/linked.jpg" in result_ids(at)  # the item is found...
+    root = catalog.resolve()
+    opened = [Path(p).resolve() for p in read if isinstance(p, str)]
+    assert opened and all(root in p.parents for p in opened), opened  # ...but its file is never read

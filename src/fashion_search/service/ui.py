@@ -14,7 +14,8 @@ import streamlit as st
 
 from fashion_search.data.images import load_image
 from fashion_search.errors import FashionSearchError, ImageDecodeError
-from fashion_search.service.engine import SearchEngine
+from fashion_search.service.engine import SearchEngine, SearchResult
+from fashion_search.service.ui_filters import draw_filters, draw_product_details, filter_skip, md_escape
 
 MODES = ("Image + text", "Text only", "Image only")
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif"]
@@ -23,7 +24,14 @@ GRID_COLUMNS = 4
 SAMPLE_SIZE = 8
 THUMB_PX = 320
 MAX_UPLOAD_PIXELS = 40_000_000  # same bound as the HTTP API
-WIDGET_DEFAULTS = {"mode": MODES[0], "text": "", "text_weight": 0.5, "k": 12, "category": "All categories"}
+WIDGET_DEFAULTS = {
+    "mode": MODES[0],
+    "text": "",
+    "text_weight": 0.5,
+    "k": 12,
+    "category": "All categories",
+    "group": True,
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -129,16 +137,22 @@ def shuffle_samples() -> None:
 
 
 # -- drawing -------------------------------------------------------------------------------------------
+def catalog_thumbnail(engine: SearchEngine, item_id: str) -> bytes | None:
+    """Every catalog picture on the page comes through here: engine.item_path is the one check (the
+    API's too) that an id names a file inside the catalog, so a symlink out of it shows nothing."""
+    try:
+        path = engine.item_path(item_id)
+        return item_thumbnail(str(path), path.stat().st_mtime_ns)
+    except (FashionSearchError, OSError):
+        return None
+
+
 def ref_thumbnail(engine: SearchEngine, ref: dict | None) -> bytes | None:
     if ref is None:
         return None
     if "upload" in ref:
         return ref["thumb"]
-    try:
-        path = engine.item_path(ref["id"])
-        return item_thumbnail(str(path), path.stat().st_mtime_ns)
-    except (FashionSearchError, OSError):
-        return None
+    return catalog_thumbnail(engine, ref["id"])
 
 
 def ref_label(ref: dict | None) -> str:
@@ -154,7 +168,8 @@ def show_image(data: bytes | None, caption: str | None = None) -> None:
         st.image(data, caption=caption, width="stretch")
 
 
-def draw_sidebar(engine: SearchEngine) -> None:
+def draw_sidebar(engine: SearchEngine) -> str | None:
+    """The search settings and the catalog filters; returns the filters' `where` expression."""
     with st.sidebar:
         st.header("Search settings")
         st.radio(
@@ -173,11 +188,22 @@ def draw_sidebar(engine: SearchEngine) -> None:
         categories = engine.categories()
         if categories:
             st.selectbox("Category", ["All categories", *categories], key="category")
-        st.divider()
         info = engine.info()
+        if info["products"]:
+            st.toggle(
+                "One result per product",
+                key="group",
+                help="Show each product once, by its best matching photo; off: every matching photo.",
+            )
+        st.header("Filters")
+        where = draw_filters(engine.attribute_values(), filter_skip(categories))
+        st.divider()
+        products = f" of {info['products']:,} products" if info["products"] else ""
         st.caption(
-            f"Index: {info['items']:,} items · model `{info['model']}` ({info['pretrained']}) · {info['fusion']}"
+            f"Index: {info['items']:,} items{products} · model `{info['model']}` ({info['pretrained']})"
+            f" · {info['fusion']}"
         )
+    return where
 
 
 def draw_reference(engine: SearchEngine) -> None:
@@ -237,7 +263,24 @@ def draw_catalog_sample(engine: SearchEngine) -> None:
         st.button("Show other items", key="shuffle", on_click=shuffle_samples, icon=":material/shuffle:")
 
 
-def run_search(engine: SearchEngine) -> None:
+def draw_result(engine: SearchEngine, rank: int, r: SearchResult) -> None:
+    s = st.session_state
+    show_image(catalog_thumbnail(engine, r.id))
+    st.markdown(f"**{rank + 1}.** `{r.id}`")
+    draw_product_details(r.metadata, r.product_id)
+    st.caption(f"similarity **{r.score:.3f}**")
+    current = s.ref is not None and s.ref.get("id") == r.id
+    st.button(
+        "Current reference" if current else "Use as reference",
+        key=f"use_{rank}",
+        on_click=use_as_reference,
+        args=(r.id,),
+        disabled=current,  # refining from the item you already hold would be a no-op turn
+        width="stretch",
+    )
+
+
+def run_search(engine: SearchEngine, where: str | None) -> None:
     s = st.session_state
     use_image, use_text = s.mode != "Text only", s.mode != "Image only"
     image = None
@@ -262,6 +305,8 @@ def run_search(engine: SearchEngine) -> None:
             text_weight=s.text_weight if image is not None and text else None,
             k=int(s.k),
             category=category,
+            where=where,
+            group=bool(s.group),
         )
     except ImageDecodeError as exc:
         st.error(f"The reference image cannot be used: {exc}.")
@@ -273,7 +318,11 @@ def run_search(engine: SearchEngine) -> None:
         p for p in ("reference photo" if image is not None else "", f"“{text}”" if text else "") if p
     )
     st.subheader(f"Results for {what}")
-    st.caption(f"{len(results)} items in {(time.perf_counter() - started) * 1000:.0f} ms")
+    unit = "products" if s.group and engine.info()["products"] else "items"
+    st.caption(f"{len(results)} {unit} in {(time.perf_counter() - started) * 1000:.0f} ms")
+    if where:
+        # As code, so Markdown leaves it as typed (no ≤ for <=) and it pastes into `search --where`.
+        st.caption(f"filter: `{where}`" if "`" not in where else f"filter: {md_escape(where)}")
     if not results:
         st.warning("No items match this filter.")
         return
@@ -281,20 +330,7 @@ def run_search(engine: SearchEngine) -> None:
         cols = st.columns(GRID_COLUMNS)
         for col, (rank, r) in zip(cols, enumerate(results[start : start + GRID_COLUMNS], start)):
             with col, st.container(border=True, key=f"result_{rank}"):
-                path = Path(r.path)
-                thumb = item_thumbnail(str(path), path.stat().st_mtime_ns) if path.is_file() else None
-                show_image(thumb)
-                st.markdown(f"**{rank + 1}.** `{r.id}`")
-                st.caption(f"similarity **{r.score:.3f}**")
-                current = s.ref is not None and s.ref.get("id") == r.id
-                st.button(
-                    "Current reference" if current else "Use as reference",
-                    key=f"use_{rank}",
-                    on_click=use_as_reference,
-                    args=(r.id,),
-                    disabled=current,  # refining from the item you already hold would be a no-op turn
-                    width="stretch",
-                )
+                draw_result(engine, rank, r)
 
 
 def main() -> None:
@@ -319,7 +355,7 @@ def main() -> None:
             icon=":material/inventory_2:",
         )
         st.stop()
-    draw_sidebar(engine)
+    where = draw_sidebar(engine)
     left, right = st.columns([1, 2], gap="large")
     with left:
         draw_reference(engine)
@@ -333,7 +369,7 @@ def main() -> None:
         )
         draw_history(engine)
     draw_catalog_sample(engine)
-    run_search(engine)
+    run_search(engine, where)
 
 
 main()
