@@ -16,8 +16,8 @@ from fashion_search.catalog.filters import mask, parse
 from fashion_search.catalog.grouping import grouped_search
 from fashion_search.catalog.metadata import MetadataTable
 from fashion_search.index import exact
-from fashion_search.index.registry import choose_index_kind, create_index, load_index
 from fashion_search.index.exact import exact_topk
+from fashion_search.index.registry import choose_index_kind, create_index, load_index
 
 # price uniform in [0, 1000), brand 1 of 50, rating uniform in [1, 5): the shares multiply.
 FILTERS = {
