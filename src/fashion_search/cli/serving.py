@@ -22,6 +22,11 @@ _NEEDS = {"serve": ("fastapi", "uvicorn"), "ui": ("streamlit",)}
 _LIMIT_FLAGS = {
     "max_upload_bytes": ("--max-upload-mb", positive_float, "largest image upload in MB"),
     "max_pixels": ("--max-pixels", positive_int, "largest decoded image in pixels"),
+    "max_decode_bytes": (
+        "--max-decode-mb",
+        positive_float,
+        "memory one upload's decode may take in MB (a 16-bit or palette image takes more per pixel)",
+    ),
     "max_text_chars": ("--max-text-chars", positive_int, "longest text query"),
     "rate_limit": ("--rate-limit", non_negative_float, "requests per second per client address; 0: off"),
     "rate_burst": ("--rate-burst", positive_int, "burst allowance; none: 2 s worth"),
@@ -51,11 +56,13 @@ def _check_face(face: str, host: str, port: int) -> None:
     check_port_free(host, port)
 
 
+_IN_MB = {"max_upload_bytes": "max_upload_mb", "max_decode_bytes": "max_decode_mb"}
+
+
 def limits_from_args(args) -> ServerLimits:
-    values = {name: getattr(args, name) for name in _LIMIT_FLAGS if name != "max_upload_bytes"}
-    return ServerLimits(
-        max_upload_bytes=int(args.max_upload_mb * _MB), cors_origins=tuple(args.cors_origins or ()), **values
-    )
+    values = {name: getattr(args, name) for name in _LIMIT_FLAGS if name not in _IN_MB}
+    values.update({name: int(getattr(args, dest) * _MB) for name, dest in _IN_MB.items()})
+    return ServerLimits(cors_origins=tuple(args.cors_origins or ()), **values)
 
 
 def cmd_serve(args) -> int:
@@ -88,7 +95,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_listen_args(p, 8000)
     g = p.add_argument_group("limits and operations")
     defaults = {f.name: f.default for f in fields(ServerLimits)}
-    defaults["max_upload_bytes"] /= _MB
+    for name in _IN_MB:
+        defaults[name] /= _MB
     for name, (flag, kind, text) in _LIMIT_FLAGS.items():
         default = defaults[name]
         shown = (
@@ -96,7 +104,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         )
         g.add_argument(
             flag,
-            dest=name if name != "max_upload_bytes" else "max_upload_mb",
+            dest=_IN_MB.get(name, name),
             type=kind,
             default=default,
             help=f"{text} (default {shown})",

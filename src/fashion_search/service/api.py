@@ -207,6 +207,7 @@ def create_app(engine: SearchEngine, limits: ServerLimits | None = None, **chang
         lifespan=lifespan,
     )
     app.state.engine = engine
+    engine.max_decode_bytes = limits.max_decode_bytes  # one server per engine: its budget for uploads
     _install_error_handlers(app, engine)
 
     @app.get("/health", response_model=Health)
