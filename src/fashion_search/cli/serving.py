@@ -14,7 +14,7 @@ from fashion_search.cli.args import (
     positive_int,
 )
 from fashion_search.errors import FashionSearchError
-from fashion_search.service.limits import ServerLimits
+from fashion_search.service.limits import LOG_FORMATS, ServerLimits
 
 _NEEDS = {"serve": ("fastapi", "uvicorn"), "ui": ("streamlit",)}
 
@@ -40,6 +40,18 @@ _LIMIT_FLAGS = {
         non_negative_float,
         "on SIGTERM/SIGINT, seconds to let requests in flight finish",
     ),
+    "header_timeout": (
+        "--header-timeout",
+        positive_float,
+        "seconds a client has to send its request headers",
+    ),
+    "body_timeout": ("--body-timeout", positive_float, "seconds a client has to send its request body"),
+    "max_connections": ("--max-connections", positive_int, "open connections; over it a 503"),
+    "max_uploads_in_memory": (
+        "--max-uploads-in-memory",
+        positive_int,
+        "image uploads read and searched at once; the others wait unread",
+    ),
 }
 _MB = 1024 * 1024
 
@@ -60,9 +72,16 @@ _IN_MB = {"max_upload_bytes": "max_upload_mb", "max_decode_bytes": "max_decode_m
 
 
 def limits_from_args(args) -> ServerLimits:
+    from fashion_search.service.auth import load_api_keys
+
     values = {name: getattr(args, name) for name in _LIMIT_FLAGS if name not in _IN_MB}
     values.update({name: int(getattr(args, dest) * _MB) for name, dest in _IN_MB.items()})
-    return ServerLimits(cors_origins=tuple(args.cors_origins or ()), **values)
+    return ServerLimits(
+        cors_origins=tuple(args.cors_origins or ()),
+        api_keys=load_api_keys(args.api_key_file),
+        log_format=args.log_format,
+        **values,
+    )
 
 
 def cmd_serve(args) -> int:
@@ -115,6 +134,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         help="allow browser calls from this origin (repeatable; default: none)",
+    )
+    g.add_argument(
+        "--api-key-file",
+        default=None,
+        help="require one of these keys (one a line; also $FASHION_SEARCH_API_KEYS) as "
+        "'Authorization: Bearer KEY' or 'X-API-Key: KEY' everywhere but /health",
+    )
+    g.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=ServerLimits.log_format,
+        help="text, or json: one JSON object a line with a request id (default text)",
     )
     p.set_defaults(func=cmd_serve)
 
