@@ -145,3 +145,31 @@ def test_large_uploads_wait_unread_beyond_the_slots():
 
     asyncio.run(main())
     assert most == 2 and not read_early
+
+
+def test_the_new_serve_flags_reach_the_limits(tmp_path, capsys):
+    from fashion_search.cli import build_parser, main
+    from fashion_search.cli.serving import limits_from_args
+
+    keys = tmp_path / "keys"
+    keys.write_text(KEY + "\n")
+    argv = ["serve", "--index", "I", "--header-timeout", "3", "--body-timeout", "7", "--max-connections", "9"]
+    argv += ["--max-uploads-in-memory", "2", "--log-format", "json", "--api-key-file", str(keys)]
+    limits = limits_from_args(build_parser().parse_args(argv))
+    assert (limits.header_timeout, limits.body_timeout, limits.max_connections) == (3.0, 7.0, 9)
+    assert (limits.max_uploads_in_memory, limits.log_format, limits.api_keys) == (2, "json", (KEY,))
+    # A key file that cannot be read stops the server before it starts: exit 2, one line.
+    from service_fixtures import free_port
+
+    argv = [
+        "serve",
+        "--index",
+        str(tmp_path),
+        "--port",
+        str(free_port()),
+        "--api-key-file",
+        str(tmp_path / "no"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot read API key file" in err and err.count("\n") == 1

@@ -134,3 +134,5 @@ def test_slow_and_malformed_clients_are_cut_off_with_json_answers(tmp_path):
     entries = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert any(e.get("request_id") == rid and e.get("path") == "/metrics" for e in entries), err[-2000:]
     assert KEY not in err
+    # A body cut off mid-read is the client's failure, not a server error with a traceback.
+    assert not [e for e in entries if e["level"] in ("error", "critical")], err[-3000:]
