@@ -361,5 +361,11 @@ def test_a_body_trickled_byte_by_byte_is_cut_off_at_the_per_file_deadline(site, 
         [("TRICKLE", site.url("/trickle.jpg"))], tmp_path / "o", file_deadline=1.0, **options
     )
     assert [f["asin"] for f in report.failed] == ["TRICKLE"]
+    from fashion_search.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["download-fashioniq", "--urls", "u", "--out", "o", "--file-deadline", "5"]
+    )
+    assert args.file_deadline == 5.0
     assert "not complete within 1 s" in report.failed[0]["reason"]
     assert _final_files(tmp_path / "o") == {}
