@@ -111,6 +111,16 @@ class Site:
                     site.stop.wait(20)
                 elif path == "/hang.jpg":
                     self.send(200, BIG)
+                elif path == "/trickle.jpg":  # a valid image, one byte every 0.1 s: no read times out
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(JPEG)))
+                    self.end_headers()
+                    for i in range(len(JPEG)):
+                        self.wfile.write(JPEG[i : i + 1])
+                        self.wfile.flush()
+                        if site.stop.wait(0.1):
+                            break
                 else:
                     self.send(404, b"not found", "text/plain")
 
@@ -341,3 +351,21 @@ def test_the_cli_fails_when_every_download_failed(site, tmp_path, capsys):
     (out / "A3.jpg").write_bytes(JPEG)  # one present file: a partial result is not a failure
     urls.write_text(urls.read_text() + f"A3\t{site.url('/missing.jpg')}\n")
     assert main(args) == 0
+
+
+def test_a_body_trickled_byte_by_byte_is_cut_off_at_the_per_file_deadline(site, tmp_path):
+    """Each read arrives well within the timeout; only a deadline on the whole file ends it."""
+    assert len(JPEG) > 60  # at 10 bytes/s, over 6 s: far past the deadline below
+    options = {**FAST, "timeout": 2.0, "retries": 0}
+    report = download_images(
+        [("TRICKLE", site.url("/trickle.jpg"))], tmp_path / "o", file_deadline=1.0, **options
+    )
+    assert [f["asin"] for f in report.failed] == ["TRICKLE"]
+    from fashion_search.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["download-fashioniq", "--urls", "u", "--out", "o", "--file-deadline", "5"]
+    )
+    assert args.file_deadline == 5.0
+    assert "not complete within 1 s" in report.failed[0]["reason"]
+    assert _final_files(tmp_path / "o") == {}

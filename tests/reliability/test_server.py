@@ -27,6 +27,10 @@ def test_reload_under_load_then_graceful_shutdown(tmp_path):
     cmd = serve_cmd(index_dir, port, "--reload-interval", "0.2", "--graceful-timeout", "5")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Drained as it comes: the server logs a line per request, and a full pipe would block its event loop.
+    lines: list[str] = []
+    drain = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    drain.start()
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -97,8 +101,9 @@ def test_reload_under_load_then_graceful_shutdown(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-    log = proc.stdout.read()
-    assert served_before > 0
+    drain.join(timeout=10)
+    log = "".join(lines)
+    assert served_before > 0, (outcomes[:10], log[-1500:])
     assert not [o for o in outcomes if isinstance(o, int) and o != 200], outcomes
     # uvicorn re-raises the signal once shut down, so the exit status says "ended by SIGTERM" (which
     # systemd and Kubernetes count as a clean stop); what matters is that the shutdown ran to the end.

@@ -55,6 +55,16 @@ def test_unknown_names_are_clear_errors(tmp_path):
         create_model("fs-micro", str(tmp_path / "missing.pt"))
 
 
+@pytest.mark.parametrize("name", ["weights.pt", "weights.bin", "weights.safetensors"])
+def test_a_corrupt_weights_file_is_a_one_line_error(tmp_path, name):
+    """torch.load and safetensors raise IndexError, UnpicklingError, SafetensorError... on garbage."""
+    path = tmp_path / name
+    path.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(FashionSearchError, match="corrupt") as err:
+        create_model("fs-micro", str(path))
+    assert "\n" not in str(err.value)
+
+
 def test_device_resolution():
     assert resolve_device("cpu").type == "cpu"
     expected = "cuda" if torch.cuda.is_available() else None

@@ -45,7 +45,12 @@ def cmd_download(args) -> int:
 
     pairs = read_url_lists([Path(p) for p in args.urls])
     report = download_images(
-        pairs, Path(args.out), workers=args.workers, timeout=args.timeout, progress=not args.quiet
+        pairs,
+        Path(args.out),
+        workers=args.workers,
+        timeout=args.timeout,
+        progress=not args.quiet,
+        file_deadline=args.file_deadline,
     )
     print(
         f"downloaded {report.ok}, already present {report.skipped_existing}, failed {len(report.failed)} "
@@ -185,7 +190,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--urls", nargs="+", required=True, help="asin2url.*.txt files (ASIN \\t URL)")
     p.add_argument("--out", required=True, help="images directory, e.g. DATA/images")
     p.add_argument("--workers", type=positive_int, default=8)
-    p.add_argument("--timeout", type=positive_float, default=10.0)
+    p.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per network operation")
+    p.add_argument(
+        "--file-deadline", type=positive_float, default=120.0, help="seconds for one attempt at one file"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_download)
 

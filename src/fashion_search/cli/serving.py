@@ -14,7 +14,7 @@ from fashion_search.cli.args import (
     positive_int,
 )
 from fashion_search.errors import FashionSearchError
-from fashion_search.service.limits import ServerLimits
+from fashion_search.service.limits import LOG_FORMATS, ServerLimits
 
 _NEEDS = {"serve": ("fastapi", "uvicorn"), "ui": ("streamlit",)}
 
@@ -22,6 +22,11 @@ _NEEDS = {"serve": ("fastapi", "uvicorn"), "ui": ("streamlit",)}
 _LIMIT_FLAGS = {
     "max_upload_bytes": ("--max-upload-mb", positive_float, "largest image upload in MB"),
     "max_pixels": ("--max-pixels", positive_int, "largest decoded image in pixels"),
+    "max_decode_bytes": (
+        "--max-decode-mb",
+        positive_float,
+        "memory one upload's decode may take in MB (a 16-bit or palette image takes more per pixel)",
+    ),
     "max_text_chars": ("--max-text-chars", positive_int, "longest text query"),
     "rate_limit": ("--rate-limit", non_negative_float, "requests per second per client address; 0: off"),
     "rate_burst": ("--rate-burst", positive_int, "burst allowance; none: 2 s worth"),
@@ -34,6 +39,18 @@ _LIMIT_FLAGS = {
         "--graceful-timeout",
         non_negative_float,
         "on SIGTERM/SIGINT, seconds to let requests in flight finish",
+    ),
+    "header_timeout": (
+        "--header-timeout",
+        positive_float,
+        "seconds a client has to send its request headers",
+    ),
+    "body_timeout": ("--body-timeout", positive_float, "seconds a client has to send its request body"),
+    "max_connections": ("--max-connections", positive_int, "open connections; over it a 503"),
+    "max_uploads_in_memory": (
+        "--max-uploads-in-memory",
+        positive_int,
+        "image uploads read and searched at once; the others wait unread",
     ),
 }
 _MB = 1024 * 1024
@@ -51,10 +68,19 @@ def _check_face(face: str, host: str, port: int) -> None:
     check_port_free(host, port)
 
 
+_IN_MB = {"max_upload_bytes": "max_upload_mb", "max_decode_bytes": "max_decode_mb"}
+
+
 def limits_from_args(args) -> ServerLimits:
-    values = {name: getattr(args, name) for name in _LIMIT_FLAGS if name != "max_upload_bytes"}
+    from fashion_search.service.auth import load_api_keys
+
+    values = {name: getattr(args, name) for name in _LIMIT_FLAGS if name not in _IN_MB}
+    values.update({name: int(getattr(args, dest) * _MB) for name, dest in _IN_MB.items()})
     return ServerLimits(
-        max_upload_bytes=int(args.max_upload_mb * _MB), cors_origins=tuple(args.cors_origins or ()), **values
+        cors_origins=tuple(args.cors_origins or ()),
+        api_keys=load_api_keys(args.api_key_file),
+        log_format=args.log_format,
+        **values,
     )
 
 
@@ -88,7 +114,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_listen_args(p, 8000)
     g = p.add_argument_group("limits and operations")
     defaults = {f.name: f.default for f in fields(ServerLimits)}
-    defaults["max_upload_bytes"] /= _MB
+    for name in _IN_MB:
+        defaults[name] /= _MB
     for name, (flag, kind, text) in _LIMIT_FLAGS.items():
         default = defaults[name]
         shown = (
@@ -96,7 +123,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         )
         g.add_argument(
             flag,
-            dest=name if name != "max_upload_bytes" else "max_upload_mb",
+            dest=_IN_MB.get(name, name),
             type=kind,
             default=default,
             help=f"{text} (default {shown})",
@@ -107,6 +134,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         help="allow browser calls from this origin (repeatable; default: none)",
+    )
+    g.add_argument(
+        "--api-key-file",
+        default=None,
+        help="require one of these keys (one a line; also $FASHION_SEARCH_API_KEYS) as "
+        "'Authorization: Bearer KEY' or 'X-API-Key: KEY' everywhere but /health",
+    )
+    g.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=ServerLimits.log_format,
+        help="text, or json: one JSON object a line with a request id (default text)",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -101,16 +101,18 @@ def download_images(
     backoff: float = 0.5,
     progress: bool = True,
     client: httpx.Client | None = None,
+    file_deadline: float = 120.0,
 ) -> DownloadReport:
     """Download each (ASIN, URL) to `out_dir/{ASIN}.{ext}`, skipping ASINs that already have a valid image.
 
-    `timeout` bounds each network operation of a request; 5xx, 408/429 and network errors are tried
+    `timeout` bounds each network operation of a request and `file_deadline` a whole attempt at one
+    file (a host trickling a body a byte at a time never trips the former); 5xx, 408/429 and network errors are tried
     again up to `retries` more times, waiting `backoff * 2**n` seconds; other 4xx fail at once. Files
     are written under a temporary dot-name, checked to decode, then renamed, so a killed run never
     leaves a partial image under a final name. The report is also written to `out_dir/download_report.json`.
     Raises FashionSearchError only when the run cannot happen at all (bad arguments, unwritable folder).
     """
-    if workers < 1 or retries < 0 or timeout <= 0 or backoff < 0:
+    if workers < 1 or retries < 0 or timeout <= 0 or backoff < 0 or file_deadline <= 0:
         raise FashionSearchError("workers and timeout must be positive, retries and backoff not negative")
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
@@ -128,6 +130,7 @@ def download_images(
             limits=httpx.Limits(max_connections=workers, max_keepalive_connections=workers),
         )
     fetcher = _Fetcher(client, out_dir, timeout, retries, backoff)
+    fetcher.file_deadline = file_deadline
     results: dict[int, tuple[str, str]] = {}
     report = DownloadReport()
     bar = tqdm(total=len(todo), unit="img", desc="images", disable=not progress, dynamic_ncols=True)
@@ -212,6 +215,8 @@ class _Fail(Exception):
 class _Fetcher:
     """Fetches one ASIN per call; shared by the worker threads (httpx.Client is thread-safe)."""
 
+    file_deadline = 120.0  # seconds for one attempt at one file, headers to last byte
+
     def __init__(self, client: httpx.Client, out_dir: Path, timeout: float, retries: int, backoff: float):
         self.client, self.out_dir = client, out_dir
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
@@ -271,6 +276,7 @@ class _Fetcher:
                 tmp.unlink()
 
     def _stream_to(self, url: str, f: Any) -> str:
+        give_up = time.monotonic() + self.file_deadline
         try:
             with self.client.stream("GET", url, timeout=self.timeout) as response:
                 status = response.status_code
@@ -283,6 +289,8 @@ class _Fetcher:
                     size += len(chunk)
                     if size > MAX_BYTES:
                         raise _Fail(f"response larger than {MAX_BYTES // (1024 * 1024)} MB")
+                    if time.monotonic() > give_up:
+                        raise _Retry(f"response not complete within {self.file_deadline:g} s")
                     f.write(chunk)
                 return response.headers.get("content-type", "")
         except httpx.TimeoutException:

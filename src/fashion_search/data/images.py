@@ -51,25 +51,30 @@ def load_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_size: tuple[int, int] | None = None,
+    max_decode_bytes: int | None = None,
 ) -> Image.Image:
     """Decode `source` into an upright RGB image, or raise ImageDecodeError with a short reason.
 
     `draft_size` lets JPEG decode at a reduced scale (DCT scaling) when the caller will shrink the
-    image anyway: several times faster for large photos and never smaller than the requested size.
+    image anyway: several times faster for large photos and never smaller than the requested size;
+    other formats are box-reduced to about twice that size before any mode conversion.
+    `max_decode_bytes` bounds the memory decoding takes (see decode_cost), which for a 16-bit or
+    palette image is several times what its pixel count suggests.
     """
+    args = (max_pixels, draft_size, max_decode_bytes)
     if isinstance(source, bytes | bytearray):
         if not source:
             raise ImageDecodeError("empty file")
-        return _decode(io.BytesIO(source), max_pixels, draft_size)
+        return _decode(io.BytesIO(source), *args)
     if not isinstance(source, str | os.PathLike):
         if getattr(source, "seekable", lambda: False)():
             start = source.tell()
             if not source.read(1):
                 raise ImageDecodeError("empty file")
             source.seek(start)
-        return _decode(source, max_pixels, draft_size)
+        return _decode(source, *args)
     with _open_regular(source) as fh:
-        return _decode(fh, max_pixels, draft_size)
+        return _decode(fh, *args)
 
 
 def read_image_bytes(path: str | os.PathLike) -> bytes:
@@ -94,7 +99,20 @@ def _open_regular(path: str | os.PathLike) -> BinaryIO:
         raise ImageDecodeError(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
 
 
-def _decode(fp: BinaryIO, max_pixels: int, draft_size: tuple[int, int] | None) -> Image.Image:
+# Peak bytes per pixel from decoding to an 8-bit RGB image, by decoded mode: Pillow keeps RGB-like
+# modes in 4 bytes a pixel; 16-bit and 32-bit grey are brought to 8 bits in bands (one byte a pixel
+# more); a palette image is expanded to RGB(A) whole, as it cannot be box-reduced first.
+_DECODE_BYTES = {"1": 2, "L": 1, "P": 5, "I;16": 3, "I;16B": 3, "I;16L": 3, "I;16N": 3, "I": 5, "F": 5}
+
+
+def decode_cost(mode: str, width: int, height: int) -> int:
+    """Bytes of memory that decoding a `mode` image of width x height takes at its peak."""
+    return width * height * _DECODE_BYTES.get(mode, 4)
+
+
+def _decode(
+    fp: BinaryIO, max_pixels: int, draft_size: tuple[int, int] | None, max_decode_bytes: int | None
+) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -106,7 +124,16 @@ def _decode(fp: BinaryIO, max_pixels: int, draft_size: tuple[int, int] | None) -
                 )
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", draft_size)
+            # After draft: a JPEG's cost is that of its reduced scale, which is all that is decoded.
+            cost = decode_cost(img.mode, *img.size)
+            if max_decode_bytes is not None and cost > max_decode_bytes:
+                raise ImageDecodeError(
+                    f"image is {img.size[0]}x{img.size[1]} pixels of mode {img.mode}: decoding takes "
+                    f"{cost / 2**20:,.0f} MB, over the limit of {max_decode_bytes / 2**20:,.0f} MB"
+                )
             img.load()  # first frame of an animated GIF/WebP
+            if draft_size is not None:
+                img = _reduce(img, draft_size)
             img = ImageOps.exif_transpose(img)
             return to_rgb(_bound_aspect(img))
     except ImageDecodeError:
@@ -126,6 +153,23 @@ def _decode(fp: BinaryIO, max_pixels: int, draft_size: tuple[int, int] | None) -
         raise ImageDecodeError(f"cannot decode image ({str(exc) or type(exc).__name__})") from None
 
 
+def _reduce(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Box-reduce by an integer factor to no less than twice `size` on the short side: the model's
+    resize then works on a few hundred pixels rather than thousands (what Pillow's thumbnail does
+    with reducing_gap=2), and the 8-bit conversion below on a fraction of the pixels."""
+    factor = min(img.size) // (2 * max(size))
+    if factor < 2:
+        return img
+    # Image.reduce does not take these modes: bring them to the narrowest mode it does take.
+    if img.mode.startswith("I;16"):
+        img = _grey_to_8bit(img)
+    elif img.mode == "1":
+        img = img.convert("L")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    return img.reduce(factor)
+
+
 def _bound_aspect(img: Image.Image) -> Image.Image:
     w, h = img.size
     if w > MAX_ASPECT * h:
@@ -142,12 +186,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        if img.mode == "F":
-            top = max(float(arr.max(initial=0)), 1.0)
-        arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
+        return _grey_to_8bit(img).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -155,6 +194,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _grey_to_8bit(img: Image.Image, band_rows: int = 256) -> Image.Image:
+    """16/32-bit or float grey scaled to 8 bits a band of rows at a time: converting a large image to
+    float32 whole would take 4 bytes a pixel more than the decoded image itself."""
+    top_value = float(img.getextrema()[1] or 0)
+    top = 65535.0 if img.mode.startswith("I;16") or top_value > 255 else 255.0
+    if img.mode == "F":
+        top = max(top_value, 1.0)
+    width, height = img.size
+    out = np.empty((height, width), dtype=np.uint8)
+    for row in range(0, height, band_rows):
+        band = np.asarray(img.crop((0, row, width, min(height, row + band_rows))), dtype=np.float32)
+        out[row : row + band.shape[0]] = np.clip(band / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def is_image_file(path: str | os.PathLike) -> bool:

@@ -24,6 +24,7 @@ from fashion_search.data.cuda_pipeline import overlap_writes
 from fashion_search.data.images import iter_image_entries
 from fashion_search.data.loading import iter_embedded
 from fashion_search.errors import FashionSearchError, IndexMismatchError
+from fashion_search.index.lock import holds_index_lock
 from fashion_search.index.registry import choose_index_kind, create_index
 from fashion_search.index.selfcheck import recall_warning, sampled_recall
 from fashion_search.index.store import index_exists, load_version, save_index_dir
@@ -215,6 +216,7 @@ def _overlap_writes(model: RetrievalModel) -> bool:
     return overlap_writes(model.device)
 
 
+@holds_index_lock  # one writer per index folder, for the whole run
 def build_index(
     images_dir: str | os.PathLike,
     out_dir: str | os.PathLike,

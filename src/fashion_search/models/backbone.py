@@ -324,6 +324,15 @@ def create_backbone(
         raise
     except (RuntimeError, OSError, KeyError, ValueError) as exc:
         raise FashionSearchError(f"cannot create model {model} with weights {pretrained!r}: {exc}") from None
+    except Exception as exc:
+        if not (weights and os.path.isfile(weights)):
+            raise
+        # torch.load and safetensors answer a corrupt file with whatever their parsers hit (IndexError,
+        # UnpicklingError, SafetensorError...): all of them mean the file is not usable weights.
+        reason = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+        raise FashionSearchError(
+            f"weights file {pretrained} is corrupt or not in a format open_clip reads ({reason})"
+        ) from None
     tokenizer = open_clip.get_tokenizer(model)
     preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
     return ClipBackbone(clip, tokenizer, preprocess_cfg, BackboneSpec(model, pretrained))

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fashion_search.errors import FashionSearchError
 from fashion_search.service.engine import MAX_K, SearchEngine
 from fashion_search.service.limits import ServerLimits
+from fashion_search.service.observe import install as install_operations
 
 log = logging.getLogger("fashion_search.api")
 
@@ -209,6 +210,7 @@ def create_app(engine: SearchEngine, limits: ServerLimits | None = None, **chang
         lifespan=lifespan,
     )
     app.state.engine = engine
+    engine.max_decode_bytes = limits.max_decode_bytes  # one server per engine: its budget for uploads
     _install_error_handlers(app, engine)
 
     @app.get("/health", response_model=Health)
@@ -321,6 +323,7 @@ def create_app(engine: SearchEngine, limits: ServerLimits | None = None, **chang
         rate = limits.rate_limit
         burst = limits.rate_burst if limits.rate_burst is not None else max(1, math.ceil(2 * rate))
         app.add_middleware(RateLimit, rate=rate, burst=burst)
+    install_operations(app, engine, limits)  # /metrics, request ids and logs, API keys, upload slots
     return app
 
 
@@ -353,11 +356,25 @@ def serve(
     """
     import uvicorn
 
+    from fashion_search.service.connections import guarded_protocol
+    from fashion_search.service.observe import configure_logging
+
     limits = limits or ServerLimits()
     engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device)
     app = create_app(engine, limits)
-    print(f"fashion-search API on http://{host}:{port} ({len(engine)} items; docs at /docs)")
+    configure_logging(limits.log_format)
+    keys = f"; {len(limits.api_keys)} API key(s) required" if limits.api_keys else ""
+    print(
+        f"fashion-search API on http://{host}:{port} ({len(engine)} items; docs at /docs{keys})", flush=True
+    )
     uvicorn.run(
-        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=limits.graceful_timeout
+        app,
+        host=host,
+        port=port,
+        http=guarded_protocol(limits, app.state.metrics.refuse),
+        log_config=None,  # configure_logging's handler; the access log is observe.py's, with request ids
+        access_log=False,
+        log_level="info",
+        timeout_graceful_shutdown=limits.graceful_timeout,
     )
     return 0

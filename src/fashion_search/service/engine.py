@@ -121,6 +121,10 @@ class SearchEngine:
     PyTorch's OpenMP runtime); open() builds the model there too. Why: service/model_thread.py.
     """
 
+    # Memory a query image's decode may take (data/images.py decode_cost); None: pixels alone bound it.
+    # A server sets it for strangers' uploads (ServerLimits.max_decode_bytes).
+    max_decode_bytes: int | None = None
+
     def __init__(
         self,
         model: RetrievalModel,
@@ -337,7 +341,12 @@ class SearchEngine:
         if self._device_decoder is not None and device_decodable(raw, max_pixels):
             return self._device_decoder.one(raw, self.model.pixel_pipeline, max_pixels)
         size = self.model.backbone.image_size
-        image = load_image(io.BytesIO(raw), max_pixels=max_pixels, draft_size=(size, size))
+        image = load_image(
+            io.BytesIO(raw),
+            max_pixels=max_pixels,
+            draft_size=(size, size),
+            max_decode_bytes=self.max_decode_bytes,
+        )
         return self.model.pixel_pipeline.to_uint8(image)[None]
 
     @functools.cached_property

@@ -87,6 +87,10 @@ class ModelThread:
             done.set_exception(exc)
         return done
 
+    def pending(self) -> int:
+        """Jobs queued behind the one running: what a server's metrics report as the model's queue."""
+        return self._pool._work_queue.qsize()
+
     def _called_on_it(self) -> bool:
         # The fork check comes first: in a forked child a new thread may reuse the parent's thread id.
         if self._pid != os.getpid():
