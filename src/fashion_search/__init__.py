@@ -43,7 +43,7 @@ def __getattr__(name):
 
         return getattr(checkpoint, name)
     if name == "SearchResult":
-        from fashion_search.service.engine import SearchResult
+        from fashion_search.service.snapshot import SearchResult
 
         return SearchResult
     raise AttributeError(f"module 'fashion_search' has no attribute {name!r}")

@@ -12,7 +12,6 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 
 from fashion_search.catalog import filters
-from fashion_search.catalog.attributes import CATEGORY, AttributeStore
+from fashion_search.catalog.attributes import AttributeStore
 from fashion_search.catalog.grouping import grouped_search
 from fashion_search.data.images import DEFAULT_MAX_PIXELS, load_image
 from fashion_search.data.loading import choose_decode
@@ -33,6 +32,7 @@ from fashion_search.models.features import QueryFeatures
 from fashion_search.models.fusion import check_text_weight
 from fashion_search.models.retrieval import RetrievalModel
 from fashion_search.service.model_thread import ModelThread
+from fashion_search.service.snapshot import SearchResult, Snapshot
 
 MAX_K = 1000
 
@@ -54,18 +54,6 @@ def _stage(timings: dict[str, float] | None, stage: str):
 log = logging.getLogger("fashion_search.engine")
 
 
-@dataclass(frozen=True)
-class SearchResult:
-    id: str
-    score: float
-    path: str
-    product_id: str | None = None  # from the catalog metadata's product_id column
-    metadata: dict = field(default_factory=dict)  # the item's attributes (missing ones left out)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 class _LRU:
     """A small thread-safe LRU cache of query embeddings."""
 
@@ -85,29 +73,6 @@ class _LRU:
             self.data.move_to_end(key)
             while len(self.data) > self.size:
                 self.data.popitem(last=False)
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    """One index version and everything derived from it, swapped as a whole by reload()."""
-
-    index: object
-    manifest: dict
-    ids: frozenset
-    categories: tuple
-    catalog_root: Path
-    attributes: AttributeStore
-    grouped: bool  # the catalog names products: results are one per product unless asked otherwise
-
-    @classmethod
-    def of(cls, index, manifest: dict, attributes: AttributeStore | None = None) -> _Snapshot:
-        ids = frozenset(index.ids())
-        categories = tuple(sorted({i.split("/", 1)[0] for i in ids if "/" in i}))
-        if attributes is None:
-            attributes = AttributeStore.build(index.ids(), None)[0]
-        grouped = bool(attributes.product_vocab)
-        root = Path(manifest.get("catalog_root", "."))
-        return cls(index, manifest, ids, categories, root, attributes, grouped)
 
 
 class SearchEngine:
@@ -138,7 +103,7 @@ class SearchEngine:
         self.model = model
         self.model_thread = model_thread or ModelThread()
         self.index_dir = Path(index_dir) if index_dir else None
-        self._snap = _Snapshot.of(index, manifest, attributes)
+        self._snap = Snapshot.of(index, manifest, attributes)
         self._reload_lock = threading.Lock()
         self._image_cache, self._text_cache = _LRU(256), _LRU(1024)
         self._last_check, self._failed_version = 0.0, None
@@ -205,7 +170,7 @@ class SearchEngine:
                 return False
             index, manifest, attributes = load_version(self.index_dir, mmap=True)
             check_identity(manifest["model"], self.model, f"index {self.index_dir}")
-            self._snap = _Snapshot.of(
+            self._snap = Snapshot.of(
                 index, manifest, attributes
             )  # one reference assignment: atomic for readers
             log.info("reloaded index %s: version %s, %d items", self.index_dir, self.version, len(index))
@@ -240,14 +205,7 @@ class SearchEngine:
 
     def item_path(self, item_id: str) -> Path:
         """The file of an indexed item; only ids in the index resolve, never a path outside the catalog."""
-        snap = self._snap
-        if item_id not in snap.ids:
-            raise FashionSearchError(f"no item {item_id!r} in the index")
-        path = (snap.catalog_root / item_id).resolve()
-        root = snap.catalog_root.resolve()
-        if root not in path.parents:
-            raise FashionSearchError(f"item {item_id!r} resolves outside the catalog")
-        return path
+        return self._snap.item_path(item_id)
 
     def info(self) -> dict:
         snap = self._snap
@@ -273,19 +231,8 @@ class SearchEngine:
         }
 
     def attribute_values(self) -> dict[str, dict]:
-        """What a filter can ask of each attribute, for building filter widgets: numbers' range,
-        strings' distinct values (all of them: the page shows a picker only for a few), bools."""
-        out: dict[str, dict] = {}
-        for name, col in self._snap.attributes.columns.items():
-            entry: dict = {"type": col.kind}
-            if col.kind == "number":
-                present = np.asarray(col.data)[~np.isnan(col.data)]
-                if present.size:
-                    entry.update(min=float(present.min()), max=float(present.max()), integral=col.integral)
-            elif col.kind == "string":
-                entry["values"] = list(col.vocab or [])
-            out[name] = entry
-        return out
+        """Each attribute's type and range or values, for filter widgets (Snapshot.attribute_values)."""
+        return self._snap.attribute_values()
 
     # -- query encoding (cached) ---------------------------------------------------------------
     def image_embedding(
@@ -435,7 +382,7 @@ class SearchEngine:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise FashionSearchError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
         snap = self._snap  # read once: this search sees one index version from start to end
-        node = self._filter_node(snap, where, category)  # bad filters fail before any forward pass
+        node = snap.filter_node(where, category)  # bad filters fail before any forward pass
         # An index that filters and groups itself (index/milvus_index.py) gets the checked tree, the
         # others a mask over the local attributes: the one place the two kinds of backend differ.
         remote = hasattr(snap.index, "search_where")
@@ -457,35 +404,7 @@ class SearchEngine:
                 return snap.index.search_hits(query.numpy(), kk, mask=mask)
 
         scores, rows, ids = self._on_model_thread(timings, embed_and_search)
-        attributes = snap.attributes
-        return [
-            SearchResult(
-                id=i,
-                score=float(s),
-                path=str(snap.catalog_root / i),
-                product_id=attributes.product_id(r),
-                metadata=attributes.row_metadata(r),
-            )
-            for s, r, i in zip(scores[0].tolist(), rows[0].tolist(), ids[0])
-        ]
-
-    @staticmethod
-    def _filter_node(snap: _Snapshot, where: str | None, category: str | None) -> filters.Node | None:
-        """The checked filter a query's rows must pass (where and category together); None: every row."""
-        if category is not None and category not in snap.categories:
-            raise FashionSearchError(
-                f"unknown category {category!r} (known: {', '.join(snap.categories) or 'none'})"
-            )
-        parts = []
-        if where is not None and where.strip():
-            node = filters.parse(where)
-            filters.check(node, snap.attributes.schema())
-            parts.append(node)
-        if category:
-            parts.append(filters.Compare(CATEGORY, "==", category))
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else filters.And(tuple(parts))
+        return snap.results(scores[0].tolist(), rows[0].tolist(), ids[0])
 
     def search_future(self, *args, **kwargs) -> Future[list[SearchResult]]:
         """search(*args, **kwargs) as one job queued on the model thread, returned as a future; errors
