@@ -1,22 +1,29 @@
 """Bounded load test of the HTTP API on 127.0.0.1: mixed valid and malformed requests, latency as JSON.
 
     .venv/bin/python benchmarks/load_api.py --clients 16 --requests 500 --json benchmarks/load_api.json
+    .venv/bin/python benchmarks/load_api.py --clients 12 --duration 300 --json soak.json   # a soak
 
-Without --url it builds a small catalog index (random-weight fs-micro unless --model says otherwise),
-starts `fashion-search serve` on a free port, runs the load, and stops the server with SIGTERM. Each
-client is a thread with its own keep-alive connection sending --requests requests: composed (image +
-text), text only, image only, and a --malformed share of bad ones (HTML as an image, truncated JPEG,
-decompression bomb, k=0, weight 2, empty form, over-long text, JSON body). Valid requests must all answer
-200 and malformed ones 4xx; the exit status is 1 when any did not.
+Without --url it builds a small catalog index (random-weight fs-micro unless --model says otherwise) with
+a metadata CSV (product_id, brand, price, in_stock), starts `fashion-search serve` on a free port, runs
+the load, and stops the server with SIGTERM. Each client is a thread with its own keep-alive connection
+sending --requests requests, or requests until --duration seconds have passed: composed (image + text),
+text only, image only, filtered (one of those with a random `where` and `group`; only when the index has
+the brand, price and in_stock attributes), and a --malformed share of bad ones (HTML as an image,
+truncated JPEG, decompression bomb, k=0, weight 2, empty form, over-long text, JSON body, bad filters).
+Valid requests must all answer 200 and malformed ones 4xx; the exit status is 1 when any did not.
+
+With --duration, --warmup seconds of the same traffic run first and are not counted; the server's RSS
+(VmRSS of the process this script started) is sampled every --rss-interval seconds of the measured
+phase and reported as start, end, max and a least-squares slope in MB/min.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
-import platform
 import random
 import signal
 import socket
@@ -30,12 +37,24 @@ import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import common
 import httpx
 import numpy as np
 from PIL import Image
 
 TEXTS = ["is darker", "same but in navy", "shorter and sleeveless", "has stripes", "a red dress", "is longer"]
-KINDS = ("composed", "text", "image")
+KINDS = ("composed", "text", "image", "filtered")
+KIND_WEIGHTS = (4, 3, 2, 3)
+BRANDS = ("Acme", "Zed", "Nord", "Lumen", "Orla")
+# `where` templates of the filtered requests: {p} a price, {b}/{c} brands, {s} true or false.
+WHERE_TEMPLATES = (
+    "price < {p}",
+    "price >= {p} and in_stock == {s}",
+    "brand in ['{b}', '{c}']",
+    "brand == '{b}' or price < {p}",
+    "in_stock and not brand in ['{b}']",
+    "{p} < price <= {q} and brand != '{c}'",
+)
 
 
 def _jpeg(colour, size=(96, 128), seed=0, quality=90) -> bytes:
@@ -57,18 +76,34 @@ def _bomb_png(side: int = 60_000) -> bytes:
 
 
 def build_catalog_index(base: Path, items: int, model: str, pretrained: str) -> Path:
-    """A catalog of `items` noisy colour JPEGs in two categories, indexed into base/index."""
+    """A catalog of `items` noisy colour JPEGs in two categories, indexed into base/index with a metadata
+    CSV: three photos per product_id, a brand, a price and in_stock."""
     from fashion_search.index.build import build_index
     from fashion_search.models.checkpoint import create_model
 
     rng = random.Random(0)
+    rows = ["image,product_id,brand,price,in_stock"]
     for i in range(items):
-        path = base / "catalog" / ("dress", "shirt")[i % 2] / f"item{i:04d}.jpg"
+        rel = f"{('dress', 'shirt')[i % 2]}/item{i:04d}.jpg"
+        path = base / "catalog" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(_jpeg((rng.randrange(256), rng.randrange(256), rng.randrange(256)), seed=i))
+        product = i // 3
+        price = 10 + (product * 37) % 190
+        in_stock = "true" if rng.random() < 0.7 else "false"
+        rows.append(f"{rel},p{product:04d},{BRANDS[product % len(BRANDS)]},{price}.99,{in_stock}")
+    (base / "products.csv").write_text("\n".join(rows) + "\n")
     encoder = create_model(model, pretrained, fusion="sum", device="cpu")
     source = {"model": model, "pretrained": pretrained, "fusion": "sum", "checkpoint": None}
-    build_index(base / "catalog", base / "index", encoder, source, workers=0, progress=False)
+    build_index(
+        base / "catalog",
+        base / "index",
+        encoder,
+        source,
+        workers=0,
+        progress=False,
+        metadata=base / "products.csv",
+    )
     return base / "index"
 
 
@@ -110,7 +145,20 @@ def malformed_requests() -> list[tuple[str, dict]]:
         ("empty_form", {"data": {}}),
         ("long_text", {"data": {"text": "x" * 10_001}}),
         ("json_body", {"json": {"text": "red"}}),
+        ("where_syntax", {"data": {"text": "red", "where": "price <"}}),
+        ("where_unknown_attribute", {"data": {"text": "red", "where": "colour == 'red'"}}),
+        ("where_wrong_type", {"data": {"text": "red", "where": "price == 'cheap'"}}),
+        ("where_call", {"data": {"text": "red", "where": "__import__('os').getpid() > 0"}}),
+        ("where_c_syntax", {"data": {"text": "red", "where": "price < 50 && in_stock"}}),
     ]
+
+
+def _where(rng: random.Random) -> str:
+    b, c = rng.sample(BRANDS, 2)
+    p = rng.randrange(10, 180)
+    return rng.choice(WHERE_TEMPLATES).format(
+        p=p, q=p + rng.randrange(10, 100), b=b, c=c, s=rng.choice(["true", "false"])
+    )
 
 
 def _valid_request(kind: str, rng: random.Random, catalog_photos: list[bytes]) -> dict:
@@ -128,23 +176,45 @@ def _valid_request(kind: str, rng: random.Random, catalog_photos: list[bytes]) -
         return {"files": {"image": ("q.jpg", photo, "image/jpeg")}, "data": data}
     if kind == "text":
         return {"data": {"text": text, "k": k}}
-    return {"files": {"image": ("q.jpg", photo, "image/jpeg")}, "data": {"k": k}}
+    if kind == "image":
+        return {"files": {"image": ("q.jpg", photo, "image/jpeg")}, "data": {"k": k}}
+    # filtered: one of the other three with a `where`, grouped by product or not
+    request = _valid_request(rng.choice(KINDS[:3]), rng, catalog_photos)
+    request["data"].update(where=_where(rng), group=rng.choice(["true", "false"]))
+    return request
 
 
-def run_load(base_url: str, clients: int, requests: int, malformed: float, seed: int, photos: list[bytes]):
+def run_load(
+    base_url: str,
+    clients: int,
+    requests: int,
+    malformed: float,
+    seed: int,
+    photos: list[bytes],
+    duration: float | None = None,
+    filters: bool = True,
+):
+    """Each client sends `requests` requests, or, with `duration`, requests until that many seconds have
+    passed (a request under way when the time is up finishes and counts)."""
     records: list[tuple[str, str, object, float]] = []  # (kind, name, status or error, seconds)
     lock = threading.Lock()
     bad = malformed_requests()
+    if not filters:
+        bad = [(name, kwargs) for name, kwargs in bad if not name.startswith("where_")]
+    weights = KIND_WEIGHTS if filters else (*KIND_WEIGHTS[:3], 0)
+    deadline = None if duration is None else time.monotonic() + duration
 
     def client(n: int) -> None:
         rng = random.Random(seed * 1000 + n)
         local = []
         with httpx.Client(base_url=base_url, timeout=60) as http:
-            for _ in range(requests):
+            sent = 0
+            while (time.monotonic() < deadline) if deadline is not None else (sent < requests):
+                sent += 1
                 if rng.random() < malformed:
                     kind, (name, kwargs) = "malformed", rng.choice(bad)
                 else:
-                    kind = rng.choices(KINDS, weights=(4, 3, 2))[0]
+                    kind = rng.choices(KINDS, weights=weights)[0]
                     name, kwargs = kind, _valid_request(kind, rng, photos)
                 started = time.perf_counter()
                 try:
@@ -162,6 +232,53 @@ def run_load(base_url: str, clients: int, requests: int, malformed: float, seed:
     for t in threads:
         t.join()
     return records, time.perf_counter() - started
+
+
+class RssSampler:
+    """VmRSS of one process every `interval` seconds, in a thread: (seconds since start, MB) rows."""
+
+    def __init__(self, pid: int, interval: float):
+        self.pid, self.interval, self.rows = pid, interval, []
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        kb = common.status_kb(self.pid, "VmRSS")
+        if kb is not None:
+            self.rows.append([round(time.monotonic() - self._started, 1), round(kb / 1024.0, 1)])
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> RssSampler:
+        self._started = time.monotonic()
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()  # the end, once the load has stopped
+
+    def report(self) -> dict:
+        if not self.rows:
+            return {"pid_sampled": self.pid, "samples": 0}
+        t = np.array([r[0] for r in self.rows])
+        mb = np.array([r[1] for r in self.rows])
+        slope = float(np.polyfit(t / 60.0, mb, 1)[0]) if len(self.rows) >= 3 and np.ptp(t) > 0 else None
+        return {
+            "interval_s": self.interval,
+            "samples": len(self.rows),
+            "start_mb": float(mb[0]),
+            "end_mb": float(mb[-1]),
+            "max_mb": float(mb.max()),
+            "min_mb": float(mb.min()),
+            "slope_mb_per_min": None if slope is None else round(slope, 3),
+            "timeline": {"columns": ["seconds", "rss_mb"], "rows": self.rows},
+        }
 
 
 def _percentiles(seconds: list[float]) -> dict:
@@ -214,12 +331,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="fs-micro")
     p.add_argument("--pretrained", default="none")
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests", type=int, default=500, help="requests per client")
+    p.add_argument("--requests", type=int, default=500, help="requests per client (without --duration)")
+    p.add_argument("--duration", type=float, help="send requests for this many seconds instead")
+    p.add_argument("--warmup", type=float, default=10.0, help="uncounted seconds first (with --duration)")
+    p.add_argument("--rss-interval", type=float, default=5.0, help="seconds between RSS samples")
     p.add_argument("--malformed", type=float, default=0.1, help="share of malformed requests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the result to this file")
     args = p.parse_args(argv)
+    if args.duration is not None and not 0 < args.duration <= 24 * 3600:
+        p.error("--duration must be between 0 and 86400 seconds")
 
+    machine = common.machine_info()
     with tempfile.TemporaryDirectory(prefix="fs-load-") as tmp:
         proc = None
         index = Path(args.index) if args.index else None
@@ -233,34 +356,61 @@ def main(argv: list[str] | None = None) -> int:
             base_url = f"http://127.0.0.1:{port}"
         try:
             info = httpx.get(base_url + "/info", timeout=10).json()
+            filters = {"brand", "price", "in_stock"} <= set(info.get("attributes") or {})
             catalog = Path(tmp) / "catalog"
             photos = (
                 [path.read_bytes() for path in sorted(catalog.rglob("*.jpg"))[:50]]
                 if catalog.is_dir()
                 else []
             )
-            records, wall = run_load(base_url, args.clients, args.requests, args.malformed, args.seed, photos)
+            load = {"photos": photos, "filters": filters}
+            warmup = None
+            if args.duration is not None and args.warmup > 0:
+                records, wall = run_load(
+                    base_url, args.clients, 0, args.malformed, args.seed + 1, duration=args.warmup, **load
+                )
+                warmup = {"requests": len(records), "wall_s": round(wall, 3)}
+                warmup["errors"] = summarize(records, wall)["errors"]
+            load_before = os.getloadavg()
+            sampler = RssSampler(proc.pid, args.rss_interval) if proc is not None else None
+            with sampler or contextlib.nullcontext():
+                records, wall = run_load(
+                    base_url,
+                    args.clients,
+                    args.requests,
+                    args.malformed,
+                    args.seed,
+                    duration=args.duration,
+                    **load,
+                )
+            load_after = os.getloadavg()
         finally:
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=30)
+    config = ("clients", "requests", "duration", "warmup", "malformed", "seed", "items")
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine,
+        "loadavg_1min": {"start": round(load_before[0], 2), "end": round(load_after[0], 2)},
+        "busy": common.busy_note(load_before, machine.get("cpus_usable")),
+        "config": {
+            **{k: getattr(args, k) for k in config},
+            **({"requests": None} if args.duration is not None else {"duration": None, "warmup": None}),
         },
-        "config": {k: getattr(args, k) for k in ("clients", "requests", "malformed", "seed", "items")},
-        "server": {k: info.get(k) for k in ("items", "model", "pretrained", "index_kind")},
+        "server": {k: info.get(k) for k in ("items", "model", "pretrained", "index_kind", "products")},
+        "filtered_requests": filters,
+        "warmup": warmup,
         **summarize(records, wall),
+        "server_rss": sampler.report() if sampler is not None else None,
     }
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
-    errors = result["errors"]
-    return 1 if errors["valid_not_200"] or errors["malformed_not_4xx"] or errors["transport"] else 0
+    checked = [result["errors"], *([warmup["errors"]] if warmup else [])]
+    return 1 if any(e["valid_not_200"] or e["malformed_not_4xx"] or e["transport"] for e in checked) else 0
 
 
 if __name__ == "__main__":
