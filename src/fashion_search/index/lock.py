@@ -40,6 +40,11 @@ def index_lock(index_dir: str | os.PathLike) -> Iterator[None]:
         lock.acquire(timeout=0)
     except Timeout:
         raise FashionSearchError(f"another index run holds {folder} (pid {_holder(folder)})") from None
+    except OSError as exc:  # a read-only or full index folder: the same words as a failed save
+        reason = exc.strerror or str(exc)
+        raise FashionSearchError(
+            f"cannot write the index to {folder}: {reason}; any previous index is unchanged"
+        ) from None
     try:
         with contextlib.suppress(OSError):
             (folder / PID_NAME).write_text(f"{os.getpid()}\n", encoding="ascii")
