@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 from fashion_search.atomic import atomic_write_json, check_output_file
@@ -27,6 +28,7 @@ _TRAIN_FLAGS = {
     "workers": int,
     "device": str,
     "max_steps_per_epoch": int,
+    "grad_cache_chunk": int,
 }
 
 
@@ -40,6 +42,8 @@ def cmd_train(args) -> int:
         overrides["categories"] = args.categories
     if args.no_augment:
         overrides["augment"] = False
+    if args.grad_checkpointing:
+        overrides["grad_checkpointing"] = True
     if args.config:
         cfg = TrainConfig.load(args.config, **overrides)
     elif args.resume and (Path(args.out) / "config.yaml").exists():
@@ -47,6 +51,8 @@ def cmd_train(args) -> int:
     else:
         cfg = TrainConfig.from_dict(overrides)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
     print(
         f"best epoch {result.best_epoch} (mean R@10/R@50 {result.best_score:.2f}); checkpoint: {result.run_dir / 'checkpoint.pt'}"
     )
@@ -101,12 +107,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--categories", help="comma-separated subset of dress,shirt,toptee")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute the towers' activations in backward: less memory, about a third more compute",
+    )
     p.add_argument("--quiet", action="store_true")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     defaults.update(
         pretrained="openai; none for the compact fs-* models",
         device="the best available",
         max_steps_per_epoch="the whole epoch",
+        grad_cache_chunk="0 (off); N: GradCache, the encoders see N triplets at a time",
     )
     for name, typ in _TRAIN_FLAGS.items():
         shown = defaults[name] if defaults[name] is not None else "none"
