@@ -72,12 +72,14 @@ def run_steps(rank: int = 0, world: int = 1, grad_cache_chunk: int = 0) -> dict:
     return out
 
 
-def rank_main(rank: int, world: int, init_file: str, out_dir: str, grad_cache_chunk: int) -> None:
-    """torch.multiprocessing.spawn's entry: join a gloo group, run the steps, save what was seen."""
+def rank_main(rank: int, world: int, init_file: str, out_dir: str, chunks: tuple[int, ...]) -> None:
+    """torch.multiprocessing.spawn's entry: join a gloo group, run the steps for each GradCache chunk
+    size (0 = plain) and save what was seen. One group for all: starting the processes is the slow part."""
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
     )
     try:
-        torch.save(run_steps(rank, world, grad_cache_chunk), f"{out_dir}/rank{rank}.pt")
+        seen = {chunk: run_steps(rank, world, chunk) for chunk in chunks}
+        torch.save(seen, f"{out_dir}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()

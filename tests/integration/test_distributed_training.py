@@ -28,9 +28,9 @@ def two_ranks(tmp_path) -> list[dict]:
 
 def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path):
     seen = two_ranks(tmp_path)
+    alone = run_steps()  # one process, the whole batch, no group, no GradCache
     for chunk in CHUNKS:
         ranks = [s[chunk] for s in seen]
-        alone = run_steps()  # one process, the whole batch, no group, no GradCache
         for r in ranks:
             # the mean of the ranks' losses is the loss of the whole batch (multi-positives across ranks)
             assert r["loss"] == pytest.approx(alone["loss"], rel=TOL, abs=TOL)
