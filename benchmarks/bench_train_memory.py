@@ -84,6 +84,29 @@ def measure_one(args) -> dict:
     }
 
 
+def goals(rows: list[dict]) -> list[dict]:
+    """Each memory-saving mode against the plain step of the same model and batch."""
+    plain = {(r["model"], r["batch_size"]): r["training_mb"] for r in rows if r["mode"] == "plain"}
+    out = []
+    for r in rows:
+        base = plain.get((r["model"], r["batch_size"]))
+        if r["mode"] == "plain" or base is None:
+            continue
+        out.append(
+            common.goal_row(
+                f"{r['model']} batch {r['batch_size']} {r['mode']} (MB for the step)",
+                r["training_mb"],
+                "MB",
+                "below the plain step's (no number set)",
+                r["training_mb"] < base,
+                base,
+                common.ratio(r["training_mb"], base),
+                "ceiling = the plain step's training_mb",
+            )
+        )
+    return out
+
+
 def main() -> None:
     args = parse_args()
     if args.one:
@@ -109,6 +132,7 @@ def main() -> None:
         started_load,
         {
             "results": rows,
+            "goals": goals(rows),
             "notes": [
                 "random weights and pixels, fp32 on the CPU (bf16 autocast on CUDA), fusion combiner",
                 "training_mb = peak - setup: the step's activations, gradients and temporaries, and "

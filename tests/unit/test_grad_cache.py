@@ -100,3 +100,14 @@ def test_gradient_checkpointing_gives_the_plain_gradients(model, monkeypatch):
         model.backbone.clip.set_grad_checkpointing(False)
     assert calls  # the blocks really were recomputed in backward
     assert_same_grads(grads(model), plain)
+
+
+def test_the_memory_flags_reach_the_config_and_a_bad_chunk_is_one_line(tmp_path, capsys):
+    from fashion_search.cli import main
+
+    run = tmp_path / "run"
+    base = ["train", "--data", str(tmp_path), "--out", str(run), "--model", "fs-micro"]
+    assert main([*base, "--grad-checkpointing", "--grad-cache-chunk", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--grad-cache-chunk must be >= 0" in err and len(err.splitlines()) == 1
+    assert not run.exists()

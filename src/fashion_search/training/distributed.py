@@ -51,6 +51,10 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -167,11 +167,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     """
     if not cfg.out:
         raise FashionSearchError("--out RUN is required")
+    joined = dist.initialized()  # a caller that set up the process group itself keeps it
     device = dist.init(resolve_device(cfg.device))
     try:
         return _train(cfg, resume, progress, device)
     finally:
-        dist.shutdown()
+        if not joined:
+            dist.shutdown()
 
 
 def _train(cfg: TrainConfig, resume: bool, progress: bool, device: torch.device) -> TrainResult:

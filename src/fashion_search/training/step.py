@@ -111,7 +111,7 @@ def cached_backward(
     would belong to another forward: each chunk's RNG state is saved before its first pass and restored
     before its second, and the RNG ends where the first pass left it.
     """
-    n, size = batch["size"], cfg.grad_cache_chunk
+    n, size = len(batch["target_id"]), cfg.grad_cache_chunk
     tokens = _tokens(model, batch)
     spans = [(a, min(a + size, n)) for a in range(0, n, size)]
     states, parts = [], []
@@ -136,7 +136,7 @@ def cached_backward(
 
 def compute_gradients(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: torch.device) -> float:
     """Fill .grad with the gradient of the batch loss (averaged over ranks); returns this rank's loss."""
-    if cfg.grad_cache_chunk and batch["size"] > cfg.grad_cache_chunk:
+    if cfg.grad_cache_chunk and len(batch["target_id"]) > cfg.grad_cache_chunk:
         loss = cached_backward(model, batch, cfg, device)
     else:
         loss = train_step(model, batch, cfg, device)
