@@ -309,6 +309,9 @@ def _finish_epoch(
     run, epoch = Path(cfg.out), record["epoch"] - 1
     categories, best, best_at, stale = state.categories, state.best_score, state.best_epoch, state.stale
     result = _validate(model, cfg, categories)
+    # Rank 0's RNG state after validation, which draws from it (its loader's seed): a resumed run
+    # must continue from exactly where the uninterrupted one is. The other ranks do not validate.
+    torch_rng = [torch.get_rng_state(), *torch_rng[1:]]
     if result is not None:
         record["val"] = {mode: rows["average"] for mode, rows in result["modes"].items()}
         record["score"] = result["selection_score"]
