@@ -86,11 +86,15 @@ def measure_one(args) -> dict:
 
 def goals(rows: list[dict]) -> list[dict]:
     """Each memory-saving mode against the plain step of the same model and batch."""
-    plain = {(r["model"], r["batch_size"]): r["training_mb"] for r in rows if r["mode"] == "plain"}
+    plain = {
+        (r["model"], r["batch_size"]): r["training_mb"]
+        for r in rows
+        if r["mode"] == "plain" and "error" not in r
+    }
     out = []
     for r in rows:
         base = plain.get((r["model"], r["batch_size"]))
-        if r["mode"] == "plain" or base is None:
+        if r["mode"] == "plain" or base is None or "error" in r:
             continue
         out.append(
             common.goal_row(
@@ -123,8 +127,10 @@ def main() -> None:
                     cmd += ["--threads", str(args.threads)]
                 common.log(f"{model} batch {batch} {mode}")
                 done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    sys.exit(f"{model} batch {batch} {mode} failed:\n{done.stderr[-3000:]}")
+                if done.returncode != 0:  # out of memory is a result too; the other rows still run
+                    tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+                    rows.append({"model": model, "batch_size": batch, "mode": mode, "error": tail})
+                    continue
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     common.emit(
         "train_memory",

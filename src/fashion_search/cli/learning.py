@@ -110,7 +110,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--grad-checkpointing",
         action="store_true",
-        help="recompute the towers' activations in backward: less memory, about a third more compute",
+        help="recompute the towers' activations in backward: less memory, more compute",
     )
     p.add_argument("--quiet", action="store_true")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
