@@ -84,6 +84,10 @@ class TrainConfig:
     amp: bool = True
     eval_batch_size: int = 128
     max_steps_per_epoch: int | None = None
+    # Memory for large backbones and batches (docs/TRAINING.md, "Bigger backbones"): recompute the
+    # towers' activations in backward, and/or GradCache with chunks of this many triplets (0 = off).
+    grad_checkpointing: bool = False
+    grad_cache_chunk: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -126,6 +130,7 @@ class TrainConfig:
                 ("workers", "must be >= 0", lambda v: v >= 0),
                 ("eval_batch_size", "must be at least 1", lambda v: v >= 1),
                 ("max_steps_per_epoch", "must be at least 1", lambda v: v is None or v >= 1),
+                ("grad_cache_chunk", "must be >= 0", lambda v: v >= 0),
             )
             if not _holds(ok, getattr(self, name))
         ]

@@ -35,6 +35,7 @@ ARGS = {
         "--model", "fs-micro", "--batch-size", "4", "--steps", "1", "--synth", "50", "--synth-size", "32",
         "--workers", "0",
     ],
+    "train_memory": ["--models", "fs-micro", "--batch-sizes", "4", "--chunk", "2", "--steps", "1"],
 }  # fmt: skip
 GOAL_KEYS = {"name", "measured", "unit", "ceiling", "ratio", "goal", "met", "note"}
 
@@ -173,6 +174,14 @@ def test_bench_train(runs):
     assert r["ceiling"]["samples_per_s"] > 0 and r["train_step"]["samples_per_s"] > 0
     assert r["with_loader"]["synthetic"] and r["with_loader"]["samples_per_s"] > 0
     assert r["with_loader"]["item_ms_one_core"] > 0 and r["with_loader"]["item_sample"] > 0
+
+
+def test_bench_train_memory(runs):
+    doc, written = runs("train_memory")
+    check_common(doc, written, "train_memory")
+    rows = doc["results"]
+    assert [r["mode"] for r in rows] == ["plain", "grad_cache", "checkpointing"]
+    assert all(r["peak_mb"] >= r["setup_mb"] > 0 for r in rows)
 
 
 def test_memory_sampler_reads_the_expensive_proc_files_rarely(monkeypatch):

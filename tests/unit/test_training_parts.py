@@ -140,10 +140,10 @@ def test_the_losses_are_computed_in_float32_outside_mixed_precision(micro_model,
     # On a GPU the towers run under bf16 autocast; the losses' logits must not (their steps near a logit
     # scale of 100 would be 0.5). CPU autocast stands in for CUDA's here.
     from fashion_search.config import TrainConfig
-    from fashion_search.training import loop
+    from fashion_search.training import loop, step
 
     monkeypatch.setattr(
-        loop, "_mixed_precision", lambda cfg, device: torch.autocast("cpu", dtype=torch.bfloat16)
+        step, "_mixed_precision", lambda cfg, device: torch.autocast("cpu", dtype=torch.bfloat16)
     )
     seen = []
 
@@ -154,8 +154,8 @@ def test_the_losses_are_computed_in_float32_outside_mixed_precision(micro_model,
 
         return wrapped
 
-    monkeypatch.setattr(loop, "composed_loss", spy(composed_loss))
-    monkeypatch.setattr(loop, "clip_loss", spy(clip_loss))
+    monkeypatch.setattr(step, "composed_loss", spy(composed_loss))
+    monkeypatch.setattr(step, "clip_loss", spy(clip_loss))
     size = micro_model.backbone.image_size
     batch = {
         "reference": torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8),

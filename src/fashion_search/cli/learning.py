@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 from fashion_search.atomic import atomic_write_json, check_output_file
@@ -32,6 +33,7 @@ _TRAIN_FLAGS = {
     "workers": int,
     "device": str,
     "max_steps_per_epoch": int,
+    "grad_cache_chunk": int,
 }
 
 
@@ -46,6 +48,8 @@ def cmd_train(args) -> int:
         overrides["augment"] = False
     # Precedence: flags over --config FILE over --recipe NAME over the defaults.
     recipe = load_recipe(args.recipe) if args.recipe else {}
+    if args.grad_checkpointing:
+        overrides["grad_checkpointing"] = True
     if args.config:
         cfg = TrainConfig.load(args.config, base=recipe, **overrides)
     elif args.resume and (Path(args.out) / "config.yaml").exists():
@@ -58,6 +62,8 @@ def cmd_train(args) -> int:
     from fashion_search.training.loop import train
 
     result = train(cfg, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
     print(
         f"best epoch {result.best_epoch} (mean R@10/R@50 {result.best_score:.2f}); checkpoint: {result.run_dir / 'checkpoint.pt'}"
     )
@@ -121,6 +127,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--categories", help="comma-separated subset of dress,shirt,toptee")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute the towers' activations in backward: less memory, more compute",
+    )
     p.add_argument("--quiet", action="store_true")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     defaults.update(
@@ -130,6 +141,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         warmup_epochs=f"none (warmup_ratio {TrainConfig.warmup_ratio} of the steps)",
         temperature="learnable",
         stop_at_loss="none",
+        grad_cache_chunk="0 (off); N: GradCache, the encoders see N triplets at a time",
     )
     for name, typ in _TRAIN_FLAGS.items():
         shown = defaults[name] if defaults[name] is not None else "none"

@@ -182,7 +182,10 @@ class GroupedBatchSampler(Sampler[list[int]]):
     """Batches built from chunks of `per_group` triplets of one related group: hard negatives in-batch.
 
     Each epoch shuffles groups and items deterministically from (seed, epoch); every triplet is seen
-    once per epoch.
+    once per epoch. Under torchrun (`num_replicas` > 1) every rank draws the same global batches of
+    `batch_size` and yields its contiguous share: the concatenated shares are exactly the batch one
+    process would draw, and since the loss gathers every rank's targets, a group whose chunk spans two
+    ranks still meets its hard negatives in the same contrastive batch.
     """
 
     def __init__(
@@ -192,9 +195,17 @@ class GroupedBatchSampler(Sampler[list[int]]):
         per_group: int = 4,
         seed: int = 0,
         drop_last: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
     ):
+        if batch_size % num_replicas:
+            raise FashionSearchError(
+                f"--batch-size {batch_size} (the whole contrastive batch) must divide evenly among "
+                f"{num_replicas} processes"
+            )
         self.groups, self.batch_size, self.per_group = list(groups), batch_size, max(1, per_group)
         self.seed, self.drop_last, self.epoch = seed, drop_last, 0
+        self.num_replicas, self.rank = num_replicas, rank
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -211,13 +222,17 @@ class GroupedBatchSampler(Sampler[list[int]]):
         rng.shuffle(chunks)
         flat = [i for chunk in chunks for i in chunk]
         batches = [flat[j : j + self.batch_size] for j in range(0, len(flat), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+        # Sharded, a short last batch is always dropped: every rank must take part in every step.
+        if (self.drop_last or self.num_replicas > 1) and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        if self.num_replicas == 1:
+            return iter(self._batches())
+        per = self.batch_size // self.num_replicas
+        return iter(b[self.rank * per : (self.rank + 1) * per] for b in self._batches())
 
     def __len__(self) -> int:
         n = len(self.groups) // self.batch_size
-        return n if self.drop_last else -(-len(self.groups) // self.batch_size)
+        return n if self.drop_last or self.num_replicas > 1 else -(-len(self.groups) // self.batch_size)

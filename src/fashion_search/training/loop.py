@@ -7,7 +7,6 @@ RUN/history.json   loss, lr and val recalls per epoch;  RUN/config.yaml  the res
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import random
@@ -28,6 +27,7 @@ from fashion_search.evaluation.fashioniq import NothingToScore, evaluate
 from fashion_search.models.backbone import resolve_device
 from fashion_search.models.checkpoint import atomic_torch_save, create_model, model_payload, read_checkpoint
 from fashion_search.models.retrieval import RetrievalModel
+from fashion_search.training import distributed as dist
 from fashion_search.training.data import (
     GroupedBatchSampler,
     PairAugment,
@@ -35,8 +35,10 @@ from fashion_search.training.data import (
     collate_triplets,
     similarity_groups,
 )
-from fashion_search.training.losses import clip_loss, composed_loss
 from fashion_search.training.optim import build_optimizer, cosine_with_warmup
+from fashion_search.training.step import optimize_step, train_step
+
+__all__ = ["TrainResult", "build_train_loader", "optimize_step", "train", "train_step"]
 
 log = logging.getLogger(__name__)
 
@@ -54,54 +56,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _mixed_precision(cfg: TrainConfig, device: torch.device):
-    # bf16 only: unlike inference (models.backbone.autocast), training has no GradScaler, so fp16 could underflow.
-    if cfg.amp and device.type == "cuda":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def train_step(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
-    """One forward: fuse(reference, text) must find its target; the text must also match its target."""
-    backbone = model.backbone
-    amp = _mixed_precision(cfg, device)
-    # Each half goes to the device on its own: concatenating the loader's pinned tensors on the host
-    # would make an unpinned copy, and its transfer synchronous.
-    pixels = torch.cat([model.model_input(batch["reference"]), model.model_input(batch["target"])])
-    tokens = batch.get("tokens")
-    if tokens is None:
-        tokens = backbone.tokenize(batch["text"])
-    with amp:
-        # Pooled embeddings, plus token features when the fusion reads them (attention).
-        ref, tgt = model.image_query_features(pixels).chunk(2)
-        txt = model.text_query_features(tokens.to(device, non_blocking=True))
-        query = model.fusion(ref, txt)
-    tgt, txt = tgt.pooled, txt.pooled
-    # The losses in float32, outside autocast: under it the logits' matmul would run in bf16, whose
-    # steps near a logit scale of 100 are 0.5 -- as large as the differences being learned.
-    if cfg.temperature is None:
-        scale = backbone.logit_scale.exp().clamp(max=100.0)
-    else:  # fixed: logit_scale gets no gradient, so the optimiser leaves it as it is
-        scale = torch.tensor(1.0 / cfg.temperature, device=tgt.device)
-    loss = composed_loss(query.float(), tgt.float(), scale, batch["target_id"])
-    if cfg.clip_loss_weight > 0:
-        loss = loss + cfg.clip_loss_weight * clip_loss(tgt.float(), txt.float(), scale, batch["target_id"])
-    return loss
-
-
-def optimize_step(
-    model: RetrievalModel, batch: dict, cfg: TrainConfig, device: torch.device, optimizer, scheduler
-) -> float:
-    """One optimisation step (forward, backward, clipping, update, schedule); returns the loss."""
-    loss = train_step(model, batch, cfg, device)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
-    scheduler.step()
-    return loss.item()
 
 
 def _validate(model: RetrievalModel, cfg: TrainConfig, categories: list[str]) -> dict | None:
@@ -158,7 +112,13 @@ def build_train_loader(
         draft_size=model.backbone.image_size,
     )
     sampler = GroupedBatchSampler(
-        dataset.groups, cfg.batch_size, cfg.hard_negatives, cfg.seed, drop_last=True
+        dataset.groups,
+        cfg.batch_size,
+        cfg.hard_negatives,
+        cfg.seed,
+        drop_last=True,
+        num_replicas=dist.world_size(),
+        rank=dist.rank(),
     )
     if len(sampler) == 0:
         raise FashionSearchError(
@@ -175,10 +135,8 @@ def build_train_loader(
     return dataset, sampler, loader
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Fine-tune on the train split, validate each epoch, keep the best checkpoint."""
-    if not cfg.out:
-        raise FashionSearchError("--out RUN is required")
+def _start_run(cfg: TrainConfig, resume: bool) -> bool:
+    """Check and prepare RUN (rank 0 only); returns whether there is a last.pt to resume from."""
     if resume and not (Path(cfg.out) / "last.pt").exists():
         if not (Path(cfg.out) / "config.yaml").exists():
             raise FashionSearchError(
@@ -187,27 +145,67 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         # Stopped before its first epoch ended (a preempted job that always passes --resume): begin again.
         log.warning("--resume: %s saved no epoch yet; starting it from the first", cfg.out)
         resume = False
-    run = _prepare_run_dir(cfg, resume)
+    _prepare_run_dir(cfg, resume)
+    return resume
+
+
+def _restore_rng(state: dict, cfg: TrainConfig) -> None:
+    per_rank = state.get("torch_rng_ranks")
+    if per_rank and len(per_rank) == dist.world_size():
+        torch.set_rng_state(per_rank[dist.rank()])
+    elif dist.is_main():
+        torch.set_rng_state(state["torch_rng"])
+    else:  # resumed with another number of processes: fresh, distinct dropout streams
+        torch.manual_seed(cfg.seed + 7919 * dist.rank())
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Fine-tune on the train split, validate each epoch, keep the best checkpoint.
+
+    Under torchrun (WORLD_SIZE > 1) each process trains on its share of every batch with the negatives
+    of all of them; rank 0 alone validates and writes RUN, and its decisions are broadcast.
+    """
+    if not cfg.out:
+        raise FashionSearchError("--out RUN is required")
+    joined = dist.initialized()  # a caller that set up the process group itself keeps it
+    device = dist.init(resolve_device(cfg.device))
+    try:
+        return _train(cfg, resume, progress, device)
+    finally:
+        if not joined:
+            dist.shutdown()
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, device: torch.device) -> TrainResult:
+    resume = dist.on_main(lambda: _start_run(cfg, resume))
+    run = Path(cfg.out)
+    main = dist.is_main()
+    progress = progress and main
     data = FashionIQ(cfg.data)
-    device = resolve_device(cfg.device)
     _seed_everything(cfg.seed)
     model = create_model(cfg.model, cfg.pretrained, fusion=cfg.fusion, device=device)
+    if cfg.grad_checkpointing:
+        model.backbone.clip.set_grad_checkpointing(True)
+    dist.broadcast_parameters(model)
+    if dist.rank() > 0:  # the same weights, but each rank its own dropout masks
+        torch.manual_seed(cfg.seed + 7919 * dist.rank())
     dataset, sampler, loader = build_train_loader(model, data, cfg, device)
     steps_per_epoch = min(len(sampler), cfg.max_steps_per_epoch or len(sampler))
     optimizer = build_optimizer(model, cfg)
     scheduler = cosine_with_warmup(optimizer, cfg.epochs * steps_per_epoch, warmup_fraction(cfg))
     history: list[dict] = []
     start_epoch, best_score, best_epoch, stale = 0, -1.0, -1, 0
-    if resume and (run / "last.pt").exists():
+    if resume:  # every rank loads last.pt: RUN must be on a filesystem all nodes see
         state = read_checkpoint(run / "last.pt")
         _check_same_architecture(state, cfg, run)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        _restore_rng(state, cfg)
         start_epoch, history = state["epoch"] + 1, list(state["history"])
         best_score, best_epoch, stale = state["best_score"], state["best_epoch"], state["stale"]
-    cfg.dump(run / "config.yaml")
+    if main:
+        cfg.dump(run / "config.yaml")
     categories = [c for c in cfg.categories if c in data.categories("val")]
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -217,8 +215,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
         if cfg.mine_hard_negatives and epoch > 0:
-            sampler.groups = similarity_groups(
-                model, data, dataset.triplets, cfg.mine_hard_negatives, cfg.seed + epoch
+            sampler.groups = dist.on_main(
+                functools.partial(
+                    similarity_groups,
+                    model,
+                    data,
+                    dataset.triplets,
+                    cfg.mine_hard_negatives,
+                    cfg.seed + epoch,
+                )
             )
         model.train()
         losses, skipped = [], []
@@ -229,55 +234,43 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             if step >= steps_per_epoch:
                 break
             skipped.extend(batch["skipped"])
-            if batch["size"] < 2:  # a contrastive batch needs negatives
+            sizes = dist.batch_sizes(batch["size"])  # one number per rank: every rank skips together
+            if min(sizes) < 1 or sum(sizes) < 2:  # a contrastive batch needs negatives
                 continue
+            batch["rank_sizes"] = sizes
             losses.append(optimize_step(model, batch, cfg, device, optimizer, scheduler))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         bar.close()
+        skipped = [s for part in dist.all_gather_objects(skipped) for s in part]
         if not losses:  # no checkpoint of a model that never trained
             raise FashionSearchError(
                 f"epoch {epoch + 1} trained no step: no batch held 2 usable triplets "
                 f"({len(skipped)} skipped for unreadable images, e.g. {skipped[:1]})"
             )
+        # Each rank's loss is weighted by its share of the batch: their mean is the whole batch's loss.
+        loss = dist.all_reduce_sum([float(np.sum(losses))])[0] / (dist.world_size() * len(losses))
         record = {
             "epoch": epoch + 1,
-            "loss": float(np.mean(losses)) if losses else None,
+            "loss": loss,
             "lr": scheduler.get_last_lr()[0],
             "seconds": round(time.perf_counter() - started, 2),
             "skipped": {"triplets": len(skipped), "examples": skipped[:5]},
         }
-        result = _validate(model, cfg, categories)
-        if result is not None:
-            record["val"] = {mode: rows["average"] for mode, rows in result["modes"].items()}
-            record["score"] = result["selection_score"]
-        else:  # nothing to validate on: keep the last epoch
-            categories = []
-            record["score"] = float(epoch)
-        history.append(record)
-        if record["score"] > best_score:
-            best_score, best_epoch, stale = record["score"], epoch + 1, 0
-            atomic_torch_save(
-                model_payload(model, config=cfg.to_dict(), epoch=epoch + 1, metrics=record),
-                run / "checkpoint.pt",
-            )
-        else:
-            stale += 1
-        atomic_torch_save(
-            model_payload(
+        rng_states = dist.all_gather_objects(torch.get_rng_state())
+
+        record, categories, best_score, best_epoch, stale = dist.on_main(
+            functools.partial(
+                _finish_epoch,
                 model,
-                config=cfg.to_dict(),
-                epoch=epoch,
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                torch_rng=torch.get_rng_state(),
-                history=history,
-                best_score=best_score,
-                best_epoch=best_epoch,
-                stale=stale,
-            ),
-            run / "last.pt",
+                cfg,
+                EpochState(history, categories, best_score, best_epoch, stale),
+                record,
+                torch_rng=rng_states,
+                optimizer=optimizer,
+                scheduler=scheduler,
+            )
         )
-        atomic_write_json(run / "history.json", _history_doc(cfg, best_epoch, history, finished=False))
+        history.append(record)
         if progress:
             val = record.get("val", {}).get("composed", {})
             print(
@@ -285,7 +278,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                 f"R@50 {val.get('R@50', 0):.2f}  ({record['seconds']:.0f}s)",
                 flush=True,
             )
-    atomic_write_json(run / "history.json", _history_doc(cfg, best_epoch, history, finished=True))
+    if main:
+        atomic_write_json(run / "history.json", _history_doc(cfg, best_epoch, history, finished=True))
+    dist.barrier()  # no rank leaves before the run's files are complete
     return TrainResult(run, best_score, best_epoch, len(history), history)
 
 
@@ -298,6 +293,70 @@ def _loss_reached(cfg: TrainConfig, history: list[dict]) -> bool:
     """The stop_at_loss rule, read from the history so that a resumed run obeys it too."""
     last = history[-1].get("loss") if history else None
     return cfg.stop_at_loss is not None and last is not None and last <= cfg.stop_at_loss
+
+
+@dataclass
+class EpochState:
+    """What the early-stopping decision and the saved run carry from epoch to epoch."""
+
+    history: list[dict]
+    categories: list[str]
+    best_score: float
+    best_epoch: int
+    stale: int
+
+
+def _finish_epoch(
+    model: RetrievalModel,
+    cfg: TrainConfig,
+    state: EpochState,
+    record: dict,
+    torch_rng: list[torch.Tensor],
+    optimizer,
+    scheduler,
+) -> tuple[dict, list[str], float, int, int]:
+    """Rank 0's end of an epoch: validate, keep the best checkpoint, save last.pt and history.json.
+    Returns (record, categories still validated, best score, best epoch, stale epochs)."""
+    run, epoch = Path(cfg.out), record["epoch"] - 1
+    categories, best, best_at, stale = state.categories, state.best_score, state.best_epoch, state.stale
+    result = _validate(model, cfg, categories)
+    # Rank 0's RNG state after validation, which draws from it (its loader's seed): a resumed run
+    # must continue from exactly where the uninterrupted one is. The other ranks do not validate.
+    torch_rng = [torch.get_rng_state(), *torch_rng[1:]]
+    if result is not None:
+        record["val"] = {mode: rows["average"] for mode, rows in result["modes"].items()}
+        record["score"] = result["selection_score"]
+    else:  # nothing to validate on: keep the last epoch
+        categories = []
+        record["score"] = float(epoch)
+    if record["score"] > best:
+        best, best_at, stale = record["score"], epoch + 1, 0
+        atomic_torch_save(
+            model_payload(model, config=cfg.to_dict(), epoch=epoch + 1, metrics=record),
+            run / "checkpoint.pt",
+        )
+    else:
+        stale += 1
+    history = [*state.history, record]
+    atomic_torch_save(
+        model_payload(
+            model,
+            config=cfg.to_dict(),
+            epoch=epoch,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            torch_rng=torch_rng[0],
+            # one state per rank: each rank's dropout stream continues where it was
+            torch_rng_ranks=torch_rng if len(torch_rng) > 1 else None,
+            history=history,
+            best_score=best,
+            best_epoch=best_at,
+            stale=stale,
+        ),
+        run / "last.pt",
+    )
+    atomic_write_json(run / "history.json", _history_doc(cfg, best_at, history, finished=False))
+    return record, categories, best, best_at, stale
 
 
 def _history_doc(cfg: TrainConfig, best_epoch: int, history: list[dict], finished: bool) -> dict:

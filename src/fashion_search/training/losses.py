@@ -21,17 +21,39 @@ def multi_positive_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) 
 
 
 def composed_loss(
-    queries: torch.Tensor, targets: torch.Tensor, logit_scale: torch.Tensor, target_ids: list[str]
+    queries: torch.Tensor,
+    targets: torch.Tensor,
+    logit_scale: torch.Tensor,
+    target_ids: list[str],
+    query_ids: list[str] | None = None,
 ) -> torch.Tensor:
-    """Each fused query must pick its own target among the batch's targets (temperature = 1/scale)."""
+    """Each fused query must pick its own target among the batch's targets (temperature = 1/scale).
+
+    `targets` may be every rank's targets (`query_ids` then names the local queries' targets): a target
+    id that appears anywhere in the gathered batch is a positive for every query that wants it.
+    """
     logits = logit_scale * queries @ targets.T
-    return multi_positive_cross_entropy(logits, _positives(target_ids, target_ids, queries.device))
+    rows = target_ids if query_ids is None else query_ids
+    return multi_positive_cross_entropy(logits, _positives(rows, target_ids, queries.device))
 
 
 def clip_loss(
-    images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor, image_ids: list[str]
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    logit_scale: torch.Tensor,
+    image_ids: list[str],
+    all_images: torch.Tensor | None = None,
+    all_texts: torch.Tensor | None = None,
+    all_ids: list[str] | None = None,
 ) -> torch.Tensor:
-    """The symmetric CLIP loss between images and the texts paired with them."""
-    logits = logit_scale * images @ texts.T
-    pos = _positives(image_ids, image_ids, images.device)
-    return 0.5 * (multi_positive_cross_entropy(logits, pos) + multi_positive_cross_entropy(logits.T, pos.T))
+    """The symmetric CLIP loss between images and the texts paired with them.
+
+    With `all_*` (every rank's rows), the local images are scored against all texts and the local texts
+    against all images; the mean of that over ranks is the loss of the whole gathered batch.
+    """
+    if all_images is None:
+        all_images, all_texts, all_ids = images, texts, image_ids
+    i2t = logit_scale * images @ all_texts.T
+    t2i = logit_scale * texts @ all_images.T
+    pos = _positives(image_ids, all_ids, images.device)
+    return 0.5 * (multi_positive_cross_entropy(i2t, pos) + multi_positive_cross_entropy(t2i, pos))
