@@ -41,7 +41,6 @@ class VectorIndex(ABC):
     def remove(self, ids: Iterable[str]) -> int:
         """Drop the given ids, ignoring unknown ones; return how many were removed."""
 
-    @abstractmethod
     def search(
         self,
         queries: np.ndarray,
@@ -56,6 +55,18 @@ class VectorIndex(ABC):
         must pass both. A mask is the fast way: it is checked by array lookup, and a selective one is
         answered by an exact scan of the matching rows.
         """
+        scores, _, ids = self.search_hits(queries, k, allowed, mask)
+        return scores, ids
+
+    @abstractmethod
+    def search_hits(
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed: Callable[[str], bool] | None = None,
+        mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+        """search() plus the row positions (q, k') of the hits, for looking up their attributes."""
 
     @abstractmethod
     def ids(self) -> list[str]:
@@ -209,6 +220,21 @@ class RowStore:
         if isinstance(vecs, np.memmap):
             store._reader = _RowReader(directory / VECTORS_FILE, vecs.offset, dim)
         return store
+
+
+class RowStoreIndex(VectorIndex):
+    """A VectorIndex whose ids and float32 vectors live in a RowStore (`self._rows`): every kind here."""
+
+    _rows: RowStore
+
+    def ids(self) -> list[str]:
+        return list(self._rows.ids)
+
+    def vectors(self) -> np.ndarray:
+        return self._rows.matrix
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
 
 def as_queries(queries: np.ndarray, dim: int) -> np.ndarray:

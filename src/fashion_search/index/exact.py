@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fashion_search.errors import FashionSearchError
-from fashion_search.index.base import RowStore, VectorIndex, as_queries, check_k, read_meta, write_meta
+from fashion_search.index.base import RowStore, RowStoreIndex, as_queries, check_k, read_meta, write_meta
 
 # Score matrices are computed for this many (query, item) pairs at a time (64 MiB of float32), so a large
 # query batch against a large catalog never materialises one huge q x n matrix.
@@ -238,7 +238,7 @@ def masked_topk(
     return out_s, out_r
 
 
-class ExactIndex(VectorIndex):
+class ExactIndex(RowStoreIndex):
     """Exact search by one matrix product per query batch; fine up to ~100k items, slow beyond."""
 
     kind = "exact"
@@ -252,16 +252,6 @@ class ExactIndex(VectorIndex):
 
     def remove(self, ids: Iterable[str]) -> int:
         return int(self._rows.delete(ids).size)
-
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        allowed: Callable[[str], bool] | None = None,
-        mask: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, list[list[str]]]:
-        scores, _, ids = self.search_hits(queries, k, allowed, mask)
-        return scores, ids
 
     def search_hits(
         self,
@@ -278,15 +268,6 @@ class ExactIndex(VectorIndex):
         scores, found = exact_topk(self._rows.matrix, q, k, rows)
         ids = self._rows.ids
         return scores, found, [[ids[r] for r in line] for line in found.tolist()]
-
-    def ids(self) -> list[str]:
-        return list(self._rows.ids)
-
-    def vectors(self) -> np.ndarray:
-        return self._rows.matrix
-
-    def __len__(self) -> int:
-        return len(self._rows)
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)

@@ -15,7 +15,7 @@ from fashion_search.errors import FashionSearchError
 from fashion_search.index.base import (
     META_FILE,
     RowStore,
-    VectorIndex,
+    RowStoreIndex,
     as_queries,
     check_k,
     read_meta,
@@ -95,7 +95,7 @@ def _one_thread_for_one_query(n_queries: int):
         faiss.omp_set_num_threads(before)
 
 
-class FaissIndex(VectorIndex):
+class FaissIndex(RowStoreIndex):
     """One faiss index over the stored vectors; rows of the RowStore are the source of truth."""
 
     def __init__(self, dim: int, kind: str = "flat", **params: Any) -> None:
@@ -262,16 +262,6 @@ class FaissIndex(VectorIndex):
         rows[valid] = np.searchsorted(self._labels, labels[valid])
         return scores, rows
 
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        allowed: Callable[[str], bool] | None = None,
-        mask: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, list[list[str]]]:
-        scores, _, ids = self.search_hits(queries, k, allowed, mask)
-        return scores, ids
-
     def search_hits(
         self,
         queries: np.ndarray,
@@ -351,15 +341,6 @@ class FaissIndex(VectorIndex):
         exact = np.einsum("qd,qkd->qk", q, self._rows.take(rows)).astype(np.float32)
         order = np.argsort(-exact, axis=1, kind="stable")
         return np.take_along_axis(exact, order, axis=1), np.take_along_axis(rows, order, axis=1)
-
-    def ids(self) -> list[str]:
-        return list(self._rows.ids)
-
-    def vectors(self) -> np.ndarray:
-        return self._rows.matrix
-
-    def __len__(self) -> int:
-        return len(self._rows)
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)

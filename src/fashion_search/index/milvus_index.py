@@ -24,7 +24,7 @@ import numpy as np
 from fashion_search.catalog import filters
 from fashion_search.catalog.attributes import CATEGORY, AttributeStore
 from fashion_search.errors import FashionSearchError
-from fashion_search.index.base import RowStore, VectorIndex, as_queries, check_k, read_meta, write_meta
+from fashion_search.index.base import RowStore, RowStoreIndex, as_queries, check_k, read_meta, write_meta
 from fashion_search.index.exact import exact_topk
 from fashion_search.index.milvus_rows import (
     BATCH,
@@ -90,7 +90,7 @@ def default_collection(out_dir: str | os.PathLike) -> str:
     return f"fs_{stem}"[:255]
 
 
-class MilvusIndex(VectorIndex):
+class MilvusIndex(RowStoreIndex):
     """Inner product (COSINE on unit vectors) over a Milvus collection, with a local row store."""
 
     kind = "milvus"
@@ -125,19 +125,6 @@ class MilvusIndex(VectorIndex):
         self._removed.update(ids)
         self._dirty.difference_update(ids)
         return len(ids)
-
-    def ids(self) -> list[str]:
-        return list(self._rows.ids)
-
-    def vectors(self) -> np.ndarray:
-        return self._rows.matrix
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def search(self, queries, k, allowed=None, mask=None):
-        scores, _, ids = self.search_hits(queries, k, allowed, mask)
-        return scores, ids
 
     def search_hits(
         self,
