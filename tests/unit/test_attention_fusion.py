@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import fashion_search
 from conftest import write_image
 from fashion_search.errors import FashionSearchError
-from fashion_search.index.build import build_index
 from fashion_search.models.checkpoint import atomic_torch_save, create_model, load_checkpoint, model_payload
 from fashion_search.models.features import QueryFeatures
 from fashion_search.models.fusion import create_fusion
@@ -158,38 +157,6 @@ def test_training_step_reaches_the_fusion():
     loss.backward()
     assert torch.isfinite(loss)
     assert model.fusion.out.weight.grad.abs().sum() > 0  # the zero-initialised layer starts to learn
-
-
-def test_engine_reuses_cached_token_features_when_only_weight_or_k_change(tmp_path, monkeypatch):
-    for n in range(5):
-        write_image(tmp_path / "cat" / f"{n}.jpg", (50 * n, 90, 160))
-    model = create_model("fs-micro", "none", fusion="attention", device="cpu")
-    from fashion_search.models.checkpoint import model_source
-
-    build_index(tmp_path / "cat", tmp_path / "idx", model, model_source(model), workers=0, progress=False)
-    engine = fashion_search.load_engine(tmp_path / "idx")
-    assert engine.model.fusion.name == "attention"
-    calls = {"images": 0, "texts": 0}
-    real_images, real_texts = engine.model.encode_query_pixels, engine.model.encode_query_texts
-
-    def count_images(*a, **kw):
-        calls["images"] += 1
-        return real_images(*a, **kw)
-
-    def count_texts(*a, **kw):
-        calls["texts"] += 1
-        return real_texts(*a, **kw)
-
-    monkeypatch.setattr(engine.model, "encode_query_pixels", count_images)
-    monkeypatch.setattr(engine.model, "encode_query_texts", count_texts)
-    query = (tmp_path / "cat" / "2.jpg").read_bytes()
-    first = engine.search(image=query, text="is darker", text_weight=0.5, k=3)
-    for w, k in [(0.0, 3), (0.2, 5), (0.9, 2), (1.0, 4)]:
-        engine.search(image=query, text="is darker", text_weight=w, k=k)
-    assert calls == {"images": 1, "texts": 1}
-    assert engine.image_features(query).tokens is not None  # the cache holds the tokens, not re-encoded
-    assert [r.id for r in engine.search(image=query, text="is darker", k=3)] == [r.id for r in first]
-    assert calls == {"images": 1, "texts": 1}
 
 
 def test_evaluation_re_encodes_references_with_tokens(tmp_path):

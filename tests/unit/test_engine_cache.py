@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import fashion_search
@@ -11,14 +12,16 @@ from fashion_search.index.build import build_index
 from fashion_search.models.checkpoint import model_source
 
 
-def test_reweighting_and_k_reuse_cached_embeddings(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fusion", ["sum", "attention"])  # attention caches token features too
+def test_reweighting_and_k_reuse_cached_embeddings(tmp_path, monkeypatch, fusion):
     for n in range(5):
         write_image(tmp_path / "cat" / f"{n}.jpg", (50 * n, 90, 160))
-    model = fashion_search.create_model("fs-micro", pretrained="none")
+    model = fashion_search.create_model("fs-micro", pretrained="none", fusion=fusion)
     build_index(tmp_path / "cat", tmp_path / "idx", model, model_source(model), workers=0, progress=False)
     engine = fashion_search.load_engine(tmp_path / "idx")
+    assert engine.model.fusion.name == fusion
     calls = {"images": 0, "texts": 0}
-    real_images, real_texts = engine.model.encode_pixels, engine.model.encode_texts
+    real_images, real_texts = engine.model.encode_query_pixels, engine.model.encode_query_texts
 
     def count_images(*a, **kw):
         calls["images"] += 1
@@ -28,13 +31,15 @@ def test_reweighting_and_k_reuse_cached_embeddings(tmp_path, monkeypatch):
         calls["texts"] += 1
         return real_texts(*a, **kw)
 
-    monkeypatch.setattr(engine.model, "encode_pixels", count_images)
-    monkeypatch.setattr(engine.model, "encode_texts", count_texts)
+    monkeypatch.setattr(engine.model, "encode_query_pixels", count_images)
+    monkeypatch.setattr(engine.model, "encode_query_texts", count_texts)
     query = (tmp_path / "cat" / "2.jpg").read_bytes()
     first = engine.search(image=query, text="is darker", text_weight=0.5, k=3)
     for w, k in [(0.0, 3), (0.2, 5), (0.9, 2), (1.0, 4)]:
         engine.search(image=query, text="is darker", text_weight=w, k=k)
     assert calls == {"images": 1, "texts": 1}
+    if fusion == "attention":  # the cache holds the tokens the fusion reads, not only pooled vectors
+        assert engine.image_features(query).tokens is not None
     # the same bytes under another name are the same query
     again = engine.search(image=bytes(query), text="is darker", text_weight=0.5, k=3)
     assert [r.id for r in again] == [r.id for r in first] and calls["images"] == 1
