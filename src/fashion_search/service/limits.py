@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 LOG_FORMATS = ("text", "json")
 
@@ -42,6 +42,3 @@ class ServerLimits:
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
-
-
-LIMIT_FIELDS = tuple(f.name for f in fields(ServerLimits))
