@@ -276,3 +276,53 @@ def test_a_collection_is_not_shared_or_switched(shop, tmp_path):
         check=False,
     )
     assert faiss.returncode == 2 and "is a Milvus index" in faiss.stderr
+
+
+def _jpeg(path) -> tuple[str, bytes, str]:
+    return (path.name, path.read_bytes(), "image/jpeg")
+
+
+def test_the_http_api_serves_a_milvus_index_as_it_serves_faiss(shop, engines):
+    from fastapi.testclient import TestClient
+
+    from fashion_search.service.api import create_app
+
+    base, _ = shop
+    faiss, milvus = engines
+    photo = base / "photos" / "dress/p3_1.jpg"
+    form = {"text": "is shorter and sleeveless", "k": "5", "where": "price < 80 and in_stock"}
+    answers = []
+    for engine in (faiss, milvus):
+        with TestClient(create_app(engine)) as client:
+            r = client.post("/search", data=form, files={"image": _jpeg(photo)})
+            assert r.status_code == 200, r.text
+            answers.append(r.json()["results"])
+            first = answers[-1][0]["id"]
+            assert client.get(f"/items/{first}/image").content == (base / "photos" / first).read_bytes()
+            assert client.get("/info").json()["items"] == 12
+            bad = client.post("/search", data={"text": "x", "where": "price < 'abc'"})
+            assert bad.status_code == 400 and "price is a number" in bad.json()["detail"]
+    want, got = answers
+    assert [h["id"] for h in got] == [h["id"] for h in want] != []
+    np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], atol=1e-5)
+    assert [h["metadata"] for h in got] == [h["metadata"] for h in want]
+
+
+def test_the_web_page_searches_and_filters_a_milvus_index(shop, monkeypatch):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    import fashion_search.service.ui_launch as ui_launch
+
+    base, _ = shop
+    pages = {}
+    for name in ("faiss", "milvus"):
+        monkeypatch.setenv("FASHION_SEARCH_INDEX", str(base / name))
+        at = AppTest.from_file(str(Path(ui_launch.__file__).with_name("ui.py")), default_timeout=60).run()
+        at.text_input(key="text").input("a red garment").run()
+        at.toggle(key="group").set_value(False).run()
+        at.multiselect(key="flt_brand").set_value(["Acme", "O'Neil"]).run()
+        assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+        pages[name] = [m.value for m in at.markdown if m.value.startswith("**")]
+    assert pages["milvus"] == pages["faiss"] and len(pages["faiss"]) >= 4
