@@ -59,6 +59,8 @@ def ray_session(address: str, num_cpus: int | None = None, progress: bool = True
     else:
         raise FashionSearchError(f"--ray takes local, auto or ray://HOST:PORT, got {address!r}")
     ray.data.DataContext.get_current().enable_progress_bars = progress
+    if not progress:  # its "Starting execution of Dataset ..." lines too
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         yield ray
         return
@@ -119,10 +121,12 @@ class EmbedActor:
 
         # The model's weights and config (a checkpoint's payload, models/checkpoint.py) travel through
         # the object store, put there once by the driver: no actor downloads weights, a model loaded
-        # from an OpenCLIP tag needs no cache on the nodes, and no shared filesystem is assumed. Every
-        # actor on a node maps the same copy; it is a model's size (~600 MB for ViT-B-32) once per node.
+        # from an OpenCLIP tag needs no cache on the nodes, and no shared filesystem is assumed (a
+        # checkpoint path would need one). The cost: a model's size (~600 MB for ViT-B-32) in each
+        # node's object store, plus each actor's own deserialised copy, which it needs anyway.
         payload = ray.get(state[0])
-        self.model = model_from_payload(payload, "cuda" if torch.cuda.is_available() else "cpu")
+        # The GPU Ray assigned (it sets CUDA_VISIBLE_DEVICES to it), else the CPU even on a GPU machine.
+        self.model = model_from_payload(payload, "cuda" if ray.get_gpu_ids() else "cpu")
         self.model.eval()
 
     def __call__(self, batch: dict) -> dict:
