@@ -114,7 +114,10 @@ def main() -> None:
                 "agreement": agreement(work / "single", work / "ray"),
                 "note": "both are whole build_index runs over the same files (decode, embed, write, save); "
                 "the Ray run includes its actors' start (a new process imports torch and rebuilds the "
-                "model) but not Ray's own start (ray_start_s)",
+                "model) but not Ray's own start (ray_start_s). steady_images_per_s runs from the first "
+                "written batch: on Ray, decoding ran ahead while the actors started, so it overstates "
+                "Ray's steady rate. On a busy machine the run with more processes (Ray's) gets a larger "
+                "share of the contended cores",
             },
             "goals": [
                 common.goal_row(
