@@ -22,7 +22,10 @@ from fashion_search.index.build import build_index  # noqa: E402
 from fashion_search.index.ray_embed import RayEmbedder, ray_session  # noqa: E402
 from fashion_search.index.store import load_index_dir  # noqa: E402
 
-pytestmark = pytest.mark.slow  # Ray's start and each run's actor start-up: ~50 s on 2 cores
+pytestmark = [
+    pytest.mark.slow,  # Ray's start and each run's actor start-up: ~50 s on 2 cores
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray"),  # Ray Data's own, about its own settings
+]
 SOURCE = {"model": "fs-micro", "pretrained": "none", "fusion": "sum", "checkpoint": None}
 
 
