@@ -58,9 +58,7 @@ def ray_session(address: str, num_cpus: int | None = None, progress: bool = True
         target, kwargs = address, {}
     else:
         raise FashionSearchError(f"--ray takes local, auto or ray://HOST:PORT, got {address!r}")
-    ray.data.DataContext.get_current().enable_progress_bars = progress
-    if not progress:  # its "Starting execution of Dataset ..." lines too
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    _quiet_unless(progress)
     if ray.is_initialized():
         yield ray
         return
@@ -75,6 +73,14 @@ def ray_session(address: str, num_cpus: int | None = None, progress: bool = True
         yield ray
     finally:
         ray.shutdown()
+
+
+def _quiet_unless(progress: bool) -> None:
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    if not progress:  # its "Starting execution of Dataset ..." lines too
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _probe(address: str) -> None:
@@ -164,30 +170,78 @@ class RayEmbedder:
         if not files:
             return (batch for batch in ())  # a generator, so build_index may close() it
         ray = import_ray()
-        plan = self.plan()
         payload = {**model_payload(self.model), "checkpoint_sha256": self.model.checkpoint_sha256}
-        state = ray.put(payload)
-        ds = ray.data.from_items([{"id": f.id, "path": f.path} for f in files])
-        ds = ds.map_batches(
-            decode_batch,
-            batch_size=self.batch_size,
-            fn_kwargs={"pipeline": self.model.pixel_pipeline, "image_size": self.model.backbone.image_size},
-            num_cpus=1,
-            # Ray's default (a worker runs any number of tasks), said explicitly because Ray Data fuses
-            # consecutive stages whose remote arguments are equal: on a CPU cluster it would decode
-            # inside the model actors, one batch after another, leaving the other cores idle.
-            max_calls=0,
-        )
-        ds = ds.map_batches(
-            EmbedActor,
-            batch_size=self.batch_size,
-            fn_constructor_kwargs={"state": [state]},  # in a list: the actor, not Ray, resolves it
-            compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-            num_cpus=plan["num_cpus"],
-            num_gpus=plan["num_gpus"],
-        )
+        job = {
+            "rows": [{"id": f.id, "path": f.path} for f in files],
+            "state": [ray.put(payload)],  # in a list: whoever receives it resolves it, not Ray
+            "pipeline": self.model.pixel_pipeline,
+            "image_size": self.model.backbone.image_size,
+            "batch_size": self.batch_size,
+            "plan": self.plan(),
+        }
         marks.setdefault("decode_setup", time.perf_counter())
-        return _received(ds.iter_batches(batch_size=None, batch_format="numpy"), state, marks)
+        if _through_client(ray):
+            return _received(_from_remote(ray, job), job["state"], marks)
+        return _received(_output(job), job["state"], marks)
+
+
+def _dataset(job: dict):
+    import ray
+
+    plan = job["plan"]
+    ds = ray.data.from_items(job["rows"])
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=job["batch_size"],
+        fn_kwargs={"pipeline": job["pipeline"], "image_size": job["image_size"]},
+        num_cpus=1,
+        # Ray's default (a worker runs any number of tasks), said explicitly because Ray Data fuses
+        # consecutive stages whose remote arguments are equal: on a CPU cluster it would decode
+        # inside the model actors, one batch after another, leaving the other cores idle.
+        max_calls=0,
+    )
+    return ds.map_batches(
+        EmbedActor,
+        batch_size=job["batch_size"],
+        fn_constructor_kwargs={"state": job["state"]},
+        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+        num_cpus=plan["num_cpus"],
+        num_gpus=plan["num_gpus"],
+    )
+
+
+def _output(job: dict):
+    return _dataset(job).iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _through_client(ray) -> bool:
+    """Connected with ray://: Ray Data cannot run its pipeline from a Ray Client process."""
+    from ray.util.client import ray as client
+
+    return client.is_connected()
+
+
+class RemotePipeline:
+    """For Ray Client (`--ray ray://...`): Ray Data does not run in a client process (its executor needs
+    a cluster worker: ray-project/ray#42739), so this actor, on the cluster, runs the pipeline and hands
+    its output over one batch per call. The vectors then make one hop more than with `auto`."""
+
+    def __init__(self, job: dict, progress: bool):
+        _quiet_unless(progress)  # this process's Ray Data settings are its own
+        self.batches = iter(_output(job))
+
+    def next(self) -> dict | None:
+        return next(self.batches, None)
+
+
+def _from_remote(ray, job: dict) -> Iterator[dict]:
+    progress = ray.data.DataContext.get_current().enable_progress_bars
+    pipeline = ray.remote(num_cpus=0)(RemotePipeline).remote(job, progress)
+    try:
+        while (batch := ray.get(pipeline.next.remote())) is not None:
+            yield batch
+    finally:
+        ray.kill(pipeline)  # stops its pipeline with it, on an error too
 
 
 def _received(batches, state, marks: dict[str, float]) -> Iterator[EmbeddedBatch]:
