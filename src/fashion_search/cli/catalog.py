@@ -270,6 +270,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--ray-actors",
         type=positive_int,
         default=None,
+        metavar="N",
         help="model actors with --ray (default: one per GPU of the cluster, else half its CPUs)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
