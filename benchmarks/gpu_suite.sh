@@ -11,8 +11,9 @@
 #   export PYTHONPATH=/tmp/site:$PWD/src && OUT=/tmp/res timeout 540 bash benchmarks/gpu_suite.sh;
 #   tar czf $OUT/gpu_results.tgz -C /tmp res
 # SCALE=small runs the same steps tiny (a check of the script itself, on any machine; DEVICE=cpu).
-# SKIP_CPU_DECODE=1, SKIP_LARGE=1, SKIP_COMPILE=1, SKIP_TRAIN=1, SKIP_HTTP=1 leave those steps out (a short
-# rerun).
+# SKIP_CPU_DECODE=1, SKIP_LARGE=1, SKIP_COMPILE=1, SKIP_TRAIN=1, SKIP_HTTP=1, SKIP_RAY=1 leave those steps out
+# (a short rerun). The Ray step (index --ray local: one GPU actor per GPU against the single-process path)
+# runs only where Ray Data is installed (pip install 'fashion-search[ray]').
 set -uo pipefail
 
 PY=${PY:-python3}
@@ -37,6 +38,7 @@ if [ "${SCALE:-full}" = small ]; then
     TRAIN=(--model fs-micro --batch-size 8 --steps 2 --warmup 1 --synth 60 --synth-size 48 --workers 1)
     COMPILE=(--model fs-micro --repeat 2 --backend eager)
     HTTP=(--items 300 --requests 3 --gaps 0,0.01 --min-px 48 --max-px 96)
+    RAY=(--model fs-micro --n 16 --batch-size 4 --min-px 48 --max-px 96 --ray-cpus 2)
 else
     DECODE=(--n 256 --repeat 5)
     # 2,000 distinct JPEGs of 400-1000 px, each file linked 25 times: 50,000 files to decode, so that the
@@ -49,6 +51,7 @@ else
     TRAIN=(--batch-size 256 --steps 10 --warmup 3 --synth 800 --workers 8)
     COMPILE=(--repeat 30)
     HTTP=(--items 10000 --requests 40)
+    RAY=(--model ViT-B-32 --n 4000 --batch-size 256)
 fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true; } > "$OUT/gpu.txt"
@@ -83,6 +86,13 @@ fi
 [ "${SKIP_TRAIN:-0}" = 1 ] || step train "$PY" benchmarks/bench_train.py "${TRAIN[@]}"
 [ "${SKIP_CPU_DECODE:-0}" = 1 ] ||
     step index_cpu_decode "$PY" benchmarks/bench_index.py "${INDEX[@]}" --images "$WORK/idx/images" --decode cpu
+if [ "${SKIP_RAY:-0}" != 1 ] && ! "$PY" -c "import ray.data" 2> /dev/null; then
+    SKIP_RAY=1
+    echo "== ray_index: skipped, Ray Data is not installed (pip install 'fashion-search[ray]')" >&2
+fi
+# Images/s of the Ray path (decode in CPU tasks, one GPU actor per GPU) and per actor, against the
+# single-process path on the same catalog.
+[ "${SKIP_RAY:-0}" = 1 ] || step ray_index "$PY" benchmarks/bench_ray_index.py "${RAY[@]}"
 ls -la "$OUT" >&2
 "$PY" benchmarks/summarize.py "$OUT" >&2
 exit $status

@@ -350,7 +350,15 @@ def test_gpu_suite_script_runs_its_steps_small_on_cpu(tmp_path):
     """The GPU rows are measured by one prepared script (a GPU is lent rarely and briefly): it must work
     before a GPU is there. SCALE=small runs the same steps tiny; DEVICE=cpu anywhere."""
     out = tmp_path / "gpu"
-    env = {**os.environ, "SCALE": "small", "DEVICE": "cpu", "OUT": str(out), "PY": sys.executable}
+    # SKIP_RAY: the Ray step starts a Ray (tens of seconds); test_bench_ray_index runs that script.
+    env = {
+        **os.environ,
+        "SCALE": "small",
+        "DEVICE": "cpu",
+        "OUT": str(out),
+        "PY": sys.executable,
+        "SKIP_RAY": "1",
+    }
     proc = subprocess.run(
         ["bash", str(BENCH / "gpu_suite.sh")], env=env, capture_output=True, text=True, timeout=300
     )
@@ -385,6 +393,24 @@ def test_gpu_suite_script_runs_its_steps_small_on_cpu(tmp_path):
     assert "http: round trip p50 / overhead ms" in proc.stderr
     assert "compile_query: mode reduce-overhead" in proc.stderr and "build stages {'prepare_s'" in proc.stderr
     assert all(doc["config"]["device"] == "cpu" for doc in docs.values())
+
+
+def test_bench_ray_index(tmp_path):
+    pytest.importorskip("ray.data", reason="the Ray path needs Ray Data: pip install 'fashion-search[ray]'")
+    out = tmp_path / "ray.json"
+    args = ["--model", "fs-micro", "--n", "12", "--batch-size", "4", "--ray-cpus", "2", *TINY_IMAGES]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_ray_index.py"), *args, "--threads", "1", "--out", str(out)],
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    doc = json.loads(proc.stdout)
+    check_common(doc, json.loads(out.read_text()), "ray_index")
+    res = doc["results"]
+    assert res["single_process"]["images"] == res["ray"]["images"] == 12
+    assert res["agreement"] == {"same_ids": True, "cosine_min": pytest.approx(1.0, abs=1e-4)}
+    assert res["ray"]["plan"] == {"actors": 1, "num_gpus": 0, "num_cpus": 1} and res["ray_vs_single"] > 0
 
 
 def test_query_phases_alternate_so_both_see_the_same_machine():

@@ -1,5 +1,5 @@
 """build_index's write side. On a GPU, embedding runs ahead in a thread and the index takes everything
-ready in one add (index.build._write_groups): that must build exactly the index that one batch at a time
+ready in one add (index.embed._write_groups): that must build exactly the index that one batch at a time
 builds, and a failing write must stop the run with the last save intact."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import write_image
-from fashion_search.index import build
+from fashion_search.index import embed
 from fashion_search.index.build import build_index
 from fashion_search.index.faiss_index import FaissIndex
 from fashion_search.index.store import load_index_dir
@@ -50,7 +50,7 @@ def test_overlapped_writes_build_the_same_index_in_fewer_adds(shop, tmp_path, mi
 
     calls: list[int] = []
     slow_first_add(monkeypatch, calls)
-    monkeypatch.setattr(build, "_overlap_writes", lambda model: True)
+    monkeypatch.setattr(embed, "_overlap_writes", lambda model: True)
     gathered = build_index(shop, tmp_path / "ahead", micro_model, SOURCE, **kwargs)
 
     assert sum(calls) == 24 and len(calls) < 12 and max(calls) > 2  # batches of 2 taken together
@@ -80,7 +80,7 @@ def test_a_failing_write_stops_the_reader_at_once_and_keeps_the_last_save(
 
     calls: list[int] = []
     slow_first_add(monkeypatch, calls, fail_after=1)
-    monkeypatch.setattr(build, "_overlap_writes", lambda model: overlap)
+    monkeypatch.setattr(embed, "_overlap_writes", lambda model: overlap)
     out = tmp_path / "index"
     with pytest.raises(OSError, match="No space left") as held:
         build_index(shop, out, micro_model, SOURCE, workers=1, batch_size=2, progress=False, save_seconds=0)

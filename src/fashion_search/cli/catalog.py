@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -72,8 +73,10 @@ def cmd_index(args) -> int:
     if not args.checkpoint and not args.model and index_exists(Path(args.out)):
         recorded = read_manifest(Path(args.out))["source"]  # a re-run reuses the model the index records
     kind, index_params = _backend(args)
+    _check_ray_flags(args)
     model, source = load_model(args, recorded=recorded)
-    report = build_index(
+    build = functools.partial(
+        build_index,
         args.images,
         args.out,
         model,
@@ -87,10 +90,27 @@ def cmd_index(args) -> int:
         metadata=args.metadata,
         index_params=index_params,
     )
+    if args.ray is None:
+        report = build()
+    else:
+        from fashion_search.index.ray_embed import RayEmbedder, ray_session
+
+        with ray_session(args.ray, progress=not args.quiet):
+            report = build(embedder=RayEmbedder(model, batch_size=args.batch_size, actors=args.ray_actors))
     print(report.summary())
     for line in report.warnings():
         print(line, file=sys.stderr)
     return 0
+
+
+def _check_ray_flags(args) -> None:
+    """Flags of one embedding path given to the other would be silently ignored: refuse them."""
+    if args.ray is None:
+        if args.ray_actors is not None:
+            raise FashionSearchError("--ray-actors needs --ray")
+        return
+    if args.workers is not None or args.decode != "auto":
+        raise FashionSearchError("--workers and --decode apply without --ray; with --ray, Ray tasks decode")
 
 
 def _backend(args) -> tuple[str, dict | None]:
@@ -238,6 +258,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--collection", metavar="NAME", help="Milvus collection (default: fs_ + the --out folder name)"
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="embed on Ray Data: local (start Ray on this machine), auto (the cluster in $RAY_ADDRESS) or "
+        "ray://HOST:10001; decoding runs in Ray tasks, the model in Ray actors (pip install "
+        "'fashion-search[ray]')",
+    )
+    p.add_argument(
+        "--ray-actors",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="model actors with --ray (default: one per GPU of the cluster, else half its CPUs)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)

@@ -1,5 +1,8 @@
 """Catalog index build: reader (folder walk + decode in workers) -> encoder (batched) -> writer (atomic).
 
+The reader and encoder are one pluggable stage (index/embed.py): in this process by default, on a Ray
+cluster with index/ray_embed.py. The scanning, the diff against the index and the writes stay here.
+
 Re-running on the same folder embeds only new or changed files and drops deleted ones. Progress is
 saved every `save_seconds`, so a killed build resumes where its last save left off (each save
 rewrites the index, so saves are spaced in time rather than per N images, which would be quadratic).
@@ -13,17 +16,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from fashion_search.atomic import atomic_write_json
 from fashion_search.catalog.attributes import AttributeStore
 from fashion_search.catalog.metadata import read_metadata
-from fashion_search.data.ahead import ahead_in_thread
-from fashion_search.data.cuda_pipeline import overlap_writes
 from fashion_search.data.images import iter_image_entries
-from fashion_search.data.loading import iter_embedded
 from fashion_search.errors import FashionSearchError, IndexMismatchError
+from fashion_search.index.embed import CatalogFile, Embedder, LocalEmbedder
 from fashion_search.index.lock import holds_index_lock
 from fashion_search.index.registry import choose_index_kind, create_index
 from fashion_search.index.selfcheck import recall_warning, sampled_recall
@@ -32,13 +32,6 @@ from fashion_search.models.retrieval import RetrievalModel
 
 REPORT_NAME = "report.json"
 IDENTITY_KEYS = ("model", "pretrained", "fusion", "checkpoint_sha256", "dim")
-
-
-@dataclass
-class CatalogFile:
-    id: str
-    path: str
-    signature: list[int]  # [size, mtime_ns]: a cheap "changed?" test that needs no read
 
 
 @dataclass
@@ -198,24 +191,6 @@ def _check_same_catalog(manifest: dict, root: Path, given: Path, index, current:
         )
 
 
-def _write_groups(embedded, model: RetrievalModel):
-    """Embedded batches in the groups build_index writes them: on a GPU everything ready at once, from a
-    thread running ahead (data/cuda_pipeline.py, piece 3); on the CPU one batch at a time, in this
-    thread."""
-    if _overlap_writes(model):
-        yield from ahead_in_thread(embedded, depth=16, gather=True)  # its thread closes `embedded`
-        return
-    try:
-        for batch in embedded:
-            yield [batch]
-    finally:
-        embedded.close()  # now, not whenever a traceback that holds this frame lets go of it
-
-
-def _overlap_writes(model: RetrievalModel) -> bool:
-    return overlap_writes(model.device)
-
-
 @holds_index_lock  # one writer per index folder, for the whole run
 def build_index(
     images_dir: str | os.PathLike,
@@ -232,6 +207,7 @@ def build_index(
     progress: bool = True,
     metadata: str | os.PathLike | None = None,
     index_params: dict | None = None,
+    embedder: Embedder | None = None,
 ) -> BuildReport:
     """Embed every image under `images_dir` into the index at `out_dir` (incrementally).
 
@@ -243,7 +219,8 @@ def build_index(
     `metadata` (CSV, JSON Lines or Parquet; column `image` = the item id) gives the items' attributes;
     left out, a re-run keeps the attributes the index has. Only the attributes changed: nothing is
     embedded again. `index_params` go to a new index's constructor (milvus: uri, collection); an
-    existing index must have been built with the same ones.
+    existing index must have been built with the same ones. `embedder` turns the files to embed into
+    vectors (index/embed.py); left out, a LocalEmbedder with `batch_size`, `workers` and `decode`.
     """
     started = time.perf_counter()
     if save_seconds is None:
@@ -341,37 +318,24 @@ def build_index(
 
     last_save = time.monotonic()
     marks: dict[str, float] = {}
-    embedded = iter_embedded(
-        model,
-        [f.path for f in todo],
-        batch_size=batch_size,
-        workers=workers,
-        progress=False,
-        decode=decode,
-        marks=marks,
-    )
+    if embedder is None:
+        embedder = LocalEmbedder(model, batch_size=batch_size, workers=workers, decode=decode)
+    batches = embedder(todo, marks)
     # Scanning the folder (unless the caller did), reading the existing index, finding what changed,
-    # starting the reader (decode choice, workers forked).
+    # starting the embedder (decode choice, workers forked; or the Ray pipeline).
     clock = report.timed("prepare", started)
-    groups = _write_groups(embedded, model)
     try:
         with tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress) as bar:
-            for group in groups:
+            for ids, vectors, failed in batches:
                 clock = report.timed("wait", clock)
-                ids, vectors, done = [], [], 0
-                for indices, emb, failed in group:
-                    for i, reason in failed:
-                        report.skipped.append({"id": todo[i].id, "reason": reason})
-                        bad[todo[i].id] = {"sig": todo[i].signature, "reason": reason}
-                    if emb is not None:
-                        ids += [todo[i].id for i in indices]
-                        vectors.append(emb.numpy().astype(np.float32, copy=False))
-                    done += len(indices) + len(failed)
+                for i, reason in failed:
+                    report.skipped.append({"id": i, "reason": reason})
+                    bad[i] = {"sig": current[i].signature, "reason": reason}
                 if ids:
-                    index.add(ids, np.concatenate(vectors))
+                    index.add(ids, vectors)
                     files.update({i: current[i].signature for i in ids})
                     report.added += len(ids)
-                bar.update(done)
+                bar.update(len(ids) + len(failed))
                 clock = report.timed("write", clock)
                 marks.setdefault("first_written", clock)
                 if time.monotonic() - last_save >= save_seconds:
@@ -379,7 +343,7 @@ def build_index(
                     last_save = time.monotonic()
                     clock = report.timed("save", clock)
     finally:
-        groups.close()  # on an error too: stops the threads and decode workers now
+        batches.close()  # on an error too: stops the embedder's threads, workers or pipeline now
     clock = report.timed("wait", clock)  # the reader's end: workers and threads shutting down
     save()
     clock = report.timed("save", clock)

@@ -110,18 +110,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
     """Rebuild the trained model; no download happens: the weights come from the checkpoint itself."""
     p = resolve_checkpoint_path(path)
     payload = read_checkpoint(p)
-    model = create_model(
-        payload["backbone"]["model"],
-        "none",
-        fusion=payload["fusion"]["name"],
-        device=device,
-        fusion_config=payload["fusion"]["config"],
-        init_weights=False,  # every weight comes from the checkpoint (a strict load)
-    )
-    model.backbone.spec = type(model.backbone.spec)(**payload["backbone"])
-    model.backbone.preprocess_cfg = normalise_preprocess_cfg(payload["preprocess"])
     try:
-        model.load_state_dict(payload["state_dict"])
+        model = model_from_payload(payload, device)
     except RuntimeError as exc:
         # The architecture is rebuilt from its name: a checkpoint from an older version of a packaged
         # config (fs-tiny's text context grew from 24 to 40 tokens) no longer fits it.
@@ -131,6 +121,24 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
             f"({first.strip()}); it was trained with another version of that model config: retrain it"
         ) from None
     model.checkpoint_sha256 = file_sha256(p)  # the identity an index records
+    return model
+
+
+def model_from_payload(payload: dict, device: str | torch.device | None = None) -> RetrievalModel:
+    """The model a model_payload() describes, its weights loaded strictly (RuntimeError when they do not
+    fit the architecture); nothing is downloaded."""
+    model = create_model(
+        payload["backbone"]["model"],
+        "none",
+        fusion=payload["fusion"]["name"],
+        device=device,
+        fusion_config=payload["fusion"]["config"],
+        init_weights=False,  # every weight comes from the payload (a strict load)
+    )
+    model.backbone.spec = type(model.backbone.spec)(**payload["backbone"])
+    model.backbone.preprocess_cfg = normalise_preprocess_cfg(payload["preprocess"])
+    model.load_state_dict(payload["state_dict"])
+    model.checkpoint_sha256 = payload.get("checkpoint_sha256")
     return model
 
 
