@@ -11,6 +11,8 @@ from pathlib import Path
 from fashion_search.cli.args import (
     add_device_arg,
     add_model_args,
+    add_runtime_args,
+    apply_runtime,
     load_model,
     non_negative_int,
     positive_float,
@@ -68,11 +70,14 @@ def cmd_index(args) -> int:
 
     if not Path(args.images).is_dir():
         raise FashionSearchError(f"image folder not found: {args.images}")
-    recorded = None
-    if not args.checkpoint and not args.model and index_exists(Path(args.out)):
-        recorded = read_manifest(Path(args.out))["source"]  # a re-run reuses the model the index records
+    recorded, built = None, None
+    if index_exists(Path(args.out)):
+        built = read_manifest(Path(args.out))["model"]  # a re-run keeps the index's runtime by default
+        if not args.checkpoint and not args.model:
+            recorded = read_manifest(Path(args.out))["source"]  # and the model the index records
     kind, index_params = _backend(args)
     model, source = load_model(args, recorded=recorded)
+    model = apply_runtime(args, model, source, cache_dir=args.out, mode="throughput", recorded=built)
     report = build_index(
         args.images,
         args.out,
@@ -149,7 +154,14 @@ def cmd_search(args) -> int:
             f"note: --text-weight weighs an image against a text; this is {only}-only search",
             file=sys.stderr,
         )
-    engine = SearchEngine.open(args.index, checkpoint=args.checkpoint, device=args.device)
+    engine = SearchEngine.open(
+        args.index,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        runtime=args.runtime,
+        precision=args.precision,
+        export_dir=args.export_dir,
+    )
     results = engine.search(
         image=args.image,
         text=args.text,
@@ -240,6 +252,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--collection", metavar="NAME", help="Milvus collection (default: fs_ + the --out folder name)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_runtime_args(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("info", help="describe an index")
@@ -273,4 +286,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--checkpoint", default=None, help="override the model recorded in the index (must match)")
     add_device_arg(p)
+    add_runtime_args(p, recorded=True)
     p.set_defaults(func=cmd_search)
