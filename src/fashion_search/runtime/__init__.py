@@ -23,14 +23,26 @@ def default_cache_root() -> Path:
     return Path(base) / EXPORTS
 
 
-def cache_root(source: dict | None, fallback: str | os.PathLike | None) -> Path:
-    """RUN/exports for a checkpoint (when writable), else `fallback`/exports, else the user cache."""
+def cache_roots(source: dict | None, fallback: str | os.PathLike | None) -> list[Path]:
+    """Where a model's exports are looked for, in order: RUN/exports for a checkpoint, then
+    `fallback`/exports (an index folder), else the user cache."""
     checkpoint = (source or {}).get("checkpoint")
-    if checkpoint:
-        run = Path(checkpoint).parent
-        if os.access(run, os.W_OK):
-            return run / EXPORTS
-    return Path(fallback) / EXPORTS if fallback else default_cache_root()
+    roots = [Path(checkpoint).parent / EXPORTS] if checkpoint else []
+    return roots + [Path(fallback) / EXPORTS if fallback else default_cache_root()]
+
+
+def _writable(path: Path) -> bool:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return os.access(folder, os.W_OK)
+    return False
+
+
+def cache_root(source: dict | None, fallback: str | os.PathLike | None) -> Path:
+    """Where a new export goes: the first writable of cache_roots (a read-only run folder, as mounted
+    in a container, sends it to the index folder)."""
+    roots = cache_roots(source, fallback)
+    return next((root for root in roots if _writable(root)), roots[0])
 
 
 def use_runtime(
@@ -64,9 +76,17 @@ def use_runtime(
     if model.device.type != "cpu":
         raise FashionSearchError(f"--runtime {runtime} runs on the CPU; leave out --device or use cpu")
     if export_dir is None:
-        export_dir = cache_root(source, cache_dir) / export_name(model, runtime, precision)
-        if not (Path(export_dir) / "manifest.json").is_file():
-            export_model(model, export_dir, runtime, precision)
+        name = export_name(model, runtime, precision)
+        found = [r / name for r in cache_roots(source, cache_dir) if (r / name / "manifest.json").is_file()]
+        export_dir = found[0] if found else cache_root(source, cache_dir) / name
+        if not found:
+            try:
+                export_model(model, export_dir, runtime, precision)
+            except OSError as exc:
+                raise FashionSearchError(
+                    f"cannot export the model to {export_dir} ({exc.strerror or exc}): export it where "
+                    "it can be written (fashion-search export --out DIR) and pass --export-dir DIR"
+                ) from None
     exported = ExportedModel(model, export_dir, threads=threads, mode=mode)
     if (exported.runtime, exported.precision) != (runtime, precision):
         raise FashionSearchError(
