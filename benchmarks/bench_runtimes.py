@@ -41,42 +41,57 @@ def _cos(a, b) -> float:
     return round(float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()), 6)
 
 
-def forwards(model, reference, args) -> dict:
-    """images/s and texts/s of batched forwards, the composed query's p50 (one new image + one new text
-    forward + fusion), and the cosine of each output to the reference model's."""
+def forwards(models: dict, reference, args) -> dict:
+    """Per runtime: images/s and texts/s of batched forwards, the composed query's p50 (one new image +
+    one new text forward + fusion), and the cosine of each output to the reference model's.
+
+    The runtimes take turns sample by sample (round-robin), so a shared machine's load drifting over
+    the run weighs on all of them alike and the ratios stay comparable."""
     import torch
 
-    size = model.backbone.image_size
+    size = reference.backbone.image_size
     g = torch.Generator().manual_seed(args.seed)
     pixels = torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8, generator=g)
     texts = [f"is {c} with {s} sleeves, number {i}" for i, (c, s) in enumerate(
         [("red", "long"), ("navy", "short"), ("green", "no")] * (args.text_batch // 3 + 1))][: args.text_batch]  # fmt: skip
-    img_s = common.time_calls(lambda: model.encode_pixels(pixels), repeat=args.repeat, warmup=1)
-    txt_s = common.time_calls(lambda: model.encode_texts(texts), repeat=args.repeat, warmup=1)
     one = pixels[:1]
-    queries = [f"make it {c}, query {i}" for i, c in enumerate(["shorter", "blue", "plain"] * 200)]
-    it = iter(queries)
+    counter = iter(range(10**9))
 
-    def composed():  # a new image and a new text every time: the engine's caches would not help
-        model.compose(model.encode_query_pixels(one), model.encode_query_texts([next(it)]), 0.5)
+    def composed(model):  # a new image and a new text every time: the engine's caches would not help
+        text = f"make it {['shorter', 'blue', 'plain'][next(counter) % 3]}, query {next(counter)}"
+        model.compose(model.encode_query_pixels(one), model.encode_query_texts([text]), 0.5)
 
-    q_s = common.time_calls(composed, repeat=args.query_repeat, warmup=2)
-    img, txt = model.encode_pixels(pixels), model.encode_texts(texts)
+    def round_robin(fn, repeat: int, warmup: int) -> dict:
+        samples = {name: [] for name in models}
+        for i in range(warmup + repeat):
+            for name, model in models.items():
+                took = common.timed_call(lambda m=model: fn(m))
+                if i >= warmup:
+                    samples[name].append(took)
+        return samples
+
+    img_s = round_robin(lambda m: m.encode_pixels(pixels), args.repeat, 1)
+    txt_s = round_robin(lambda m: m.encode_texts(texts), args.repeat, 1)
+    q_s = round_robin(composed, args.query_repeat, 2)
     ref_img, ref_txt = reference.encode_pixels(pixels), reference.encode_texts(texts)
-    return {
-        "image_images_per_s": round(args.batch_size / common.percentile(img_s, 50), 3),
-        "image_batch_ms": common.latency_ms(img_s),
-        "text_texts_per_s": round(args.text_batch / common.percentile(txt_s, 50), 3),
-        "text_batch_ms": common.latency_ms(txt_s),
-        "composed_query_ms": common.latency_ms(q_s),
-        "cosine_min_to_torch": {
-            "image": _cos(img, ref_img),
-            "text": _cos(txt, ref_txt),
-            "composed": _cos(
-                model.compose(img[:8], txt[:8], 0.5), reference.compose(ref_img[:8], ref_txt[:8], 0.5)
-            ),
-        },
-    }
+    out = {}
+    for name, model in models.items():
+        img, txt = model.encode_pixels(pixels), model.encode_texts(texts)
+        out[name] = {
+            "image_images_per_s": round(args.batch_size / common.percentile(img_s[name], 50), 3),
+            "image_batch_ms": common.latency_ms(img_s[name]),
+            "text_texts_per_s": round(args.text_batch / common.percentile(txt_s[name], 50), 3),
+            "text_batch_ms": common.latency_ms(txt_s[name]),
+            "composed_query_ms": common.latency_ms(q_s[name]),
+            "cosine_min_to_torch": {
+                "image": _cos(img, ref_img),
+                "text": _cos(txt, ref_txt),
+                "composed": _cos(
+                    model.compose(img[:8], txt[:8], 0.5), reference.compose(ref_img[:8], ref_txt[:8], 0.5)
+                ),
+            },
+        }
+    return out
 
 
 def index_run(images: Path, out: Path, args, runtime: str, precision: str, export_dir: Path | None) -> dict:
@@ -138,12 +153,9 @@ def main() -> None:
 
             models[(runtime, precision)] = ExportedModel(reference, folder, mode="latency")
         results: dict = {"threads": threads, "exports": exports, "forwards": {}, "index_runs": {}}
-        for kind, model in models.items():
-            name = "-".join(kind)
-            common.log(f"forwards: {name}")
-            results["forwards"][name] = forwards(model, reference, args) | {
-                "loadavg_after": [round(x, 2) for x in os.getloadavg()]
-            }
+        common.log("forwards, the runtimes taking turns")
+        results["forwards"] = forwards({"-".join(k): m for k, m in models.items()}, reference, args)
+        results["loadavg_after_forwards"] = [round(x, 2) for x in os.getloadavg()]
         del models
         if args.n:
             images = work / "images"

@@ -43,9 +43,9 @@ class _OnnxGraph:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        # Spinning workers answer the next op sooner (queries), but while indexing they would burn the
-        # core the decode worker needs between batches.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if mode == "latency" else "0")
+        # No spinning: idle workers that spin burn the cores that the decode worker (indexing) and the
+        # HTTP threads (serving) need, and on a machine shared with other processes they stall the run.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
 
@@ -104,6 +104,8 @@ class ExportedModel:
         self._image, self._text, self._fuse = graphs["image"], graphs["text"], graphs.get("fusion")
 
     def __getattr__(self, name):  # only called for attributes not found here: the torch model's
+        if name == "torch_model":  # not set yet (a half-built or unpickled object): no recursion
+            raise AttributeError(name)
         return getattr(self.torch_model, name)
 
     def __repr__(self) -> str:
