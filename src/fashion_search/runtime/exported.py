@@ -8,7 +8,9 @@ take it in place of a RetrievalModel and never branch on the runtime.
 
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,10 +55,22 @@ class _OnnxGraph:
         return self.session.run(None, dict(zip(self.inputs, arrays)))[0]
 
 
+_OPEN_GRAPHS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _release_openvino() -> None:
+    # An OpenVINO compiled model still alive when the interpreter tears down (an engine's model thread
+    # holds one until exit) crashes in its destructor once the plugin is gone: release them first.
+    for graph in list(_OPEN_GRAPHS):
+        graph.request = graph.compiled = None
+
+
 class _OpenVinoGraph:
     def __init__(self, path: Path, threads: int, mode: str):
         import openvino as ov
 
+        _OPEN_GRAPHS.add(self)
         core = ov.Core()
         config = {"PERFORMANCE_HINT": mode.upper(), "INFERENCE_NUM_THREADS": threads}
         if mode == "latency":
