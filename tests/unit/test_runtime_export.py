@@ -138,3 +138,16 @@ def test_runtime_mixing_rule(built, now, ok):
     else:
         with pytest.raises(IndexMismatchError, match="do not mix"):
             check_runtime(built, now, "index x")
+
+
+def test_cache_key_follows_a_fusion_drawn_without_checkpoint(combiner_model):
+    import copy
+
+    from fashion_search.runtime.export import export_name
+
+    other = copy.deepcopy(combiner_model)
+    torch.nn.init.normal_(other.fusion.gate[0].weight)
+    assert export_name(other, "onnx", "fp32") != export_name(combiner_model, "onnx", "fp32")
+    assert export_name(copy.deepcopy(combiner_model), "onnx", "fp32") == export_name(
+        combiner_model, "onnx", "fp32"
+    )

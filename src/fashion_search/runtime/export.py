@@ -49,8 +49,12 @@ def require(fmt: str) -> None:
 def model_key(model: RetrievalModel) -> str:
     """A short hash of the model's identity: an export is reused only by the model it was made from."""
     ident = model.identity()
-    text = json.dumps({k: ident.get(k) for k in IDENTITY_KEYS}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps({k: ident.get(k) for k in IDENTITY_KEYS}, sort_keys=True).encode())
+    # Without a checkpoint a learned fusion's weights are a fresh random draw that the identity does not
+    # name: its (small) weights go into the key, so a cached export never carries another draw's.
+    for tensor in model.fusion.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def export_name(model: RetrievalModel, fmt: str, precision: str) -> str:

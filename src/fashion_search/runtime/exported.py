@@ -24,7 +24,8 @@ from fashion_search.models.fusion import check_text_weight
 from fashion_search.models.retrieval import RetrievalModel
 from fashion_search.runtime.export import read_export
 
-# "latency": one query at a time (the engine); "throughput": batches (indexing, evaluation).
+# "latency": one query at a time (the engine); "throughput": batches (indexing, evaluation). Both
+# runtimes are configured alike for now (see _OnnxGraph, _OpenVinoGraph); the callers say which they are.
 MODES = ("latency", "throughput")
 
 
@@ -72,9 +73,9 @@ class _OpenVinoGraph:
 
         _OPEN_GRAPHS.add(self)
         core = ov.Core()
-        config = {"PERFORMANCE_HINT": mode.upper(), "INFERENCE_NUM_THREADS": threads}
-        if mode == "latency":
-            config["NUM_STREAMS"] = 1
+        # LATENCY (one stream with every thread) for batches too: THROUGHPUT splits the threads into
+        # streams, and the one synchronous request here would then run on a single stream's thread.
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self.request = self.compiled.create_infer_request()
 
@@ -104,18 +105,30 @@ class ExportedModel:
         self.export_dir = d
         self.runtime = manifest["export_format"]
         self.precision = manifest["precision"]
-        threads = threads or default_threads()
-        backend = _BACKENDS[self.runtime]
-        graphs = {}
-        for name, files in manifest["graphs"].items():
+        self._threads, self._mode = threads or default_threads(), mode
+        self._files = {name: d / files[0] for name, files in manifest["graphs"].items()}
+        self._graphs: dict = {}
+        self._has_fusion = "fusion" in self._files
+        # A server loads every graph now, so that a damaged file stops it at start-up, not at the first
+        # query; a batch job (index, eval) loads a graph when first used: indexing never reads text, and
+        # the text tower's session costs seconds of start-up.
+        if mode == "latency":
+            for name in self._files:
+                self._graph(name)
+
+    def _graph(self, name: str):
+        graph = self._graphs.get(name)
+        if graph is None:
+            path = self._files[name]
             try:
-                graphs[name] = backend(d / files[0], threads, mode)
+                graph = _BACKENDS[self.runtime](path, self._threads, self._mode)
             except Exception as exc:  # each runtime has its own parse errors; all mean a damaged file
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 raise FashionSearchError(
-                    f"cannot load {self.runtime} graph {d / files[0]} ({first}); export it again"
+                    f"cannot load {self.runtime} graph {path} ({first}); export it again"
                 ) from None
-        self._image, self._text, self._fuse = graphs["image"], graphs["text"], graphs.get("fusion")
+            self._graphs[name] = graph
+        return graph
 
     def __getattr__(self, name):  # only called for attributes not found here: the torch model's
         if name == "torch_model":  # not set yet (a half-built or unpickled object): no recursion
@@ -139,7 +152,7 @@ class ExportedModel:
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             x = self.torch_model.model_input(pixels).float().contiguous().numpy()
-        return torch.from_numpy(self._image(x).astype(np.float32, copy=False))
+        return torch.from_numpy(self._graph("image")(x).astype(np.float32, copy=False))
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
         transform = self.image_transform()
@@ -153,7 +166,7 @@ class ExportedModel:
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.backbone.tokenize(list(texts[i : i + batch_size])).numpy().astype(np.int64)
-            out.append(torch.from_numpy(self._text(tokens).astype(np.float32, copy=False)))
+            out.append(torch.from_numpy(self._graph("text")(tokens).astype(np.float32, copy=False)))
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
     def encode_query_pixels(self, pixels: torch.Tensor) -> QueryFeatures:
@@ -163,7 +176,7 @@ class ExportedModel:
         return QueryFeatures(self.encode_texts(texts, batch_size))
 
     def _run_fuse(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        out = self._fuse(image.float().contiguous().numpy(), text.float().contiguous().numpy())
+        out = self._graph("fusion")(image.float().contiguous().numpy(), text.float().contiguous().numpy())
         return torch.from_numpy(out.astype(np.float32, copy=False))
 
     def compose(
@@ -179,4 +192,4 @@ class ExportedModel:
         if w in (0.0, 1.0):
             return image if w == 0.0 else text
         with torch.inference_mode():
-            return self.fusion.weighted(image, text, w, fuse=self._run_fuse if self._fuse else None)
+            return self.fusion.weighted(image, text, w, fuse=self._run_fuse if self._has_fusion else None)
