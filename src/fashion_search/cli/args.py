@@ -90,11 +90,12 @@ def load_model(args, fusion: str = "sum", recorded: dict | None = None):
     return model, model_source(model, checkpoint)
 
 
-def add_runtime_args(p: argparse.ArgumentParser, recorded: bool = False) -> None:
+def add_runtime_args(p: argparse.ArgumentParser, recorded: bool = False, rerun: bool = False) -> None:
     """--runtime / --precision / --export-dir (runtime/__init__.py); `recorded`: the defaults are what
-    the index records."""
-    default = "the index's" if recorded else "torch; a re-run: the index's"
-    default_precision = "the index's" if recorded else "fp32; a re-run: the index's"
+    the index records; `rerun`: they are on a re-run of `index`."""
+    default, default_precision = ("the index's", "the index's") if recorded else ("torch", "fp32")
+    if rerun:
+        default, default_precision = (f"{d}; a re-run: the index's" for d in (default, default_precision))
     p.add_argument(
         "--runtime",
         choices=("torch", "onnx", "openvino"),

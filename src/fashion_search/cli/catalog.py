@@ -252,7 +252,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--collection", metavar="NAME", help="Milvus collection (default: fs_ + the --out folder name)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_runtime_args(p)
+    add_runtime_args(p, rerun=True)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("info", help="describe an index")
