@@ -74,6 +74,7 @@ def forwards(models: dict, reference, args) -> dict:
     txt_s = round_robin(lambda m: m.encode_texts(texts), args.repeat, 1)
     q_s = round_robin(composed, args.query_repeat, 2)
     ref_img, ref_txt = reference.encode_pixels(pixels), reference.encode_texts(texts)
+    pairs = min(8, len(ref_img), len(ref_txt))
     out = {}
     for name, model in models.items():
         img, txt = model.encode_pixels(pixels), model.encode_texts(texts)
@@ -87,7 +88,8 @@ def forwards(models: dict, reference, args) -> dict:
                 "image": _cos(img, ref_img),
                 "text": _cos(txt, ref_txt),
                 "composed": _cos(
-                    model.compose(img[:8], txt[:8], 0.5), reference.compose(ref_img[:8], ref_txt[:8], 0.5)
+                    model.compose(img[:pairs], txt[:pairs], 0.5),
+                    reference.compose(ref_img[:pairs], ref_txt[:pairs], 0.5),
                 ),
             },
         }
