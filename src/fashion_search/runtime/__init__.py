@@ -66,7 +66,9 @@ def use_runtime(
     if precision not in PRECISIONS:
         raise FashionSearchError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
     if runtime == "torch":
-        if precision != "fp32" or export_dir:
+        if export_dir:
+            raise FashionSearchError("--export-dir runs an export: use it with --runtime onnx or openvino")
+        if precision != "fp32":
             raise FashionSearchError("--runtime torch runs the model in fp32; int8 needs --runtime onnx")
         return model
     from fashion_search.runtime.export import export_model, export_name, require
