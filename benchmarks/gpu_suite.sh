@@ -11,9 +11,9 @@
 #   export PYTHONPATH=/tmp/site:$PWD/src && OUT=/tmp/res timeout 540 bash benchmarks/gpu_suite.sh;
 #   tar czf $OUT/gpu_results.tgz -C /tmp res
 # SCALE=small runs the same steps tiny (a check of the script itself, on any machine; DEVICE=cpu).
-# SKIP_CPU_DECODE=1, SKIP_LARGE=1, SKIP_COMPILE=1, SKIP_TRAIN=1, SKIP_HTTP=1, SKIP_RAY=1 leave those steps out
-# (a short rerun). The Ray step (index --ray local: one GPU actor per GPU against the single-process path)
-# runs only where Ray Data is installed (pip install 'fashion-search[ray]').
+# SKIP_CPU_DECODE=1, SKIP_LARGE=1, SKIP_COMPILE=1, SKIP_TRAIN=1, SKIP_HTTP=1, SKIP_RAY=1, SKIP_RUNTIMES=1 leave
+# those steps out (a short rerun). The Ray step (index --ray local: one GPU actor per GPU against the
+# single-process path) runs only where Ray Data is installed (pip install 'fashion-search[ray]').
 set -uo pipefail
 
 PY=${PY:-python3}
@@ -39,6 +39,7 @@ if [ "${SCALE:-full}" = small ]; then
     COMPILE=(--model fs-micro --repeat 2 --backend eager)
     HTTP=(--items 300 --requests 3 --gaps 0,0.01 --min-px 48 --max-px 96)
     RAY=(--model fs-micro --n 16 --batch-size 4 --min-px 48 --max-px 96 --ray-cpus 2)
+    RUNTIMES=(--model fs-micro --n 16 --repeat 2 --query-repeat 3 --min-px 48 --max-px 96)
 else
     DECODE=(--n 256 --repeat 5)
     # 2,000 distinct JPEGs of 400-1000 px, each file linked 25 times: 50,000 files to decode, so that the
@@ -52,6 +53,7 @@ else
     COMPILE=(--repeat 30)
     HTTP=(--items 10000 --requests 40)
     RAY=(--model ViT-B-32 --n 4000 --batch-size 256)
+    RUNTIMES=(--n 2000)
 fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true; } > "$OUT/gpu.txt"
@@ -84,6 +86,13 @@ fi
 [ "${SKIP_COMPILE:-0}" = 1 ] ||
     step compile_query "$PY" benchmarks/diagnose_compile.py "${COMPILE[@]}" --mode reduce-overhead --batch-size 0
 [ "${SKIP_TRAIN:-0}" = 1 ] || step train "$PY" benchmarks/bench_train.py "${TRAIN[@]}"
+# The exported CPU runtimes (ONNX Runtime, OpenVINO) on the host's CPU cores against PyTorch on the same
+# cores (they have no GPU path): bench_runtimes.py takes no --device, so it runs outside step().
+if [ "${SKIP_RUNTIMES:-0}" != 1 ] && "$PY" -c "import onnxruntime, openvino" 2> /dev/null; then
+    echo "== runtimes_cpu: bench_runtimes.py ${RUNTIMES[*]}" >&2
+    "$PY" benchmarks/bench_runtimes.py "${RUNTIMES[@]}" --out "$OUT/runtimes_cpu.json" > /dev/null \
+        2> "$OUT/runtimes_cpu.log" || { echo "   runtimes_cpu FAILED (see $OUT/runtimes_cpu.log)" >&2; status=1; }
+fi
 [ "${SKIP_CPU_DECODE:-0}" = 1 ] ||
     step index_cpu_decode "$PY" benchmarks/bench_index.py "${INDEX[@]}" --images "$WORK/idx/images" --decode cpu
 if [ "${SKIP_RAY:-0}" != 1 ] && ! "$PY" -c "import ray.data" 2> /dev/null; then

@@ -29,11 +29,19 @@ __all__ = [
 ]
 
 
-def load_engine(index_dir, checkpoint=None, device=None):
-    """Open a SearchEngine over an index directory built by `fashion-search index`."""
+def load_engine(index_dir, checkpoint=None, device=None, runtime=None, precision=None, export_dir=None):
+    """Open a SearchEngine over an index directory built by `fashion-search index`; `runtime` (torch,
+    onnx, openvino) and `precision` (fp32, int8) default to what the index records."""
     from fashion_search.service.engine import SearchEngine
 
-    return SearchEngine.open(index_dir, checkpoint=checkpoint, device=device)
+    return SearchEngine.open(
+        index_dir,
+        checkpoint=checkpoint,
+        device=device,
+        runtime=runtime,
+        precision=precision,
+        export_dir=export_dir,
+    )
 
 
 def __getattr__(name):

@@ -36,6 +36,10 @@ ARGS = {
         "--workers", "0",
     ],
     "train_memory": ["--models", "fs-micro", "--batch-sizes", "4", "--chunk", "2", "--steps", "1"],
+    "runtimes": [
+        "--model", "fs-micro", "--n", "12", "--batch-size", "4", "--text-batch", "6", "--repeat", "2",
+        "--query-repeat", "3", "--runtimes", "torch-fp32,onnx-fp32", *TINY_IMAGES,
+    ],
 }  # fmt: skip
 GOAL_KEYS = {"name", "measured", "unit", "ceiling", "ratio", "goal", "met", "note"}
 
@@ -116,6 +120,17 @@ def test_bench_ann_data_has_no_near_tie_at_rank_10(monkeypatch):
         for rows in (np.arange(n), np.setdiff1d(np.arange(n), dropped)):
             best = -np.sort(-(q @ base[rows].T), axis=1)[:, : k + 1]
             assert (best[:, k - 1] - best[:, k]).min() > 2 * DOT_ATOL, kind  # 5.9e-5 at least, seen
+
+
+def test_bench_runtimes(runs):
+    pytest.importorskip("onnxruntime")
+    doc, written = runs("runtimes")
+    check_common(doc, written, "runtimes")
+    results = doc["results"]
+    assert set(results["forwards"]) == {"torch-fp32", "onnx-fp32"}
+    assert results["forwards"]["onnx-fp32"]["cosine_min_to_torch"]["image"] >= 0.999
+    assert results["index_runs"]["onnx-fp32"]["images"] == 12
+    assert results["ratios_to_torch-fp32"]["onnx-fp32"]["index_whole_process"] > 0
 
 
 def test_bench_query(runs):

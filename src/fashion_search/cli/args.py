@@ -88,3 +88,48 @@ def load_model(args, fusion: str = "sum", recorded: dict | None = None):
     )
     checkpoint = args.checkpoint if args.checkpoint or args.model else (recorded or {}).get("checkpoint")
     return model, model_source(model, checkpoint)
+
+
+def add_runtime_args(p: argparse.ArgumentParser, recorded: bool = False, rerun: bool = False) -> None:
+    """--runtime / --precision / --export-dir (runtime/__init__.py); `recorded`: the defaults are what
+    the index records; `rerun`: they are on a re-run of `index`."""
+    default, default_precision = ("the index's", "the index's") if recorded else ("torch", "fp32")
+    if rerun:
+        default, default_precision = (f"{d}; a re-run: the index's" for d in (default, default_precision))
+    p.add_argument(
+        "--runtime",
+        choices=("torch", "onnx", "openvino"),
+        default=None,
+        help=f"what runs the model on the CPU: torch, onnx (ONNX Runtime) or openvino; an exported runtime "
+        f"exports the model on first use and reuses the export (default: {default})",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default=None,
+        help=f"int8: the ONNX export with int8 weights (default: {default_precision})",
+    )
+    p.add_argument("--export-dir", default=None, help="use this export (from `fashion-search export --out`)")
+
+
+def apply_runtime(args, model, source: dict | None, cache_dir=None, mode: str = "latency", recorded=None):
+    """The model under the runtime the flags (or the index's `recorded` identity) ask for."""
+    from fashion_search.runtime import use_runtime
+
+    recorded = recorded or {}
+    runtime = args.runtime or (recorded.get("runtime") if not args.export_dir else None)
+    precision = args.precision or (recorded.get("precision") if runtime == recorded.get("runtime") else None)
+    if args.export_dir and not args.runtime:
+        from fashion_search.runtime.export import read_export
+
+        manifest = read_export(args.export_dir)
+        runtime, precision = manifest["export_format"], manifest["precision"]
+    return use_runtime(
+        model,
+        runtime,
+        precision,
+        source=source,
+        cache_dir=cache_dir,
+        export_dir=args.export_dir,
+        mode=mode,
+    )

@@ -12,6 +12,8 @@ from pathlib import Path
 from fashion_search.cli.args import (
     add_device_arg,
     add_model_args,
+    add_runtime_args,
+    apply_runtime,
     load_model,
     non_negative_int,
     positive_float,
@@ -69,12 +71,21 @@ def cmd_index(args) -> int:
 
     if not Path(args.images).is_dir():
         raise FashionSearchError(f"image folder not found: {args.images}")
-    recorded = None
-    if not args.checkpoint and not args.model and index_exists(Path(args.out)):
-        recorded = read_manifest(Path(args.out))["source"]  # a re-run reuses the model the index records
+    recorded, built = None, None
+    if index_exists(Path(args.out)):
+        built = read_manifest(Path(args.out))["model"]  # a re-run keeps the index's runtime by default
+        if not args.checkpoint and not args.model:
+            recorded = read_manifest(Path(args.out))["source"]  # and the model the index records
     kind, index_params = _backend(args)
     _check_ray_flags(args)
     model, source = load_model(args, recorded=recorded)
+    model = apply_runtime(args, model, source, cache_dir=args.out, mode="throughput", recorded=built)
+    if args.ray is not None and getattr(model, "runtime", "torch") != "torch":
+        # The Ray actors rebuild the PyTorch model from its weights; exported graphs do not travel.
+        raise FashionSearchError(
+            f"--ray embeds with PyTorch; this run would use {model.runtime} "
+            "(pass --runtime torch, which fp32 indexes accept, or leave out --ray)"
+        )
     build = functools.partial(
         build_index,
         args.images,
@@ -169,7 +180,14 @@ def cmd_search(args) -> int:
             f"note: --text-weight weighs an image against a text; this is {only}-only search",
             file=sys.stderr,
         )
-    engine = SearchEngine.open(args.index, checkpoint=args.checkpoint, device=args.device)
+    engine = SearchEngine.open(
+        args.index,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        runtime=args.runtime,
+        precision=args.precision,
+        export_dir=args.export_dir,
+    )
     results = engine.search(
         image=args.image,
         text=args.text,
@@ -274,6 +292,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="model actors with --ray (default: one per GPU of the cluster, else half its CPUs)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_runtime_args(p, rerun=True)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("info", help="describe an index")
@@ -307,4 +326,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--checkpoint", default=None, help="override the model recorded in the index (must match)")
     add_device_arg(p)
+    add_runtime_args(p, recorded=True)
     p.set_defaults(func=cmd_search)

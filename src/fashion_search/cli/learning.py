@@ -1,4 +1,4 @@
-"""CLI commands of the learning loop: `train`, `eval`, `demo`."""
+"""CLI commands of the learning loop: `train`, `eval`, `demo`, and `export` (the model to ONNX/OpenVINO)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ import os
 from pathlib import Path
 
 from fashion_search.atomic import atomic_write_json, check_output_file
-from fashion_search.cli.args import add_model_args, load_model, non_negative_int, port_number, positive_int
+from fashion_search.cli.args import (
+    add_model_args,
+    add_runtime_args,
+    apply_runtime,
+    load_model,
+    non_negative_int,
+    port_number,
+    positive_int,
+)
+from fashion_search.errors import FashionSearchError
 
 _TRAIN_FLAGS = {
     "model": str,
@@ -76,7 +85,8 @@ def cmd_eval(args) -> int:
     for output in (args.json, args.submission):  # checked before minutes of evaluation, not after
         if output:
             check_output_file(output)
-    model, _ = load_model(args, fusion=args.fusion)
+    model, source = load_model(args, fusion=args.fusion)
+    model = apply_runtime(args, model, source, mode="throughput")
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
     if args.submission:
         ranked = rank_submission(
@@ -99,6 +109,25 @@ def cmd_eval(args) -> int:
     print(format_table(result))
     if args.json:
         atomic_write_json(Path(args.json), result)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from fashion_search.runtime import cache_root
+    from fashion_search.runtime.export import export_model, export_name, read_export
+
+    if args.device not in (None, "cpu"):
+        raise FashionSearchError("export runs on the CPU: leave out --device")
+    args.device = "cpu"
+    model, source = load_model(args, fusion=args.fusion)
+    precision = "int8" if args.int8 else "fp32"
+    out = (
+        Path(args.out) if args.out else cache_root(source, None) / export_name(model, args.format, precision)
+    )
+    export_model(model, out, args.format, precision)
+    manifest = read_export(out, model)
+    size = sum(manifest["sizes"].values()) / 1e6
+    print(f"exported {', '.join(manifest['graphs'])} ({args.format} {precision}, {size:.1f} MB) to {out}")
     return 0
 
 
@@ -163,7 +192,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
     p.add_argument("--workers", type=non_negative_int, default=None, help="decoding processes")
     p.add_argument("--quiet", action="store_true")
+    add_runtime_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export the model's towers and fusion to ONNX or OpenVINO IR")
+    add_model_args(p, fusion=True)
+    p.add_argument("--format", choices=("onnx", "openvino"), default="onnx", help="default onnx")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="export folder (default: the cache `--runtime` reads: RUN/exports/FORMAT-PRECISION-ID for a "
+        "checkpoint, ~/.cache/fashion-search/exports/... for a model name)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 weights for every matrix product (ONNX; activations quantized at run time, so no "
+        "calibration photos are needed)",
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="offline end to end: synth -> train -> eval -> index -> web UI")
     p.add_argument("--dir", default="demo", help="where the demo's data, run and index live")

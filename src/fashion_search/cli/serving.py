@@ -8,6 +8,7 @@ from dataclasses import fields
 
 from fashion_search.cli.args import (
     add_device_arg,
+    add_runtime_args,
     non_negative_float,
     port_number,
     positive_float,
@@ -88,14 +89,25 @@ def cmd_serve(args) -> int:
     _check_face("serve", args.host, args.port)
     from fashion_search.service.api import serve
 
-    return serve(args.index, args.host, args.port, limits_from_args(args), device=args.device)
+    return serve(
+        args.index,
+        args.host,
+        args.port,
+        limits_from_args(args),
+        device=args.device,
+        runtime=args.runtime,
+        precision=args.precision,
+        export_dir=args.export_dir,
+    )
 
 
 def cmd_ui(args) -> int:
     _check_face("ui", args.host, args.port)
     from fashion_search.service.ui_launch import serve
 
-    return serve(args.index, args.host, args.port, device=args.device)
+    if args.export_dir:
+        raise FashionSearchError("ui takes --runtime and --precision; --export-dir is for serve and search")
+    return serve(args.index, args.host, args.port, args.device, args.runtime, args.precision)
 
 
 def _add_listen_args(p: argparse.ArgumentParser, port: int) -> None:
@@ -107,6 +119,7 @@ def _add_listen_args(p: argparse.ArgumentParser, port: int) -> None:
     )
     p.add_argument("--port", type=port_number, default=port, help=f"default {port}")
     add_device_arg(p)
+    add_runtime_args(p, recorded=True)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

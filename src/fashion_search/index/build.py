@@ -127,6 +127,27 @@ def check_identity(manifest_identity: dict, model: RetrievalModel, where: str) -
         built = ", ".join(f"{k} {manifest_identity.get(k)}" for k in diffs)
         now = ", ".join(f"{k} {mine.get(k)}" for k in diffs)
         raise IndexMismatchError(f"{where} was built with {built}, but the model given has {now}")
+    check_runtime(manifest_identity, mine, where)
+
+
+def check_runtime(built: dict, mine: dict, where: str) -> None:
+    """Refuse to mix embeddings whose numbers differ more than ranking tolerates.
+
+    fp32 PyTorch, ONNX Runtime and OpenVINO compute the same graph with different kernels: their
+    embeddings agree within cosine 0.999 (tests/unit/test_runtime_export.py), no more than BLAS on two
+    CPUs, so they mix freely. An int8 model's embeddings move by up to 1% and each quantizer rounds
+    differently, so an int8 index answers only int8 queries of the same runtime, and vice versa.
+    Indexes written before runtimes existed were built by PyTorch in fp32.
+    """
+    have = (built.get("runtime", "torch"), built.get("precision", "fp32"))
+    now = (mine.get("runtime", "torch"), mine.get("precision", "fp32"))
+    if have == now or (have[1] == now[1] == "fp32"):
+        return
+    raise IndexMismatchError(
+        f"{where} was built with runtime {have[0]} {have[1]}, but the model given runs {now[0]} {now[1]}: "
+        f"{'int8' if 'int8' in (have[1], now[1]) else 'these'} embeddings do not mix; use --runtime "
+        f"{have[0]} --precision {have[1]}, or index into a new --out"
+    )
 
 
 def _write_report(out: Path, report: BuildReport) -> None:

@@ -45,7 +45,8 @@ class SumFusion(Fusion):
     def fuse(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return F.normalize(image + text, dim=-1)
 
-    def weighted(self, image: torch.Tensor, text: torch.Tensor, w: float) -> torch.Tensor:
+    def weighted(self, image: torch.Tensor, text: torch.Tensor, w: float, fuse=None) -> torch.Tensor:
+        # Parameter-free: no graph to run, so an exported runtime's `fuse` is not needed here.
         return F.normalize((1 - w) * image + w * text, dim=-1)
 
 

@@ -79,9 +79,10 @@ class Fusion(nn.Module):
         """The query at weight w in (0, 1) for a fusion that reads token features."""
         raise NotImplementedError
 
-    def weighted(self, image: torch.Tensor, text: torch.Tensor, w: float) -> torch.Tensor:
-        """The query at weight w in (0, 1), from normalised embeddings."""
-        fused = self.fuse(image, text)
+    def weighted(self, image: torch.Tensor, text: torch.Tensor, w: float, fuse=None) -> torch.Tensor:
+        """The query at weight w in (0, 1), from normalised embeddings. `fuse` replaces self.fuse (an
+        exported fusion graph runs it; the slider's path stays this one function)."""
+        fused = (fuse or self.fuse)(image, text)
         # The slider walks a path image -> trained fusion -> text; its midpoint is the trained point.
         if w <= DEFAULT_TEXT_WEIGHT:
             a = w / DEFAULT_TEXT_WEIGHT

@@ -19,6 +19,10 @@ from fashion_search.models.openclip_import import open_clip
 class RetrievalModel(nn.Module):
     """Encodes images and texts into one normalised space and composes queries from them."""
 
+    # What runs the towers (runtime/exported.py has the exported ones); an index records both.
+    runtime = "torch"
+    precision = "fp32"
+
     def __init__(self, backbone: ClipBackbone, fusion: Fusion, checkpoint_sha256: str | None = None):
         super().__init__()
         self.backbone = backbone
@@ -42,6 +46,8 @@ class RetrievalModel(nn.Module):
             "checkpoint_sha256": self.checkpoint_sha256,
             "dim": self.dim,
             "preprocess": self.backbone.preprocess_cfg,
+            "runtime": self.runtime,
+            "precision": self.precision,
         }
 
     def image_transform(self):

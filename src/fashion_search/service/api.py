@@ -348,6 +348,9 @@ def serve(
     limits: ServerLimits | None = None,
     checkpoint: str | None = None,
     device: str | None = None,
+    runtime: str | None = None,
+    precision: str | None = None,
+    export_dir: str | None = None,
 ) -> int:
     """`fashion-search serve`: open the engine once, then run uvicorn until SIGINT/SIGTERM.
 
@@ -360,7 +363,14 @@ def serve(
     from fashion_search.service.observe import configure_logging
 
     limits = limits or ServerLimits()
-    engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device)
+    engine = SearchEngine.open(
+        index_dir,
+        checkpoint=checkpoint,
+        device=device,
+        runtime=runtime,
+        precision=precision,
+        export_dir=export_dir,
+    )
     app = create_app(engine, limits)
     configure_logging(limits.log_format)
     keys = f"; {len(limits.api_keys)} API key(s) required" if limits.api_keys else ""

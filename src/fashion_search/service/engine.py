@@ -27,7 +27,7 @@ from fashion_search.data.pixels import DeviceJpegDecoder, device_decodable
 from fashion_search.errors import FashionSearchError
 from fashion_search.index.build import check_identity
 from fashion_search.index.store import live_version, load_version, read_manifest
-from fashion_search.models.checkpoint import resolve_model
+from fashion_search.models.checkpoint import resolve_checkpoint_path, resolve_model
 from fashion_search.models.features import QueryFeatures
 from fashion_search.models.fusion import check_text_weight
 from fashion_search.models.retrieval import RetrievalModel
@@ -75,6 +75,27 @@ class _LRU:
                 self.data.popitem(last=False)
 
 
+def _open_model(
+    manifest, index_dir, checkpoint, model, pretrained, fusion, device, runtime, precision, export_dir
+):
+    """The model an index asks for, under the runtime asked for (default: the one the index records)."""
+    from fashion_search.runtime import use_runtime
+    from fashion_search.runtime.export import read_export
+
+    source = manifest.get("source")
+    encoder = resolve_model(checkpoint, model, pretrained, fusion, device, recorded=source)
+    built = manifest["model"]
+    if export_dir and not runtime:
+        recorded = read_export(export_dir)
+        runtime, precision = recorded["export_format"], recorded["precision"]
+    runtime = runtime or built.get("runtime", "torch")
+    if precision is None:
+        precision = built.get("precision", "fp32") if runtime == built.get("runtime", "torch") else "fp32"
+    if checkpoint:
+        source = {"checkpoint": str(resolve_checkpoint_path(checkpoint))}
+    return use_runtime(encoder, runtime, precision, source=source, cache_dir=index_dir, export_dir=export_dir)
+
+
 class SearchEngine:
     """Search a catalog index by image, by text, or both, with an adjustable text weight.
 
@@ -116,14 +137,30 @@ class SearchEngine:
         model: str | None = None,
         pretrained: str | None = None,
         device: str | None = None,
+        runtime: str | None = None,
+        precision: str | None = None,
+        export_dir: str | None = None,
     ) -> SearchEngine:
-        """Load an index and the model that built it (or check that the given one matches)."""
+        """Load an index and the model that built it (or check that the given one matches).
+
+        `runtime` (torch | onnx | openvino) and `precision` (fp32 | int8) default to what the index
+        records; an exported runtime is exported on first use (runtime/__init__.py)."""
         manifest = read_manifest(Path(index_dir))
         model_thread = ModelThread()
         try:
             fusion = manifest["model"].get("fusion", "sum")
             encoder = model_thread.run(
-                resolve_model, checkpoint, model, pretrained, fusion, device, recorded=manifest.get("source")
+                _open_model,
+                manifest,
+                Path(index_dir),
+                checkpoint,
+                model,
+                pretrained,
+                fusion,
+                device,
+                runtime,
+                precision,
+                export_dir,
             )
             # Mapped, not read: the engine never writes to the index, the float32 row store is only paged
             # in when a query needs it (filters' exact fallback), and server processes share one
@@ -216,6 +253,8 @@ class SearchEngine:
             "model": ident["model"],
             "pretrained": ident["pretrained"],
             "fusion": ident["fusion"],
+            "runtime": ident.get("runtime", "torch"),
+            "precision": ident.get("precision", "fp32"),
             "checkpoint_sha256": ident.get("checkpoint_sha256"),
             "index_kind": snap.index.kind,
             "index_storage": snap.index.storage,

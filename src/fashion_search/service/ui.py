@@ -39,12 +39,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--index", default=os.environ.get("FASHION_SEARCH_INDEX"))
     parser.add_argument("--device", default=os.environ.get("FASHION_SEARCH_DEVICE") or None)
+    parser.add_argument("--runtime", default=os.environ.get("FASHION_SEARCH_RUNTIME") or None)
+    parser.add_argument("--precision", default=os.environ.get("FASHION_SEARCH_PRECISION") or None)
     return parser.parse_known_args(argv)[0]  # tolerate foreign argv (pytest's, under AppTest)
 
 
 @st.cache_resource(show_spinner="Loading the model and the catalog index…")
-def load_engine(index_dir: str, device: str | None) -> SearchEngine:
-    return SearchEngine.open(index_dir, device=device)
+def load_engine(
+    index_dir: str, device: str | None, runtime: str | None = None, precision: str | None = None
+) -> SearchEngine:
+    return SearchEngine.open(index_dir, device=device, runtime=runtime, precision=precision)
 
 
 def make_thumbnail(source: str | bytes) -> bytes | None:
@@ -345,7 +349,7 @@ def main() -> None:
         st.error("No index given: run `fashion-search ui --index INDEX` (or set FASHION_SEARCH_INDEX).")
         st.stop()
     try:
-        engine = load_engine(str(Path(args.index).resolve()), args.device)
+        engine = load_engine(str(Path(args.index).resolve()), args.device, args.runtime, args.precision)
     except FashionSearchError as exc:
         st.error(f"Cannot open the index: {exc}")
         st.stop()

@@ -35,7 +35,14 @@ def check_port_free(host: str, port: int) -> None:
         raise FashionSearchError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def ui_command(index_dir: str | os.PathLike, host: str, port: int, device: str | None = None) -> list[str]:
+def ui_command(
+    index_dir: str | os.PathLike,
+    host: str,
+    port: int,
+    device: str | None = None,
+    runtime: str | None = None,
+    precision: str | None = None,
+) -> list[str]:
     """The `streamlit run` command line for the page; everything after `--` goes to ui.py."""
     cmd = [sys.executable, "-m", "streamlit", "run", str(UI_SCRIPT)]
     cmd += ["--server.address", host, "--server.port", str(port), "--server.headless", "true"]
@@ -45,8 +52,9 @@ def ui_command(index_dir: str | os.PathLike, host: str, port: int, device: str |
     cmd += ["--server.maxUploadSize", "10"]  # MB, the same limit as the HTTP API
     cmd += ["--client.toolbarMode", "viewer"]  # shoppers need no "Deploy" or "Clear cache"
     cmd += ["--", "--index", str(Path(index_dir).resolve())]
-    if device:
-        cmd += ["--device", device]
+    for flag, value in (("--device", device), ("--runtime", runtime), ("--precision", precision)):
+        if value:
+            cmd += [flag, value]
     return cmd
 
 
@@ -55,11 +63,14 @@ def launch_ui(
     host: str = "127.0.0.1",
     port: int = 8501,
     device: str | None = None,
+    runtime: str | None = None,
+    precision: str | None = None,
     **popen_kwargs,
 ) -> subprocess.Popen:
     """Start the web UI in the background; the caller owns the process (wait, terminate)."""
     env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    return subprocess.Popen(ui_command(index_dir, host, port, device), env=env, **popen_kwargs)
+    cmd = ui_command(index_dir, host, port, device, runtime, precision)
+    return subprocess.Popen(cmd, env=env, **popen_kwargs)
 
 
 def wait_until_up(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> bool:
@@ -79,10 +90,17 @@ def wait_until_up(url: str, timeout: float = 60.0, proc: subprocess.Popen | None
     return False
 
 
-def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8501, device: str | None = None) -> int:
+def serve(
+    index_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8501,
+    device: str | None = None,
+    runtime: str | None = None,
+    precision: str | None = None,
+) -> int:
     """`fashion-search ui`: check the index, run Streamlit until Ctrl-C, and return its exit code."""
     read_manifest(Path(index_dir))  # a missing or damaged index fails here with exit 2, not in the page
-    proc = launch_ui(index_dir, host, port, device)
+    proc = launch_ui(index_dir, host, port, device, runtime, precision)
     url = f"http://{host}:{port}"
     print(f"fashion-search UI starting on {url} (Ctrl-C to stop)", flush=True)
 

@@ -1,0 +1,153 @@
+"""Exported runtimes: ONNX Runtime and OpenVINO agree with PyTorch, exports are checked, mixes refused."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from fashion_search.errors import FashionSearchError, IndexMismatchError
+from fashion_search.index.build import check_runtime
+
+pytest.importorskip("onnxruntime")
+
+TEXTS = ["a red dress", "is shorter and sleeveless", "blue"]
+
+
+@pytest.fixture(scope="module")
+def combiner_model():
+    """fs-micro with a combiner whose learned part is not zero (a fresh one starts as a gated sum)."""
+    from fashion_search.models.checkpoint import create_model
+
+    torch.manual_seed(1)
+    model = create_model("fs-micro", "none", fusion="combiner", device="cpu").eval()
+    torch.nn.init.normal_(model.fusion.out.weight, std=0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exports(combiner_model, tmp_path_factory):
+    from fashion_search.runtime import use_runtime
+
+    cache = tmp_path_factory.mktemp("exports")
+    kinds = [("onnx", "fp32"), ("onnx", "int8")]
+    if importlib.util.find_spec("openvino") is not None:
+        kinds.append(("openvino", "fp32"))
+    return {kind: use_runtime(combiner_model, *kind, cache_dir=cache) for kind in kinds}
+
+
+def _pixels(n: int = 6) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+
+
+def _min_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
+
+
+@pytest.mark.parametrize("kind", [("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32")])
+def test_exported_embeddings_agree_with_torch(combiner_model, exports, kind):
+    if kind not in exports:
+        pytest.skip("openvino is not installed")
+    model, exported = combiner_model, exports[kind]
+    floor = 0.999 if kind[1] == "fp32" else 0.99
+    img, img_x = model.encode_pixels(_pixels()), exported.encode_pixels(_pixels())
+    txt, txt_x = model.encode_texts(TEXTS), exported.encode_texts(TEXTS)
+    assert img_x.shape == img.shape and img_x.dtype == torch.float32
+    assert _min_cos(img, img_x) >= floor
+    assert _min_cos(txt, txt_x) >= floor
+    for w in (0.3, 0.5, 0.8):
+        composed = model.compose(img[:3], txt, w)
+        assert _min_cos(composed, exported.compose(img_x[:3], txt_x, w)) >= floor
+    # The slider's ends are the towers' own embeddings, as in PyTorch.
+    assert torch.allclose(exported.compose(img_x[:3], txt_x, 0.0), img_x[:3], atol=1e-6)
+    assert exported.identity()["runtime"] == kind[0] and exported.identity()["precision"] == kind[1]
+    assert exported.identity()["checkpoint_sha256"] == model.identity()["checkpoint_sha256"]
+
+
+def test_export_is_cached_and_reused(combiner_model, exports):
+    from fashion_search.runtime import use_runtime
+
+    first = exports[("onnx", "fp32")].export_dir
+    stamp = (first / "image.onnx").stat().st_mtime_ns
+    again = use_runtime(combiner_model, "onnx", "fp32", cache_dir=first.parent.parent)
+    assert again.export_dir == first and (first / "image.onnx").stat().st_mtime_ns == stamp
+
+
+def test_damaged_export_is_one_line(combiner_model, exports, tmp_path):
+    import shutil
+
+    from fashion_search.runtime.exported import ExportedModel
+
+    src = exports[("onnx", "fp32")].export_dir
+    cut, garbled = tmp_path / "cut", tmp_path / "garbled"
+    shutil.copytree(src, cut)
+    shutil.copytree(src, garbled)
+    data = (cut / "image.onnx").read_bytes()
+    (cut / "image.onnx").write_bytes(data[: len(data) // 2])
+    (garbled / "text.onnx").write_bytes(b"\x07" * len((garbled / "text.onnx").read_bytes()))  # same size
+    for folder, file in ((cut, "image.onnx"), (garbled, "text.onnx")):
+        with pytest.raises(FashionSearchError) as err:
+            ExportedModel(combiner_model, folder)
+        assert "\n" not in str(err.value) and file in str(err.value)
+
+
+def test_export_of_another_model_is_refused(exports):
+    from fashion_search.models.checkpoint import create_model
+    from fashion_search.runtime.exported import ExportedModel
+
+    other = create_model("fs-micro", "none", fusion="sum", device="cpu")
+    with pytest.raises(FashionSearchError, match="another model"):
+        ExportedModel(other, exports[("onnx", "fp32")].export_dir)
+
+
+def test_token_fusion_export_is_refused(tmp_path):
+    from fashion_search.models.checkpoint import create_model
+    from fashion_search.runtime.export import export_model
+
+    model = create_model("fs-micro", "none", fusion="attention", device="cpu")
+    with pytest.raises(FashionSearchError, match="--runtime torch"):
+        export_model(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_runtime_package_is_one_line(monkeypatch):
+    from fashion_search.runtime import export
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
+    with pytest.raises(FashionSearchError, match=r"pip install 'fashion-search\[openvino\]'"):
+        export.require("openvino")
+
+
+@pytest.mark.parametrize(
+    ("built", "now", "ok"),
+    [
+        ({}, {"runtime": "onnx", "precision": "fp32"}, True),  # an index from before runtimes: torch fp32
+        ({"runtime": "openvino", "precision": "fp32"}, {"runtime": "torch", "precision": "fp32"}, True),
+        ({"runtime": "onnx", "precision": "int8"}, {"runtime": "onnx", "precision": "int8"}, True),
+        ({"runtime": "onnx", "precision": "int8"}, {"runtime": "onnx", "precision": "fp32"}, False),
+        ({}, {"runtime": "onnx", "precision": "int8"}, False),
+        ({"runtime": "onnx", "precision": "int8"}, {"runtime": "openvino", "precision": "int8"}, False),
+    ],
+)
+def test_runtime_mixing_rule(built, now, ok):
+    if ok:
+        check_runtime(built, now, "index x")
+    else:
+        with pytest.raises(IndexMismatchError, match="do not mix"):
+            check_runtime(built, now, "index x")
+
+
+def test_cache_key_follows_a_fusion_drawn_without_checkpoint(combiner_model):
+    import copy
+
+    from fashion_search.runtime.export import export_name
+
+    other = copy.deepcopy(combiner_model)
+    torch.nn.init.normal_(other.fusion.gate[0].weight)
+    assert export_name(other, "onnx", "fp32") != export_name(combiner_model, "onnx", "fp32")
+    assert export_name(copy.deepcopy(combiner_model), "onnx", "fp32") == export_name(
+        combiner_model, "onnx", "fp32"
+    )
