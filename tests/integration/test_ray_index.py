@@ -141,6 +141,7 @@ def _closed_port() -> int:
         (["--ray", "127.0.0.1:6379"], "--ray takes local, auto or ray://HOST:PORT"),
         (["--ray", "local", "--workers", "2"], "--workers and --decode apply without --ray"),
         (["--ray-actors", "2"], "--ray-actors needs --ray"),
+        (["--ray", "local", "--runtime", "onnx"], "--ray embeds with PyTorch, not onnx"),
     ],
 )
 def test_bad_ray_flags_are_one_line_and_exit_2(built, tmp_path, flags, message):

@@ -80,12 +80,8 @@ def cmd_index(args) -> int:
     _check_ray_flags(args)
     model, source = load_model(args, recorded=recorded)
     model = apply_runtime(args, model, source, cache_dir=args.out, mode="throughput", recorded=built)
-    if args.ray is not None and getattr(model, "runtime", "torch") != "torch":
-        # The Ray actors rebuild the PyTorch model from its weights; exported graphs do not travel.
-        raise FashionSearchError(
-            f"--ray embeds with PyTorch; this run would use {model.runtime} "
-            "(pass --runtime torch, which fp32 indexes accept, or leave out --ray)"
-        )
+    if args.ray is not None and getattr(model, "runtime", "torch") != "torch":  # the index's recorded runtime
+        raise FashionSearchError(_RAY_TORCH_ONLY.format(runtime=model.runtime))
     build = functools.partial(
         build_index,
         args.images,
@@ -122,6 +118,12 @@ def _check_ray_flags(args) -> None:
         return
     if args.workers is not None or args.decode != "auto":
         raise FashionSearchError("--workers and --decode apply without --ray; with --ray, Ray tasks decode")
+    if args.runtime not in (None, "torch"):
+        raise FashionSearchError(_RAY_TORCH_ONLY.format(runtime=args.runtime))
+
+
+# The Ray actors rebuild the PyTorch model from its weights; exported graphs do not travel to them.
+_RAY_TORCH_ONLY = "--ray embeds with PyTorch, not {runtime} (pass --runtime torch, which fp32 indexes accept, or leave out --ray)"
 
 
 def _backend(args) -> tuple[str, dict | None]:
