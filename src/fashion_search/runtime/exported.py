@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from fashion_search.errors import FashionSearchError
 from fashion_search.models.features import QueryFeatures
@@ -154,13 +153,8 @@ class ExportedModel:
             x = self.torch_model.model_input(pixels).float().contiguous().numpy()
         return torch.from_numpy(self._graph("image")(x).astype(np.float32, copy=False))
 
-    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
-        transform = self.image_transform()
-        out = [
-            self.encode_pixels(torch.stack([transform(im) for im in images[i : i + batch_size]]))
-            for i in range(0, len(images), batch_size)
-        ]
-        return torch.cat(out) if out else torch.empty(0, self.dim)
+    # The same batching over this class's encode_pixels (attribute lookup would reach the torch model's).
+    encode_images = RetrievalModel.encode_images
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         out = []
