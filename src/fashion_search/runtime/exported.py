@@ -66,12 +66,23 @@ def _release_openvino() -> None:
         graph.request = graph.compiled = None
 
 
+_CORE: list = []
+
+
+def _openvino_core(ov):
+    # One Core for the process, never freed: a Core collected before the compiled models it made (a
+    # garbage-collection cycle frees in no set order) crashes their destructors.
+    if not _CORE:
+        _CORE.append(ov.Core())
+    return _CORE[0]
+
+
 class _OpenVinoGraph:
     def __init__(self, path: Path, threads: int, mode: str):
         import openvino as ov
 
         _OPEN_GRAPHS.add(self)
-        core = ov.Core()
+        core = _openvino_core(ov)
         # LATENCY (one stream with every thread) for batches too: THROUGHPUT splits the threads into
         # streams, and the one synchronous request here would then run on a single stream's thread.
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
