@@ -28,7 +28,8 @@ def parse_args():
     p.add_argument(
         "--runtimes",
         default="torch-fp32,onnx-fp32,onnx-int8,openvino-fp32",
-        help="comma-separated RUNTIME-PRECISION list; the first is the reference",
+        help="comma-separated RUNTIME-PRECISION list, the first the reference; precision int8c is int8 "
+        "calibrated on the catalog's photos (export --calibration: static int8 for the image tower)",
     )
     p.add_argument("--keep", default=None, metavar="DIR", help="keep images, exports and indexes under DIR")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per index run")
@@ -134,6 +135,7 @@ def main() -> None:
     from fashion_search.data.images import iter_image_files
     from fashion_search.models.checkpoint import create_model
     from fashion_search.runtime.export import export_model
+    from fashion_search.runtime.quantize import calibration_photos
 
     kinds = [tuple(k.split("-", 1)) for k in args.runtimes.split(",") if k.strip()]
     work = common.work_dir(args.keep, "bench-runtimes-")
@@ -142,6 +144,10 @@ def main() -> None:
         reference = create_model(args.model, args.pretrained, device="cpu")
         threads = torch.get_num_threads()
         models, exports = {}, {}
+        images, dataset = work / "images", None
+        if (args.n or any(p == "int8c" for _, p in kinds)) and not images.exists():
+            common.log(f"writing {(args.n or 100)} JPEGs to {images}")
+            dataset = common.make_jpeg_folder(images, (args.n or 100), args.seed, args.min_px, args.max_px)
         for runtime, precision in kinds:
             if runtime == "torch":
                 models[(runtime, precision)] = reference
@@ -149,7 +155,8 @@ def main() -> None:
             folder = work / "exports" / f"{runtime}-{precision}"
             common.log(f"exporting {args.model} to {runtime} {precision}")
             started = time.perf_counter()
-            export_model(reference, folder, runtime, precision)
+            photos = calibration_photos(images, 100) if precision == "int8c" else None
+            export_model(reference, folder, runtime, precision.rstrip("c"), calibration=photos)
             exports[f"{runtime}-{precision}"] = {"seconds": round(time.perf_counter() - started, 1)}
             from fashion_search.runtime.exported import ExportedModel
 
@@ -160,12 +167,8 @@ def main() -> None:
         results["loadavg_after_forwards"] = [round(x, 2) for x in os.getloadavg()]
         del models
         if args.n:
-            images = work / "images"
-            if not images.exists():
-                common.log(f"writing {args.n} JPEGs to {images}")
-                results["dataset"] = common.make_jpeg_folder(
-                    images, args.n, args.seed, args.min_px, args.max_px
-                )
+            if dataset is not None:
+                results["dataset"] = dataset
             paths = sorted(iter_image_files(images))[:32]
             results["decode_preprocess_one_core"] = bench_index.decode_cost(reference, paths)
             for runtime, precision in kinds:
@@ -173,7 +176,7 @@ def main() -> None:
                 common.log(f"index run: {name}")
                 folder = work / "exports" / name if runtime != "torch" else None
                 results["index_runs"][name] = index_run(
-                    images, work / f"index-{name}", args, runtime, precision, folder
+                    images, work / f"index-{name}", args, runtime, precision.rstrip("c"), folder
                 )
         ref = "-".join(kinds[0])
         results["ratios_to_" + ref] = ratios(results, ref)

@@ -38,7 +38,7 @@ ARGS = {
     "train_memory": ["--models", "fs-micro", "--batch-sizes", "4", "--chunk", "2", "--steps", "1"],
     "runtimes": [
         "--model", "fs-micro", "--n", "12", "--batch-size", "4", "--text-batch", "6", "--repeat", "2",
-        "--query-repeat", "3", "--runtimes", "torch-fp32,onnx-fp32", *TINY_IMAGES,
+        "--query-repeat", "3", "--runtimes", "torch-fp32,onnx-fp32,onnx-int8c", *TINY_IMAGES,
     ],
 }  # fmt: skip
 GOAL_KEYS = {"name", "measured", "unit", "ceiling", "ratio", "goal", "met", "note"}
@@ -127,9 +127,11 @@ def test_bench_runtimes(runs):
     doc, written = runs("runtimes")
     check_common(doc, written, "runtimes")
     results = doc["results"]
-    assert set(results["forwards"]) == {"torch-fp32", "onnx-fp32"}
+    assert set(results["forwards"]) == {"torch-fp32", "onnx-fp32", "onnx-int8c"}
     assert results["forwards"]["onnx-fp32"]["cosine_min_to_torch"]["image"] >= 0.999
+    assert results["forwards"]["onnx-int8c"]["cosine_min_to_torch"]["image"] >= 0.99
     assert results["index_runs"]["onnx-fp32"]["images"] == 12
+    assert results["index_runs"]["onnx-int8c"]["images"] == 12
     assert results["ratios_to_torch-fp32"]["onnx-fp32"]["index_whole_process"] > 0
 
 

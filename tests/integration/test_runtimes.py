@@ -92,6 +92,33 @@ def test_export_command_and_damaged_export(built, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "image.bin" in r.stderr, r.stderr
 
 
+def test_calibrated_int8_export_indexes_and_answers(built, tmp_path):
+    base, _, _ = built
+    out, index = tmp_path / "static", tmp_path / "static-index"
+    catalog, run = base / "catalog", base / "run"
+    r = cli("export", "--checkpoint", run, "--calibration", catalog, "--out", out)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--int8" in r.stderr, r.stderr
+    r = cli(
+        "export",
+        "--checkpoint",
+        run,
+        "--int8",
+        "--calibration",
+        catalog,
+        "--calibration-size",
+        "5",
+        "--out",
+        out,
+    )
+    assert r.returncode == 0 and "image static" in r.stdout, r.stderr
+    args = ("--runtime", "onnx", "--precision", "int8", "--export-dir", out)
+    assert cli("index", catalog, "--out", index, "--checkpoint", run, *args).returncode == 0
+    hits = cli(
+        "search", "--index", index, "--image", catalog / QUERIES[0][0], "--text", "is blue", *args, "--json"
+    )
+    assert hits.returncode == 0 and QUERIES[0][0] in hits.stdout, hits.stderr
+
+
 def test_http_api_served_with_onnx_answers_a_composed_query(built):
     from fastapi.testclient import TestClient
 

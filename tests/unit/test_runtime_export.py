@@ -29,12 +29,31 @@ def combiner_model():
 @pytest.fixture(scope="module")
 def exports(combiner_model, tmp_path_factory):
     from fashion_search.runtime import use_runtime
+    from fashion_search.runtime.export import export_model
+    from fashion_search.runtime.exported import ExportedModel
 
     cache = tmp_path_factory.mktemp("exports")
-    kinds = [("onnx", "fp32"), ("onnx", "int8")]
-    if importlib.util.find_spec("openvino") is not None:
-        kinds.append(("openvino", "fp32"))
-    return {kind: use_runtime(combiner_model, *kind, cache_dir=cache) for kind in kinds}
+    formats = ["onnx"] + (["openvino"] if importlib.util.find_spec("openvino") is not None else [])
+    out = {
+        (f, p): use_runtime(combiner_model, f, p, cache_dir=cache) for f in formats for p in ("fp32", "int8")
+    }
+    photos = _photos(tmp_path_factory.mktemp("calibration"), 12)
+    for f in formats:  # int8 with calibration photos: the image tower's activations too
+        folder = export_model(combiner_model, cache / f"{f}-static", f, "int8", calibration=photos)
+        out[(f, "int8-static")] = ExportedModel(combiner_model, folder)
+    return out
+
+
+def _photos(folder, n: int) -> list:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(2)
+    paths = []
+    for i in range(n):
+        arr = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=g).numpy()
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(arr).save(paths[-1])
+    return paths
 
 
 def _pixels(n: int = 6) -> torch.Tensor:
@@ -46,7 +65,10 @@ def _min_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
 
 
-@pytest.mark.parametrize("kind", [("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32")])
+KINDS = [(f, p) for f in ("onnx", "openvino") for p in ("fp32", "int8", "int8-static")]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=["-".join(k) for k in KINDS])
 def test_exported_embeddings_agree_with_torch(combiner_model, exports, kind):
     if kind not in exports:
         pytest.skip("openvino is not installed")
@@ -62,8 +84,61 @@ def test_exported_embeddings_agree_with_torch(combiner_model, exports, kind):
         assert _min_cos(composed, exported.compose(img_x[:3], txt_x, w)) >= floor
     # The slider's ends are the towers' own embeddings, as in PyTorch.
     assert torch.allclose(exported.compose(img_x[:3], txt_x, 0.0), img_x[:3], atol=1e-6)
-    assert exported.identity()["runtime"] == kind[0] and exported.identity()["precision"] == kind[1]
+    assert exported.identity()["runtime"] == kind[0] and exported.identity()["precision"] == kind[1][:4]
     assert exported.identity()["checkpoint_sha256"] == model.identity()["checkpoint_sha256"]
+
+
+def test_int8_manifest_says_what_was_quantized_and_how(exports):
+    import onnx
+
+    from fashion_search.runtime.export import read_export
+
+    dynamic = read_export(exports[("onnx", "int8")].export_dir)
+    static = read_export(exports[("onnx", "int8-static")].export_dir)
+    assert dynamic["quantization"] == {"image": "dynamic", "text": "dynamic"}
+    assert dynamic["calibration_images"] == 0
+    assert static["quantization"] == {"image": "static", "text": "dynamic"}
+    assert static["calibration_images"] == 12
+    # Static: the image graph carries activation quantizers (QDQ); dynamic computes scales at run time.
+    ops = {
+        n.op_type
+        for n in onnx.load(str(exports[("onnx", "int8-static")].export_dir / "image.onnx")).graph.node
+    }
+    assert "QuantizeLinear" in ops and "DynamicQuantizeLinear" not in ops
+    if ("openvino", "int8") in exports:
+        assert read_export(exports[("openvino", "int8")].export_dir)["quantization"] == {
+            "image": "weights",
+            "text": "weights",
+        }
+        assert (
+            read_export(exports[("openvino", "int8-static")].export_dir)["quantization"]["image"] == "static"
+        )
+
+
+def test_calibration_input_errors_are_one_line(combiner_model, tmp_path):
+    from fashion_search.runtime.export import export_model
+    from fashion_search.runtime.quantize import calibration_photos
+
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(FashionSearchError, match="no decodable calibration photos"):
+        export_model(combiner_model, tmp_path / "x", "onnx", "int8", calibration=[tmp_path / "bad.jpg"])
+    with pytest.raises(FashionSearchError, match="add --int8"):
+        export_model(combiner_model, tmp_path / "y", "onnx", "fp32", calibration=[tmp_path / "bad.jpg"])
+    (tmp_path / "empty").mkdir()
+    for folder, why in (("missing", "does not exist"), ("empty", "holds no images")):
+        with pytest.raises(FashionSearchError, match=f"calibration folder .*{why}"):
+            calibration_photos(tmp_path / folder)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_calibration_photos_spread_over_the_folder(tmp_path):
+    from fashion_search.runtime.quantize import calibration_photos
+
+    photos = _photos(tmp_path, 10)
+    picked = calibration_photos(tmp_path, 4)
+    assert len(picked) == 4 and len(set(picked)) == 4
+    assert picked[0] == str(sorted(photos)[0]) and picked[-1] != str(sorted(photos)[3])
+    assert len(calibration_photos(tmp_path, 50)) == 10
 
 
 def test_export_is_cached_and_reused(combiner_model, exports):

@@ -107,7 +107,8 @@ def add_runtime_args(p: argparse.ArgumentParser, recorded: bool = False, rerun: 
         "--precision",
         choices=("fp32", "int8"),
         default=None,
-        help=f"int8: the ONNX export with int8 weights (default: {default_precision})",
+        help=f"int8: the export with int8 weights (made on first use without calibration; `fashion-search "
+        f"export --int8 --calibration PHOTOS` for int8 activations) (default: {default_precision})",
     )
     p.add_argument("--export-dir", default=None, help="use this export (from `fashion-search export --out`)")
 

@@ -18,6 +18,7 @@ from fashion_search.cli.args import (
     positive_int,
 )
 from fashion_search.errors import FashionSearchError
+from fashion_search.runtime.quantize import DEFAULT_CALIBRATION_IMAGES
 
 _TRAIN_FLAGS = {
     "model": str,
@@ -115,19 +116,27 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from fashion_search.runtime import cache_root
     from fashion_search.runtime.export import export_model, export_name, read_export
+    from fashion_search.runtime.quantize import calibration_photos
 
     if args.device not in (None, "cpu"):
         raise FashionSearchError("export runs on the CPU: leave out --device")
     args.device = "cpu"
     model, source = load_model(args, fusion=args.fusion)
     precision = "int8" if args.int8 else "fp32"
+    if args.calibration and not args.int8:
+        raise FashionSearchError("--calibration measures int8 activation ranges: add --int8")
+    photos = calibration_photos(args.calibration, args.calibration_size) if args.calibration else None
     out = (
         Path(args.out) if args.out else cache_root(source, None) / export_name(model, args.format, precision)
     )
-    export_model(model, out, args.format, precision)
+    export_model(model, out, args.format, precision, calibration=photos)
     manifest = read_export(out, model)
     size = sum(manifest["sizes"].values()) / 1e6
-    print(f"exported {', '.join(manifest['graphs'])} ({args.format} {precision}, {size:.1f} MB) to {out}")
+    how = ", ".join(f"{g} {m}" for g, m in manifest.get("quantization", {}).items())
+    print(
+        f"exported {', '.join(manifest['graphs'])} ({args.format} {precision}{f': {how}' if how else ''}, "
+        f"{size:.1f} MB) to {out}"
+    )
     return 0
 
 
@@ -207,8 +216,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--int8",
         action="store_true",
-        help="int8 weights for every matrix product (ONNX; activations quantized at run time, so no "
-        "calibration photos are needed)",
+        help="int8 weights for every matrix product (ONNX: activations quantized per batch at run time; "
+        "OpenVINO: weights only)",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="PHOTOS",
+        help="with --int8: a folder of catalog photos to measure the image tower's activation ranges on, "
+        "so its activations run in int8 too (static quantization)",
+    )
+    p.add_argument(
+        "--calibration-size",
+        type=int,
+        default=DEFAULT_CALIBRATION_IMAGES,
+        help=f"calibration photos used, spread over the folder (default {DEFAULT_CALIBRATION_IMAGES})",
     )
     p.set_defaults(func=cmd_export)
 

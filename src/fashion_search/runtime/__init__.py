@@ -69,7 +69,9 @@ def use_runtime(
         if export_dir:
             raise FashionSearchError("--export-dir runs an export: use it with --runtime onnx or openvino")
         if precision != "fp32":
-            raise FashionSearchError("--runtime torch runs the model in fp32; int8 needs --runtime onnx")
+            raise FashionSearchError(
+                "--runtime torch runs the model in fp32; int8 needs --runtime onnx or openvino"
+            )
         return model
     from fashion_search.runtime.export import export_model, export_name, require
     from fashion_search.runtime.exported import ExportedModel

@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from fashion_search.errors import FashionSearchError
 from fashion_search.index.build import IDENTITY_KEYS
 from fashion_search.models.retrieval import RetrievalModel
+from fashion_search.runtime.quantize import calibration_batches, method_for, quantize_onnx, quantize_openvino
 
 FORMAT = "fashion-search-export/1"
 MANIFEST = "manifest.json"
@@ -110,29 +111,13 @@ def _onnx_export(module: nn.Module, inputs: tuple, names: list[str], path: Path)
         )
 
 
-def _quantize(src: Path, dst: Path) -> None:
-    """int8 weights (per output channel) for every MatMul/Gemm, activations quantized per batch at run
-    time (dynamic): no calibration set is needed and the patch convolution stays fp32 (ConvInteger is
-    slow on CPUs)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    logging.getLogger().disabled, before = True, logging.getLogger().disabled  # its pre-processing hint
-    try:
-        quantize_dynamic(
-            str(src),
-            str(dst),
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=True,
-        )
-    finally:
-        logging.getLogger().disabled = before
-
-
-def _to_openvino(src: Path, dst: Path) -> None:
+def _to_openvino(src: Path, dst: Path, int8: bool, batches: list | None) -> None:
     import openvino as ov
 
-    ov.save_model(ov.convert_model(str(src)), str(dst), compress_to_fp16=False)
+    model = ov.convert_model(str(src))
+    if int8:
+        model = quantize_openvino(model, batches)
+    ov.save_model(model, str(dst), compress_to_fp16=False)
 
 
 def _versions() -> dict:
@@ -146,15 +131,21 @@ def _versions() -> dict:
 
 
 def export_model(
-    model: RetrievalModel, out_dir: str | os.PathLike, fmt: str = "onnx", precision: str = "fp32"
+    model: RetrievalModel,
+    out_dir: str | os.PathLike,
+    fmt: str = "onnx",
+    precision: str = "fp32",
+    calibration: Sequence[str | os.PathLike] | None = None,
 ) -> Path:
-    """Write the model's graphs to `out_dir` (replaced if present); returns it."""
+    """Write the model's graphs to `out_dir` (replaced if present); returns it.
+
+    int8 `calibration` photos make the image tower's activations int8 too, with ranges measured on
+    them (see runtime/quantize.py); without, only the weights are int8."""
     require(fmt)
     if precision not in PRECISIONS:
         raise FashionSearchError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
-    if precision == "int8" and fmt == "openvino":
-        # NNCF (OpenVINO's quantizer) is a separate, large package this project does not depend on.
-        raise FashionSearchError("int8 is available with --format onnx; OpenVINO runs fp32 exports")
+    if calibration is not None and precision != "int8":
+        raise FashionSearchError("calibration photos are for int8 exports: add --int8")
     if model.fusion.uses_tokens:
         raise FashionSearchError(
             f"the {model.fusion.name} fusion reads token features, which the exported graphs do not "
@@ -167,8 +158,9 @@ def export_model(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    batches = calibration_batches(model, calibration) if calibration is not None else None
     try:
-        _write_graphs(model, tmp, fmt, precision)
+        _write_graphs(model, tmp, fmt, precision, batches)
         if out.exists():
             shutil.rmtree(out)
         try:
@@ -183,7 +175,7 @@ def export_model(
     return out
 
 
-def _write_graphs(model: RetrievalModel, tmp: Path, fmt: str, precision: str) -> None:
+def _write_graphs(model: RetrievalModel, tmp: Path, fmt: str, precision: str, batches: list | None) -> None:
     backbone = model.backbone.cpu().eval()
     size = backbone.image_size
     pixels = torch.zeros(2, 3, size, size)
@@ -195,17 +187,21 @@ def _write_graphs(model: RetrievalModel, tmp: Path, fmt: str, precision: str) ->
     }
     if _has_weights(model.fusion):  # sum is two additions: it runs in place, nothing to export
         graphs["fusion"] = (_Fuse(model), (emb, emb), ["image", "text"])
-    files = {}
+    files, methods = {}, {}
     for name, (module, inputs, names) in graphs.items():
         onnx_path = tmp / f"{name}.onnx"
         _onnx_export(module, inputs, names, onnx_path)
         # The fusion stays fp32: a few small matrix products, where int8 saves nothing and costs accuracy.
-        if precision == "int8" and name != "fusion":
+        int8 = precision == "int8" and name != "fusion"
+        graph_batches = batches if name == "image" else None
+        if int8:
+            methods[name] = method_for(fmt, name, graph_batches is not None)
+        if int8 and fmt == "onnx":
             quantized = tmp / f"{name}.int8.onnx"
-            _quantize(onnx_path, quantized)
+            quantize_onnx(onnx_path, quantized, graph_batches)
             os.replace(quantized, onnx_path)
         if fmt == "openvino":
-            _to_openvino(onnx_path, tmp / f"{name}.xml")
+            _to_openvino(onnx_path, tmp / f"{name}.xml", int8, graph_batches)
             onnx_path.unlink()
             files[name] = [f"{name}.xml", f"{name}.bin"]
         else:
@@ -217,6 +213,8 @@ def _write_graphs(model: RetrievalModel, tmp: Path, fmt: str, precision: str) ->
         "format": FORMAT,
         "export_format": fmt,
         "precision": precision,
+        "quantization": methods,  # graph -> dynamic | static | weights (runtime/quantize.py)
+        "calibration_images": sum(len(b) for b in batches) if batches else 0,
         "opset": OPSET,
         "identity": {k: ident.get(k) for k in IDENTITY_KEYS},
         "graphs": files,
