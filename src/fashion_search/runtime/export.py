@@ -195,7 +195,7 @@ def _write_graphs(model: RetrievalModel, tmp: Path, fmt: str, precision: str, ba
         int8 = precision == "int8" and name != "fusion"
         graph_batches = batches if name == "image" else None
         if int8:
-            methods[name] = method_for(fmt, name, graph_batches is not None)
+            methods[name] = method_for(fmt, graph_batches is not None)
         if int8 and fmt == "onnx":
             quantized = tmp / f"{name}.int8.onnx"
             quantize_onnx(onnx_path, quantized, graph_batches)

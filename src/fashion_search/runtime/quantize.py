@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 from fashion_search.errors import FashionSearchError
 
-METHODS = ("dynamic", "static", "weights")
 if TYPE_CHECKING:
     import numpy as np
 
@@ -30,9 +29,9 @@ DEFAULT_CALIBRATION_IMAGES = 300
 _CALIBRATION_BATCH = 8
 
 
-def method_for(fmt: str, graph: str, calibrated: bool) -> str:
-    """What int8 means for one graph of one format (the table above)."""
-    if calibrated and graph == "image":
+def method_for(fmt: str, calibrated: bool) -> str:
+    """What int8 means for one graph of one format (the table above): dynamic, static or weights."""
+    if calibrated:
         return "static"
     return "dynamic" if fmt == "onnx" else "weights"
 
@@ -118,7 +117,8 @@ def quantize_onnx(src: Path, dst: Path, batches: list[np.ndarray] | None = None)
 
 
 class _Reader:
-    """onnxruntime.quantization.CalibrationDataReader over prepared batches (duck-typed: get_next)."""
+    """onnxruntime.quantization.CalibrationDataReader over prepared batches (its calibrators only call
+    get_next)."""
 
     def __init__(self, batches: list[np.ndarray]):
         self._batches = iter(batches)
@@ -126,15 +126,6 @@ class _Reader:
     def get_next(self):
         batch = next(self._batches, None)
         return None if batch is None else {"pixels": batch}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = self.get_next()
-        if batch is None:
-            raise StopIteration
-        return batch
 
 
 def quantize_openvino(model, batches: list[np.ndarray] | None = None):
