@@ -248,6 +248,7 @@ def main() -> None:
         if args.device:
             cmd += ["--device", args.device]
         common.log("running " + " ".join(cmd))
+        cpu_before = common.cpu_snapshot()
         run = common.Monitored(cmd, env={"TQDM_MININTERVAL": "0"}, own_group=True)
         try:
             during = ceiling_during(run, model, args.batch_size, args.ceiling_every, args.timeout, device)
@@ -256,6 +257,7 @@ def main() -> None:
             if run.wall_s is None:
                 run.kill_group()
         common.check_exit(run, "fashion-search index")
+        cpu = common.cpu_share(cpu_before, common.cpu_snapshot(), run.wall_s)
         wall = run.wall_s - run.paused_s  # the time the index process could run
         common.log(f"index run took {wall:.1f}s (+{run.paused_s:.1f}s paused); ceiling again")
         after = forward_ceiling(model, args.batch_size, args.ceiling_batches, device)
@@ -284,7 +286,9 @@ def main() -> None:
                 ceiling,
                 ratio_whole,
                 f"{indexed} images in {wall:.1f}s including start-up and the final save; ceiling "
-                + ("timed during the run" if ceiling_during_ips else "the faster pass around the run"),
+                + ("timed during the run" if ceiling_during_ips else "the faster pass around the run")
+                + f"; machine {cpu['verdict'].split(':')[0]} (other processes {cpu['other_processes_cores']} "
+                f"cores, steal {cpu['steal_share']:.1%})",
             ),
             common.goal_row(
                 "index steady state (images/s)",
@@ -327,6 +331,7 @@ def main() -> None:
                     "unchanged": report.get("unchanged"),
                     "skipped": len(report.get("skipped", [])),
                     "images_per_s": None if whole is None else round(whole, 3),
+                    "cpu_share": cpu,
                     "phases": phase,
                     # build_index's own time vs. the rest: imports, model creation, interpreter exit.
                     "in_build_s": report.get("seconds"),

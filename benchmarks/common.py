@@ -131,6 +131,43 @@ def goal_row(
     }
 
 
+# -- who else used the CPU ---------------------------------------------------------------------------
+def cpu_snapshot() -> dict[str, float]:
+    """CPU seconds so far: the whole machine's busy and stolen time (/proc/stat, all cores) and this
+    process's own plus its reaped children's (a benchmark's subprocesses, once waited for)."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fh.readline().split()[1:9])
+    hz = os.sysconf("SC_CLK_TCK")
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "busy_s": (user + nice + system + irq + softirq) / hz,
+        "steal_s": steal / hz,
+        "benchmark_s": own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime,
+    }
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float | str]:
+    """Cores busy with other processes and the share of time the hypervisor stole, between two
+    cpu_snapshot()s (the second taken after the benchmark's subprocesses were reaped). A ratio to a
+    ceiling holds only on a machine where both are near 0: the load average cannot tell, it counts the
+    benchmark's own threads."""
+    cpus = os.cpu_count() or 1
+    benchmark = after["benchmark_s"] - before["benchmark_s"]
+    others = max(0.0, after["busy_s"] - before["busy_s"] - benchmark)
+    steal = (after["steal_s"] - before["steal_s"]) / (wall_s * cpus) if wall_s > 0 else 0.0
+    other_cores = others / wall_s if wall_s > 0 else 0.0
+    quiet = other_cores < 0.1 and steal < 0.02
+    return {
+        "benchmark_cores": round(benchmark / wall_s, 3) if wall_s > 0 else 0.0,
+        "other_processes_cores": round(other_cores, 3),
+        "steal_share": round(steal, 4),
+        "verdict": "quiet"
+        if quiet
+        else "BUSY: other processes or the hypervisor took CPU time; ratios are less reliable",
+    }
+
+
 # -- memory -------------------------------------------------------------------------------------------
 def self_peak_rss_mb() -> float:
     """This process's peak RSS (Linux reports ru_maxrss in KiB)."""
@@ -299,6 +336,28 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_identity() -> dict[str, Any]:
+    """Vendor, family/model/stepping and threads per core: a VM's "AMD EPYC" names no generation
+    (family 25 is Zen 3/4, 26 Zen 5), and SMT siblings share one core's units."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model", "stepping", "siblings", "cpu cores", "flags"):
+                fields.setdefault(key, value.strip())
+    except OSError:
+        return {}
+    flags = set(fields.get("flags", "").split())
+    siblings, cores = fields.get("siblings"), fields.get("cpu cores")
+    return {
+        "vendor": fields.get("vendor_id"),
+        "family_model_stepping": [fields.get(k) for k in ("cpu family", "model", "stepping")],
+        "threads_per_core": int(siblings) // int(cores) if siblings and cores and int(cores) else None,
+        "vector_flags": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f == "avx_vnni"),
+    }
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, cores, memory, load, library versions and thread settings, for the record of every run."""
     try:
@@ -315,6 +374,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_model": _cpu_model(),
+        "cpu": _cpu_identity(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": affinity,
         "memory_gb": mem_gb,

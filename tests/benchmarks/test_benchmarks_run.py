@@ -96,6 +96,8 @@ def test_bench_index(runs):
     steady = run["phases"]["steady_images_per_s"]
     assert steady > 0 if steady is not None else "too few batches" in run["phases"]["note"]
     assert run["memory"]["peak_rss_mb"] > 0 and run["memory"]["tree_pss_peak_mb"] > 0
+    cpu = run["cpu_share"]  # the index process and the ceiling forwards: at least some CPU time
+    assert cpu["benchmark_cores"] > 0 and cpu["other_processes_cores"] >= 0 and 0 <= cpu["steal_share"] <= 1
     assert r["existing_index"]["items"] == 50
     assert r["ratios"]["whole_process"] > 0
     # Ceiling batches timed while the index process group was stopped; the pauses are not its time.
