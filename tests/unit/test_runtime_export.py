@@ -226,3 +226,19 @@ def test_cache_key_follows_a_fusion_drawn_without_checkpoint(combiner_model):
     assert export_name(copy.deepcopy(combiner_model), "onnx", "fp32") == export_name(
         combiner_model, "onnx", "fp32"
     )
+
+
+def test_openvino_int8_says_nothing_about_cuda():
+    """NNCF imports torch.utils.cpp_extension, whose import warns "No CUDA runtime is found" on a CPU
+    machine with a CUDA build of torch: noise on every OpenVINO int8 export (a fresh process, since the
+    module warns only when first imported; with a CPU build of torch there is nothing to hide)."""
+    pytest.importorskip("nncf")
+    import subprocess
+    import sys
+
+    code = (
+        "from fashion_search.runtime.quantize import quantize_openvino\n"
+        "try:\n    quantize_openvino(None)\nexcept Exception:\n    pass\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "CUDA" not in proc.stderr, proc.stderr[-500:]

@@ -37,15 +37,19 @@ def method_for(fmt: str, calibrated: bool) -> str:
 
 
 @contextmanager
-def _quiet_root_logger():
-    # ONNX Runtime's quantizer and NNCF log hints at the root logger / INFO: not for a CLI user.
-    root = logging.getLogger()
-    before = root.disabled
-    root.disabled = True
+def _quiet_loggers(*names: str):
+    # ONNX Runtime's quantizer and NNCF log hints at the root logger / INFO: not for a CLI user. NNCF
+    # also imports torch.utils.cpp_extension, which warns on a CPU machine with a CUDA build of torch
+    # that no CUDA runtime is found: true, and irrelevant to an OpenVINO export.
+    loggers = [logging.getLogger(name) for name in ("", *names)]
+    before = [log.disabled for log in loggers]
+    for log in loggers:
+        log.disabled = True
     try:
         yield
     finally:
-        root.disabled = before
+        for log, was in zip(loggers, before):
+            log.disabled = was
 
 
 def calibration_batches(model, photos: Sequence[str | os.PathLike]) -> list[np.ndarray]:
@@ -94,7 +98,7 @@ def quantize_onnx(src: Path, dst: Path, batches: list[np.ndarray] | None = None)
     """int8 ONNX graph: dynamic without `batches`, static QDQ with activation ranges from them."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    with _quiet_root_logger():
+    with _quiet_loggers():
         if batches is None:
             quantize_dynamic(
                 str(src),
@@ -131,11 +135,11 @@ class _Reader:
 def quantize_openvino(model, batches: list[np.ndarray] | None = None):
     """int8 OpenVINO model via NNCF: weight compression without `batches`, post-training quantization
     (activations too) with them."""
-    try:
-        import nncf
-    except ImportError:
-        raise FashionSearchError("OpenVINO int8 needs NNCF: pip install 'fashion-search[openvino]'") from None
-    with _quiet_root_logger():
+    with _quiet_loggers("torch.utils.cpp_extension"):
+        try:
+            import nncf
+        except ImportError:
+            raise FashionSearchError("OpenVINO int8 needs NNCF: pip install 'fashion-search[openvino]'") from None
         nncf.set_log_level(logging.ERROR)
         if batches is None:
             return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
