@@ -36,6 +36,10 @@ ARGS = {
         "--workers", "0",
     ],
     "train_memory": ["--models", "fs-micro", "--batch-sizes", "4", "--chunk", "2", "--steps", "1"],
+    "demo_seeds": [
+        "--model", "fs-micro", "--images-per-category", "60", "--eval-gallery", "12", "--epochs", "1",
+        "--data-seeds", "0", "--train-seeds", "0,1", "--fusions", "sum",
+    ],
     "runtimes": [
         "--model", "fs-micro", "--n", "12", "--batch-size", "4", "--text-batch", "6", "--repeat", "2",
         "--query-repeat", "3", "--runtimes", "torch-fp32,onnx-fp32,onnx-int8c", *TINY_IMAGES,
@@ -482,3 +486,19 @@ def test_index_phases_split_startup_steady_state_and_tail():
     assert out["steady_images"] == 30 and out["steady_images_per_s"] == 10.0
     one_read = bench_index.phases([(2.0, 0, 40), (2.5, 40, 40)], wall=3.0, batch_size=10)
     assert one_read["steady_images_per_s"] is None and "too few batches" in one_read["note"]
+
+
+def test_bench_demo_seeds(runs):
+    doc, written = runs("demo_seeds")
+    check_common(doc, written, "demo_seeds")
+    runs_ = doc["runs"]
+    assert [(r["data_seed"], r["train_seed"], r["fusion"]) for r in runs_] == [(0, 0, "sum"), (0, 1, "sum")]
+    for r in runs_:
+        assert r["gallery"] == 36 and r["queries"] == 18  # 12 val images and 6 queries per category
+        assert 0 <= r["composed_R@10"] <= 100 and r["epochs_run"] == 1
+        assert sum(r[f"changes_{g}_queries"] for g in "123" if f"changes_{g}_queries" in r) == 18
+    stats = doc["summary"]["sum"]["composed_R@10"]
+    values = [r["composed_R@10"] for r in runs_]
+    assert stats["runs"] == 2 and stats["min"] == min(values) and stats["max"] == max(values)
+    assert abs(stats["mean"] - sum(values) / 2) < 0.01
+    assert {g["name"].split(":")[0] for g in doc["goals"]} == {"sum"}

@@ -4,6 +4,8 @@ product catalog CSV on every run."""
 import csv
 import json
 
+import pytest
+
 from fashion_search.catalog.metadata import read_metadata
 from fashion_search.data.synthetic import generate
 from fashion_search.demo import build_catalog, load_finished_run, product_title, write_catalog_metadata
@@ -95,3 +97,21 @@ def test_product_titles_read_like_a_shop():
         "neckline": "v-neck",
     }
     assert product_title("toptee", plain) == "Navy short-sleeve top"
+
+
+def test_a_dataset_of_another_seed_or_size_is_not_reused(tmp_path):
+    from fashion_search.demo import check_reusable_data
+    from fashion_search.errors import FashionSearchError
+
+    data = tmp_path / "data"
+    generate(data, images_per_category=60, eval_gallery=12, seed=3, image_size=32, progress=False)
+    made = {"images_per_category": 60, "eval_gallery": 12, "seed": 3}
+    check_reusable_data(data, made)  # the same settings: reused
+    with pytest.raises(FashionSearchError, match="seed 3, not seed 4: give another --dir"):
+        check_reusable_data(data, {**made, "seed": 4})
+    with pytest.raises(FashionSearchError, match="eval_gallery 12, not eval_gallery 20"):
+        check_reusable_data(data, {**made, "eval_gallery": 20})
+    (data / "synth.json").unlink()  # a dataset from a version that did not record its settings
+    with pytest.raises(FashionSearchError, match="unknown settings"):
+        check_reusable_data(data, made)
+    assert (data / "attributes.json").exists()  # nothing is deleted

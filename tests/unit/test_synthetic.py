@@ -181,7 +181,7 @@ def test_deterministic_for_a_seed(tmp_path, capsys):
         k: v for k, v in b.items() if k not in ("root", "seconds")
     }
     snap_a, snap_b = snapshot(tmp_path / "a"), snapshot(tmp_path / "b")
-    assert len(snap_a) == 150 + 9 + 9 + 2 and snap_a == snap_b
+    assert len(snap_a) == 150 + 9 + 9 + 3 and snap_a == snap_b  # + README, attributes, synth.json
     generate(tmp_path / "c", images_per_category=50, seed=8, image_size=32, progress=False)
     snap_c = snapshot(tmp_path / "c")
     assert snap_c["attributes.json"] != snap_a["attributes.json"]
@@ -270,3 +270,42 @@ def test_oracles_need_both_modalities(tmp_path, per_category, text_max, image_ma
         assert result["mean"]["text"] <= text_max
         assert result["mean"]["image"] <= image_max
     assert summary["oracle_val"] == oracle_recalls(tmp_path / "ds", "val")["mean"]
+
+
+def test_eval_gallery_sizes_val_and_test_and_train_gets_the_rest(tmp_path):
+    summary = generate(
+        tmp_path / "ds", images_per_category=480, eval_gallery=200, seed=1, image_size=32, progress=False
+    )
+    assert summary["eval_gallery"] == 200
+    for category in CATEGORIES:
+        assert summary["images"][category] == {"train": 80, "val": 200, "test": 200}
+        assert summary["triplets"][category]["val"] == 100  # one query per two gallery images
+    made = json.loads((tmp_path / "ds" / "synth.json").read_text(encoding="utf-8"))
+    assert (made["seed"], made["images_per_category"], made["eval_gallery"]) == (1, 480, 200)
+    assert "--eval-gallery 200" in (tmp_path / "ds" / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_large_eval_gallery_varies_all_five_attributes_within_a_look(tmp_path):
+    # 400 >= 12 looks x 32 garments: each look holds the whole 2^5 box, so the reference's look alone
+    # leaves the target among ~31 garments.
+    generate(
+        tmp_path / "ds", images_per_category=1100, eval_gallery=400, seed=0, image_size=32, progress=False
+    )
+    attributes = json.loads((tmp_path / "ds" / "attributes.json").read_text(encoding="utf-8"))
+    families: dict[int, list[dict]] = {}
+    for record in attributes.values():
+        if record["split"] == "val" and record["category"] == "dress":
+            families.setdefault(record["family"], []).append(record)
+    sizes = [len(members) for members in families.values()]
+    assert min(sizes) >= 12 and max(sizes) <= 32
+    varying = {a for members in families.values() for a in ATTRIBUTES if len({m[a] for m in members}) > 1}
+    assert varying == set(ATTRIBUTES)
+    oracle = oracle_recalls(tmp_path / "ds", "val")["mean"]
+    assert oracle["image_look"] <= 0.5 and oracle["composed"] == 1.0
+
+
+@pytest.mark.parametrize(("per_category", "eval_gallery"), [(100, 40), (60, 11), (60, 15.0)])
+def test_an_eval_gallery_that_does_not_fit_is_refused(tmp_path, per_category, eval_gallery):
+    with pytest.raises(FashionSearchError, match="does not fit|integer"):
+        generate(tmp_path / "ds", images_per_category=per_category, eval_gallery=eval_gallery, progress=False)
+    assert not (tmp_path / "ds").exists()

@@ -29,7 +29,11 @@ def cmd_synth(args) -> int:
     if args.images_per_category < 1:
         raise FashionSearchError("--images-per-category must be positive")
     summary = generate(
-        args.out, images_per_category=args.images_per_category, seed=args.seed, progress=not args.quiet
+        args.out,
+        images_per_category=args.images_per_category,
+        seed=args.seed,
+        eval_gallery=args.eval_gallery,
+        progress=not args.quiet,
     )
     print(json.dumps(summary, indent=2) if args.json else f"synthetic dataset written to {args.out}")
     return 0
@@ -213,7 +217,15 @@ def cmd_search(args) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic dataset in the Fashion-IQ layout")
     p.add_argument("out")
-    p.add_argument("--images-per-category", type=int, default=600)
+    p.add_argument(
+        "--images-per-category", type=int, default=600, help="images of each category, all splits together"
+    )
+    p.add_argument(
+        "--eval-gallery",
+        type=int,
+        default=None,
+        help="images of each category in val and in test (default: a fifth each); train gets the rest",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true")

@@ -143,7 +143,7 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from fashion_search.demo import run_demo
 
-    return run_demo(Path(args.dir), serve=not args.no_serve, port=args.port)
+    return run_demo(Path(args.dir), serve=not args.no_serve, port=args.port, seed=args.seed)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -238,4 +238,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", default="demo", help="where the demo's data, run and index live")
     p.add_argument("--no-serve", action="store_true", help="stop after indexing instead of launching the UI")
     p.add_argument("--port", type=port_number, default=8501)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the synthetic dataset's seed (a folder keeps the seed it was made with: another seed needs another --dir)",
+    )
     p.set_defaults(func=cmd_demo)

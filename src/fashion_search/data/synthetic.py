@@ -34,10 +34,15 @@ from fashion_search.errors import FashionSearchError
 SPLITS = ("train", "val", "test")
 _LETTER = {"dress": "D", "shirt": "S", "toptee": "T"}
 MIN_IMAGES_PER_CATEGORY = 50
+MIN_TRAIN_PER_CATEGORY = 30  # what is left for train when val/test galleries are sized explicitly
 _README_TITLE = "# Synthetic Fashion-IQ"
+SUMMARY_FILE = "synth.json"  # generate()'s summary: what made the dataset (seed, sizes)
 _SUBDIRS = ("images", "captions", "image_splits")
 _VAL_SHARE = 0.2  # val and test each; train gets the rest
 _EVAL_MIN_LOOKS = 12  # looks per val/test line: copies of every garment that only the look tells apart
+# Attributes varying within a val/test line, at most: all five, so that a large gallery's looks hold 32
+# garments each and the reference's look alone leaves the target among ~31 (image-only R@10 ~1/3).
+_EVAL_MAX_VARYING = 5
 _LOOKS_PER_BACKGROUND = 3  # so a background alone never singles out a family
 _TRAIN_LINE, _TRAIN_LOOKS = 64, 2
 _TRAIN_TRIPLETS_PER_IMAGE = 4
@@ -160,24 +165,24 @@ def _box(rng: random.Random, category: str, k: int, usage: dict[Any, int], seen:
     return [dict(zip(ATTRIBUTES, combo, strict=True)) for combo in itertools.product(*choices)]
 
 
-def _line_sizes(category_size: int) -> list[tuple[str, int, int, int]]:
+def _line_sizes(category_size: int, eval_gallery: int | None = None) -> list[tuple[str, int, int, int]]:
     # (split, size, minimum looks, most varying attributes) for each line of one category.
-    n_eval = round(category_size * _VAL_SHARE)
+    n_eval = round(category_size * _VAL_SHARE) if eval_gallery is None else eval_gallery
     n_train = category_size - 2 * n_eval
     n_lines = max(1, round(n_train / _TRAIN_LINE))
     train = [n_train // n_lines + (i < n_train % n_lines) for i in range(n_lines)]
     # One line per val/test gallery: every garment in 12+ looks, 2 values per varying attribute, so a
     # caption alone fits many items (other looks) and the reference alone fits many (its copies, neighbours).
-    evaluation = [(s, n_eval, _EVAL_MIN_LOOKS, 4) for s in SPLITS[1:]]
+    evaluation = [(s, n_eval, _EVAL_MIN_LOOKS, _EVAL_MAX_VARYING) for s in SPLITS[1:]]
     return [("train", s, _TRAIN_LOOKS, 5) for s in train] + evaluation
 
 
-def _plan_items(rng: random.Random, images_per_category: int) -> list[_Item]:
+def _plan_items(rng: random.Random, images_per_category: int, eval_gallery: int | None) -> list[_Item]:
     items: list[_Item] = []
     usage: dict[Any, int] = {}
     # ids are random numbers: they say nothing about family or split
     numbers = {c: rng.sample(range(1, 10**8), images_per_category) for c in CATEGORIES}
-    specs = [(c, *spec) for spec in _line_sizes(images_per_category) for c in CATEGORIES]
+    specs = [(c, *spec) for spec in _line_sizes(images_per_category, eval_gallery) for c in CATEGORIES]
     specs.sort(key=lambda spec: spec[1] != "train")  # all train lines first (stable: categories interleave)
     seen: set[tuple[str, str]] = set()
     family = 0
@@ -253,11 +258,22 @@ def _record(item: _Item) -> dict[str, Any]:
 # -- public API ---------------------------------------------------------------------------------------
 
 
-def _check_args(images_per_category: Any, seed: Any, image_size: Any) -> None:
+def _check_args(images_per_category: Any, seed: Any, image_size: Any, eval_gallery: Any) -> None:
     named = {"images_per_category": images_per_category, "seed": seed, "image_size": image_size}
+    if eval_gallery is not None:
+        named["eval_gallery"] = eval_gallery
     for name, value in named.items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise FashionSearchError(f"{name} must be an integer, got {value!r}")
+    if eval_gallery is not None:
+        train = images_per_category - 2 * eval_gallery
+        if eval_gallery < _EVAL_MIN_LOOKS or train < MIN_TRAIN_PER_CATEGORY:
+            raise FashionSearchError(
+                f"eval_gallery={eval_gallery} does not fit {images_per_category} images per category: val "
+                f"and test need at least {_EVAL_MIN_LOOKS} each and train at least {MIN_TRAIN_PER_CATEGORY} "
+                f"(images_per_category counts all three splits: use at least "
+                f"{2 * max(eval_gallery, _EVAL_MIN_LOOKS) + MIN_TRAIN_PER_CATEGORY})"
+            )
     if images_per_category < MIN_IMAGES_PER_CATEGORY:
         raise FashionSearchError(
             f"images_per_category={images_per_category} is too small to make train/val/test splits of "
@@ -277,7 +293,8 @@ def _prepare(out: Path) -> None:
             raise FashionSearchError(f"{out} is not empty and is not a synthetic dataset: use a new folder")
         for sub in _SUBDIRS:
             shutil.rmtree(out / sub, ignore_errors=True)
-        (out / "attributes.json").unlink(missing_ok=True)
+        for name in ("attributes.json", SUMMARY_FILE):
+            (out / name).unlink(missing_ok=True)
     for sub in _SUBDIRS:
         (out / sub).mkdir(parents=True, exist_ok=True)
 
@@ -292,20 +309,25 @@ def generate(
     seed: int = 0,
     image_size: int = 96,
     progress: bool = True,
+    eval_gallery: int | None = None,
 ) -> dict:
     """Write a synthetic Fashion-IQ dataset to `out`; return counts of images, families and triplets.
+
+    `images_per_category` counts all three splits; val and test each get `eval_gallery` of them (default:
+    a fifth each), train the rest. About one val/test triplet is drawn per two gallery images.
 
     Deterministic for a seed (byte-identical files with the same Pillow). The summary's `oracle_val` is
     `oracle_recalls(out, "val")["mean"]`: how far each modality alone gets on the val triplets.
     """
-    _check_args(images_per_category, seed, image_size)
+    _check_args(images_per_category, seed, image_size, eval_gallery)
     started = time.monotonic()
     out = Path(out)
     _prepare(out)
     rng = random.Random(seed)
-    items = _plan_items(rng, images_per_category)
+    items = _plan_items(rng, images_per_category, eval_gallery)
     summary: dict[str, Any] = {"root": str(out), "seed": seed, "image_size": image_size}
     summary["images_per_category"] = images_per_category
+    summary["eval_gallery"] = sum(i.split == "val" for i in items) // len(CATEGORIES)
     for key in ("images", "families", "triplets"):
         summary[key] = {c: {} for c in CATEGORIES}
     for category, split in itertools.product(CATEGORIES, SPLITS):
@@ -328,6 +350,7 @@ def generate(
         img.save(out / "images" / f"{item.id}.jpg", "JPEG", quality=92, subsampling=0)
     summary["oracle_val"] = oracle_recalls(out, "val")["mean"]
     _write_readme(out, summary)
+    _write_json(out / SUMMARY_FILE, {k: v for k, v in summary.items() if k != "root"})  # movable
     summary["seconds"] = round(time.monotonic() - started, 2)
     return summary
 
@@ -349,9 +372,24 @@ the two captions name only the changes. `attributes.json` has every image's attr
 - images train/val/test: {"/".join(str(total["images"][s]) for s in SPLITS)}
 - triplets train/val/test: {"/".join(str(total["triplets"][s]) for s in SPLITS)}
 - val oracle R@10: text-only {oracle["text"]:.2f}, image-only {oracle["image"]:.2f}, composed {oracle["composed"]:.2f}
-- regenerate: `fashion-search synth OUT --images-per-category {summary["images_per_category"]} --seed {summary["seed"]}`
+- regenerate: `fashion-search synth OUT --images-per-category {summary["images_per_category"]} --eval-gallery {summary["eval_gallery"]} --seed {summary["seed"]}`
 """
     (out / "README.md").write_text(text, encoding="utf-8")
+
+
+def changes_of(root: str | Path):
+    """A function (triplet -> "1" / "2" / "3"): how many attributes its target changes from its reference,
+    read from a generated dataset's attributes.json (for `evaluate(group_by=...)`)."""
+    try:
+        attributes = json.loads((Path(root) / "attributes.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FashionSearchError(f"{root} has no readable attributes.json ({exc})") from None
+
+    def changes(triplet) -> str:
+        ref, target = attributes[triplet.reference], attributes[triplet.target]
+        return str(sum(ref[a] != target[a] for a in ATTRIBUTES))
+
+    return changes
 
 
 def oracle_recalls(root: str | Path, split: str = "val", k: int = 10) -> dict:

@@ -8,14 +8,14 @@ their triplets, which are counted, never fatal.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fashion_search.data.fashioniq import FashionIQ, join_captions, join_captions_reversed
+from fashion_search.data.fashioniq import FashionIQ, Triplet, join_captions, join_captions_reversed
 from fashion_search.data.loading import embed_paths, iter_embedded
 from fashion_search.errors import FashionSearchError
 from fashion_search.evaluation.metrics import (
@@ -95,8 +95,10 @@ def evaluate_category(
     batch_size: int = 64,
     workers: int | None = None,
     progress: bool = True,
+    group_by: Callable[[Triplet], str] | None = None,
 ) -> dict[str, dict]:
-    """Recall@K per mode for one category: {mode: {"R@1".., "queries", "gallery", "skipped"}}."""
+    """Recall@K per mode for one category: {mode: {"R@1".., "queries", "gallery", "skipped"}}, plus
+    "groups": {label: {"R@1".., "queries"}} over the queries `group_by` labels alike, when given."""
     present, _missing = data.gallery(category, split)
     paths = [data.image_path(i) for i in present]
     ok, gallery_emb, _failed = embed_paths(
@@ -118,12 +120,32 @@ def evaluate_category(
     targets = np.array([position[t.target] for t in usable])
     results = {}
     ref_paths = [data.image_path(t.reference) for t in usable]
+    labels = np.array([group_by(t) for t in usable]) if group_by else None
     for mode, queries in _queries(
         model, ref, texts, texts_rev, joining, ref_paths, batch_size, workers
     ).items():
         ranks = target_ranks((queries @ gallery_emb.T).numpy(), targets)
         results[mode] = {**recalls(ranks), **counts}
+        if labels is not None:
+            results[mode]["groups"] = {
+                str(g): {**recalls(ranks[labels == g]), "queries": int((labels == g).sum())}
+                for g in sorted(set(labels.tolist()))
+            }
     return results
+
+
+def _pooled_groups(rows: list[dict]) -> dict[str, dict]:
+    """Each group's recalls over all its queries, whatever their category (groups can be small)."""
+    pooled: dict[str, dict] = {}
+    for row in rows:
+        for g, r in row.get("groups", {}).items():
+            acc = pooled.setdefault(g, {k: 0.0 for k in KEYS} | {"queries": 0})
+            for k in KEYS:
+                acc[k] += r[k] * r["queries"]
+            acc["queries"] += r["queries"]
+    return {
+        g: {k: (acc[k] / acc["queries"] if k in KEYS else acc[k]) for k in acc} for g, acc in pooled.items()
+    }
 
 
 def _mode_names(model: RetrievalModel) -> list[str]:
@@ -140,8 +162,12 @@ def evaluate(
     batch_size: int = 64,
     workers: int | None = None,
     progress: bool = True,
+    group_by: Callable[[Triplet], str] | None = None,
 ) -> dict:
-    """The full protocol; returns the `eval --json` document (recalls in percent)."""
+    """The full protocol; returns the `eval --json` document (recalls in percent).
+
+    `group_by` labels each query (say, by how many attributes it changes): every mode's rows and its
+    average then carry "groups", the recalls of each label's queries (pooled over the categories)."""
     if joining not in JOININGS:
         raise FashionSearchError(f"unknown caption joining {joining!r} (known: {', '.join(JOININGS)})")
     if split == "test":
@@ -155,7 +181,8 @@ def evaluate(
     if unknown:
         raise FashionSearchError(f"no {split} captions for {', '.join(unknown)} in {data_root}")
     per_cat = {
-        c: evaluate_category(model, data, c, split, joining, batch_size, workers, progress) for c in cats
+        c: evaluate_category(model, data, c, split, joining, batch_size, workers, progress, group_by)
+        for c in cats
     }
     # A category none of whose queries has its images cannot be scored: averaged in as zeros it would
     # pull the mean down by a third (images for one category only is a common partial download).
@@ -173,6 +200,8 @@ def evaluate(
         avg = average_metrics([rows[c] for c in scored], KEYS)
         for key in ("queries", "gallery", "skipped"):
             avg[key] = int(sum(r[key] for r in rows.values()))
+        if group_by is not None:
+            avg["groups"] = _pooled_groups([rows[c] for c in scored])
         modes[mode] = {**rows, "average": avg}
     return {
         "split": split,

@@ -1,0 +1,154 @@
+"""The offline demo's scores across data seeds, training seeds and fusions (JSON on stdout).
+
+For every data seed: the demo's synthetic dataset (`fashion-search demo --seed N` makes the same one),
+cached under --work. For every (data seed, training seed, fusion): the demo's training recipe
+(`config.DEMO_OVERRIDES`, so `demo_config`) with that fusion and `seed`, then the Fashion-IQ protocol on
+the val split with composed R@10 split by how many attributes a query changes. A finished run in
+--work is reused, so an interrupted sweep resumes. Each run takes the time of the demo's training
+(7-10 minutes on 2 CPU cores): the full default grid is 18 of them.
+
+Per fusion the summary gives mean, standard deviation, minimum and maximum over its runs of composed /
+sum / image-only / text-only R@10 and R@50 and of the three-change R@10, beside the demo's goals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import common
+
+# The demo's goals, each judged on every run (a number that holds for one seed only is not a result).
+GOALS = (
+    ("composed_R@10", "composed R@10", ">= 90", lambda v: v >= 90),
+    ("image_only_R@10", "image-only R@10", "<= 35", lambda v: v <= 35),
+    ("text_only_R@10", "text-only R@10", "<= 35", lambda v: v <= 35),
+    ("changes_3_R@10", "composed R@10 of three-change queries", ">= 80", lambda v: v >= 80),
+)
+
+
+def parse_args():
+    p = common.base_parser(__doc__)
+    p.add_argument(
+        "--work",
+        default=None,
+        help="keep the datasets and runs here, reused when present (default: a temporary folder)",
+    )
+    p.add_argument("--data-seeds", default="0,1,2", help="comma-separated data seeds")
+    p.add_argument("--train-seeds", default="0,1", help="comma-separated training seeds")
+    p.add_argument("--fusions", default="combiner,sum,attention", help="comma-separated fusions")
+    p.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
+    p.add_argument("--model", default=None, help="override the demo's model (fs-tiny)")
+    p.add_argument("--images-per-category", type=int, default=None, help="override the demo's dataset size")
+    p.add_argument("--eval-gallery", type=int, default=None, help="override the demo's val/test gallery")
+    return p.parse_args()
+
+
+def run_one(data_dir: Path, run_dir: Path, fusion: str, train_seed: int, overrides: dict) -> dict:
+    from fashion_search.data.synthetic import changes_of
+    from fashion_search.demo import demo_config
+    from fashion_search.evaluation.fashioniq import evaluate
+    from fashion_search.models.checkpoint import load_checkpoint
+    from fashion_search.training.loop import train
+
+    cfg = replace(
+        demo_config(run_dir.parent), data=str(data_dir), out=str(run_dir), fusion=fusion, seed=train_seed
+    )
+    cfg = replace(cfg, **overrides)
+    history = run_dir / "history.json"
+    started = time.perf_counter()
+    finished = history.is_file() and json.loads(history.read_text()).get("finished")
+    if not finished:
+        train(cfg, resume=(run_dir / "last.pt").exists(), progress=False)
+    train_s = time.perf_counter() - started
+    model = load_checkpoint(run_dir)
+    result = evaluate(model, data_dir, "val", workers=0, progress=False, group_by=changes_of(data_dir))
+    modes = {mode: rows["average"] for mode, rows in result["modes"].items()}
+    epochs_run = json.loads(history.read_text()).get("epochs", [])
+    row = {
+        "train_s": round(train_s, 1) if not finished else None,
+        "epochs_run": len(epochs_run),
+        "best_epoch": json.loads(history.read_text()).get("best_epoch"),
+        "queries": modes["composed"]["queries"],
+        "gallery": modes["composed"]["gallery"],
+    }
+    for mode, avg in modes.items():
+        for k in ("R@1", "R@10", "R@50"):
+            row[f"{mode}_{k}"] = round(avg[k], 2)
+    for g, r in modes["composed"].get("groups", {}).items():
+        row[f"changes_{g}_R@10"] = round(r["R@10"], 2)
+        row[f"changes_{g}_queries"] = r["queries"]
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    keys = sorted({k for r in rows for k in r if k.endswith(("R@10", "R@50"))})
+    out = {}
+    for k in keys:
+        values = [r[k] for r in rows if r.get(k) is not None]
+        if values:
+            out[k] = {
+                "mean": round(statistics.fmean(values), 2),
+                "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+                "min": min(values),
+                "max": max(values),
+                "runs": len(values),
+            }
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    load0 = os.getloadavg()
+    common.import_torch(args.threads)
+    from fashion_search.data.synthetic import generate
+    from fashion_search.demo import check_reusable_data, demo_dataset
+
+    work = common.work_dir(args.work, "bench-demo-seeds-")
+    runs: list[dict] = []
+    for data_seed in common.parse_int_list(args.data_seeds):
+        data_dir = work / f"data-{data_seed}"
+        dataset = demo_dataset(data_seed)
+        for key in ("images_per_category", "eval_gallery"):
+            if getattr(args, key) is not None:
+                dataset[key] = getattr(args, key)
+        if (data_dir / "attributes.json").exists():
+            check_reusable_data(data_dir, dataset)
+        else:
+            common.log(f"data seed {data_seed}: generating {data_dir}")
+            generate(data_dir, **dataset, progress=False)
+        for train_seed in common.parse_int_list(args.train_seeds):
+            for fusion in [f for f in args.fusions.split(",") if f]:
+                run_dir = work / f"run-d{data_seed}-t{train_seed}-{fusion}"
+                common.log(f"data seed {data_seed}, training seed {train_seed}, {fusion}: {run_dir}")
+                overrides = {k: getattr(args, k) for k in ("epochs", "model") if getattr(args, k) is not None}
+                row = run_one(data_dir, run_dir, fusion, train_seed, overrides)
+                runs.append({"data_seed": data_seed, "train_seed": train_seed, "fusion": fusion, **row})
+                common.log(f"  composed R@10 {row['composed_R@10']}, image-only {row['image_only_R@10']}")
+    fusions = sorted({r["fusion"] for r in runs})
+    summary = {f: summarise([r for r in runs if r["fusion"] == f]) for f in fusions}
+    goals = []
+    for fusion in fusions:
+        mine = [r for r in runs if r["fusion"] == fusion]
+        for key, name, goal, ok in GOALS:
+            values = [r[key] for r in mine if r.get(key) is not None]
+            stats = summary[fusion].get(key)
+            goals.append(
+                common.goal_row(
+                    f"{fusion}: {name}, mean of {len(values)} runs",
+                    stats["mean"] if stats else None,
+                    "%",
+                    f"{goal} on every run",
+                    all(ok(v) for v in values) if values else None,
+                    note=f"runs: {values}",
+                )
+            )
+    common.emit("demo_seeds", args, load0, {"goals": goals, "summary": summary, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
