@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import time
 from dataclasses import replace
@@ -148,6 +149,8 @@ def main() -> None:
                 )
             )
     common.emit("demo_seeds", args, load0, {"goals": goals, "summary": summary, "runs": runs})
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,21 @@ def test_a_dataset_of_another_seed_or_size_is_not_reused(tmp_path):
     with pytest.raises(FashionSearchError, match="unknown settings"):
         check_reusable_data(data, made)
     assert (data / "attributes.json").exists()  # nothing is deleted
+
+
+def test_cli_synth_eval_gallery_and_a_demo_folder_of_another_seed(tmp_path, capsys):
+    from fashion_search.cli import main
+
+    data = tmp_path / "demo" / "data"
+    args = ["synth", str(data), "--images-per-category", "60", "--eval-gallery", "12", "--seed", "2"]
+    assert main([*args, "--quiet"]) == 0
+    assert json.loads((data / "synth.json").read_text())["eval_gallery"] == 12
+    capsys.readouterr()
+    assert main(["synth", str(tmp_path / "e"), "--images-per-category", "60", "--eval-gallery", "20"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not fit 60 images per category" in err and len(err.splitlines()) == 1
+    # The demo stops before training when its folder holds another dataset, and deletes nothing.
+    assert main(["demo", "--dir", str(tmp_path / "demo"), "--no-serve", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "give another --dir" in err and "seed 2" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "demo" / "run").exists() and (data / "attributes.json").exists()
