@@ -139,7 +139,9 @@ def quantize_openvino(model, batches: list[np.ndarray] | None = None):
         try:
             import nncf
         except ImportError:
-            raise FashionSearchError("OpenVINO int8 needs NNCF: pip install 'fashion-search[openvino]'") from None
+            raise FashionSearchError(
+                "OpenVINO int8 needs NNCF: pip install 'fashion-search[openvino]'"
+            ) from None
         nncf.set_log_level(logging.ERROR)
         if batches is None:
             return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
