@@ -60,20 +60,20 @@ def run_one(data_dir: Path, run_dir: Path, fusion: str, train_seed: int, overrid
         demo_config(run_dir.parent), data=str(data_dir), out=str(run_dir), fusion=fusion, seed=train_seed
     )
     cfg = replace(cfg, **overrides)
-    history = run_dir / "history.json"
+    history_file = run_dir / "history.json"
     started = time.perf_counter()
-    finished = history.is_file() and json.loads(history.read_text()).get("finished")
+    finished = history_file.is_file() and json.loads(history_file.read_text()).get("finished")
     if not finished:
         train(cfg, resume=(run_dir / "last.pt").exists(), progress=False)
     train_s = time.perf_counter() - started
+    history = json.loads(history_file.read_text())
     model = load_checkpoint(run_dir)
     result = evaluate(model, data_dir, "val", workers=0, progress=False, group_by=changes_of(data_dir))
     modes = {mode: rows["average"] for mode, rows in result["modes"].items()}
-    epochs_run = json.loads(history.read_text()).get("epochs", [])
     row = {
         "train_s": round(train_s, 1) if not finished else None,
-        "epochs_run": len(epochs_run),
-        "best_epoch": json.loads(history.read_text()).get("best_epoch"),
+        "epochs_run": len(history.get("epochs", [])),
+        "best_epoch": history.get("best_epoch"),
         "queries": modes["composed"]["queries"],
         "gallery": modes["composed"]["gallery"],
     }

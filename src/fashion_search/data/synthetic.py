@@ -377,13 +377,17 @@ the two captions name only the changes. `attributes.json` has every image's attr
     (out / "README.md").write_text(text, encoding="utf-8")
 
 
+def _read_attributes(root: Path) -> dict[str, dict[str, Any]]:
+    try:
+        return json.loads((root / "attributes.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FashionSearchError(f"{root} has no readable attributes.json ({exc})") from None
+
+
 def changes_of(root: str | Path):
     """A function (triplet -> "1" / "2" / "3"): how many attributes its target changes from its reference,
     read from a generated dataset's attributes.json (for `evaluate(group_by=...)`)."""
-    try:
-        attributes = json.loads((Path(root) / "attributes.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FashionSearchError(f"{root} has no readable attributes.json ({exc})") from None
+    attributes = _read_attributes(Path(root))
 
     def changes(triplet) -> str:
         ref, target = attributes[triplet.reference], attributes[triplet.target]
@@ -407,10 +411,7 @@ def oracle_recalls(root: str | Path, split: str = "val", k: int = 10) -> dict:
             f"unknown split {split!r} or bad k={k!r}: expected {'/'.join(SPLITS)}, k >= 1"
         )
     root = Path(root)
-    try:
-        attributes = json.loads((root / "attributes.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FashionSearchError(f"{root} has no readable attributes.json ({exc})") from None
+    attributes = _read_attributes(root)
     per_category: dict[str, dict[str, float]] = {}
     for category in CATEGORIES:
         caps = root / "captions" / f"cap.{category}.{split}.json"
