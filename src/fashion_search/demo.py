@@ -152,26 +152,49 @@ def demo_config(directory: Path) -> TrainConfig:
     )
 
 
-def load_finished_run(directory: Path):
+# Where and how fast a run trains, not what it learns: a run differing only in these is the same recipe.
+_NOT_RECIPE = ("data", "out", "workers", "device")
+
+
+def recipe_changes(history: dict, cfg: TrainConfig) -> dict:
+    """{option: (the run's value, cfg's value)} for the training options a finished run's history.json
+    records differently from `cfg` (a run of an older demo recipe, say)."""
+    was = history.get("config") or {}
+    now = cfg.to_dict()
+    return {k: (was.get(k), v) for k, v in now.items() if k not in _NOT_RECIPE and was.get(k) != v}
+
+
+def _set_aside(directory: Path, reason: str) -> None:
+    # Moved, never deleted, together with the index built from the run, so the demo trains again.
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for stale in (directory / "run", directory / "index"):
+        if stale.exists():
+            stale.rename(stale.with_name(f"{stale.name}.old-{stamp}"))
+    print(f"{reason}\nmoved the old run and index aside (*.old-{stamp}); training again")
+
+
+def load_finished_run(directory: Path, cfg: TrainConfig | None = None):
     """The model of DIR/run if it holds a finished run this version can load, else None.
 
-    A run whose checkpoint no longer fits the packaged model config (trained by an older version) is
-    moved aside, never deleted, together with the index built from it, so the demo trains again.
+    A run whose checkpoint no longer fits the packaged model config, or (given `cfg`) that was trained
+    with another recipe than `cfg`, is moved aside with the index built from it.
     """
     from fashion_search.models.checkpoint import load_checkpoint
 
     run_dir = directory / "run"
-    history = run_dir / "history.json"
-    if not (history.exists() and json.loads(history.read_text()).get("finished")):
+    history_file = run_dir / "history.json"
+    history = json.loads(history_file.read_text()) if history_file.exists() else {}
+    if not history.get("finished"):
+        return None
+    changed = recipe_changes(history, cfg) if cfg is not None else {}
+    if changed:
+        listed = ", ".join(f"{k} {was!r} -> {now!r}" for k, (was, now) in changed.items())
+        _set_aside(directory, f"{run_dir} was trained with another recipe ({listed})")
         return None
     try:
         return load_checkpoint(run_dir)
     except FashionSearchError as exc:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for stale in (run_dir, directory / "index"):
-            if stale.exists():
-                stale.rename(stale.with_name(f"{stale.name}.old-{stamp}"))
-        print(f"{exc}\nmoved the old run and index aside (*.old-{stamp}); training again")
+        _set_aside(directory, str(exc))
         return None
 
 
@@ -218,7 +241,7 @@ def run_demo(directory: Path, serve: bool = True, port: int = 8501, seed: int = 
     from fashion_search.training.loop import train
 
     cfg = demo_config(directory)
-    model = load_finished_run(directory)
+    model = load_finished_run(directory, cfg)
     if model is not None:
         print(f"reusing {run_dir / 'checkpoint.pt'}")
     else:

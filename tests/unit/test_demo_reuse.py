@@ -133,3 +133,31 @@ def test_cli_synth_eval_gallery_and_a_demo_folder_of_another_seed(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "give another --dir" in err and "seed 2" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "demo" / "run").exists() and (data / "attributes.json").exists()
+
+
+def test_a_run_of_another_recipe_is_moved_aside_and_one_of_the_same_recipe_reused(
+    tmp_path, micro_model, capsys
+):
+    from fashion_search.config import TrainConfig
+    from fashion_search.demo import recipe_changes
+
+    cfg = TrainConfig(data="d", out="o", model="fs-micro", pretrained="none", hard_negatives=1, epochs=14)
+    older = TrainConfig(data="elsewhere", out="x", model="fs-micro", pretrained="none", epochs=10, workers=0)
+    assert set(recipe_changes({"config": older.to_dict()}, cfg)) == {"hard_negatives", "epochs"}
+    # Paths and loader workers say where and how fast a run trained, not what it learnt.
+    same = TrainConfig(
+        data="elsewhere", out="x", model="fs-micro", pretrained="none", hard_negatives=1, epochs=14, workers=0
+    )
+    assert recipe_changes({"config": same.to_dict()}, cfg) == {}
+
+    _finished_run(tmp_path, model_payload(micro_model))
+    history = tmp_path / "run" / "history.json"
+    history.write_text(json.dumps({"finished": True, "epochs": [], "config": same.to_dict()}))
+    assert load_finished_run(tmp_path, cfg) is not None
+    history.write_text(json.dumps({"finished": True, "epochs": [], "config": older.to_dict()}))
+    assert load_finished_run(tmp_path, cfg) is None
+    assert not (tmp_path / "run").exists() and not (tmp_path / "index").exists()
+    (old_run,) = tmp_path.glob("run.old-*")
+    assert (old_run / "checkpoint.pt").exists()
+    out = capsys.readouterr().out
+    assert "another recipe" in out and "epochs 10 -> 14" in out and "training again" in out
