@@ -2,6 +2,10 @@
 
 For every val query: the target's rank, and for the gallery items ranked above it whether they share the
 target's attributes (a look confusion) or the reference's look / background (a change not applied).
+Two conditional ranks separate the two skills: the target's rank among its look-mates (the look given:
+are the attributes right?) and among the items with its attributes (the attributes given: is the look
+right?); and, for look-mates one attribute off that outrank the target, which attribute, and whether the
+text asked to change it or to keep it.
 Also R@10 by the number of attributes a triplet changes, and how many joined captions exceed the model's
 text context (the end of a cut caption is lost).
 """
@@ -49,6 +53,7 @@ def main() -> None:
         return tuple(attrs[image_id][k] for k in ATTRIBUTE_KEYS)
 
     above, hits_by_changes, lengths = Counter(), {}, []
+    look_given, attributes_given, one_off = [], [], Counter()
     for category in data.categories(args.split):
         present, _ = data.gallery(category, args.split)
         ok, emb, _ = embed_paths(model, [data.image_path(i) for i in present], workers=0, progress=False)
@@ -65,8 +70,17 @@ def main() -> None:
             rank = int(np.flatnonzero(order == position[t.target])[0])
             changes = sum(attrs[t.reference][k] != attrs[t.target][k] for k in ATTRIBUTE_KEYS)
             hits_by_changes.setdefault(changes, []).append(rank < 10)
+            target_score = row[position[t.target]]
+            look_mates = [n for n, x in enumerate(ids) if attrs[x]["family"] == attrs[t.target]["family"]]
+            twins = [n for n, x in enumerate(ids) if garment(x) == garment(t.target)]
+            look_given.append(int((row[look_mates] > target_score).sum()))
+            attributes_given.append(int((row[twins] > target_score).sum()))
             for j in order[:rank]:
                 x = ids[j]
+                off = [k for k in ATTRIBUTE_KEYS if attrs[x][k] != attrs[t.target][k]]
+                if len(off) == 1 and attrs[x]["family"] == attrs[t.target]["family"]:
+                    asked = attrs[t.reference][off[0]] != attrs[t.target][off[0]]
+                    one_off[f"{off[0]}/{'changed' if asked else 'kept'}"] += 1
                 kind = "same_attributes" if garment(x) == garment(t.target) else "other_attributes"
                 if attrs[x]["family"] == attrs[t.target]["family"]:
                     kind += "/same_look"
@@ -76,9 +90,20 @@ def main() -> None:
                     kind += "/other_background"
                 above[kind] += 1
     total = sum(above.values())
+    n_queries = len(look_given)
+
+    def conditional(ranks: list[int]) -> dict:
+        ranks = np.array(ranks)
+        return {f"R@{k}": round(float(np.mean(ranks < k)) * 100, 1) for k in (1, 3)}
+
     results = {
         "items_ranked_above_missed_targets": dict(above),
         "share_above": {k: round(v / total, 3) for k, v in above.items()} if total else {},
+        "look_given": conditional(look_given),
+        "attributes_given": conditional(attributes_given),
+        "look_mates_one_attribute_off_above_target_per_query": {
+            k: round(v / n_queries, 3) for k, v in one_off.most_common()
+        },
         "r10_by_changes": {
             str(n): round(float(np.mean(v)) * 100, 1) for n, v in sorted(hits_by_changes.items())
         },

@@ -54,7 +54,9 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = {}
+    work = tmp / "demo-seeds-work"  # kept: analyze_misses reads its dataset and a run
     for name, args in ARGS.items():
+        args = [*args, "--work", str(work)] if name == "demo_seeds" else args
         out = tmp / f"{name}.json"
         cmd = [sys.executable, str(BENCH / f"bench_{name}.py"), *args, "--threads", "1", "--out", str(out)]
         procs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env), out)
@@ -68,6 +70,7 @@ def runs(tmp_path_factory):
             results[name] = (json.loads(stdout), json.loads(out.read_text()))
         return results[name]
 
+    get.work = work
     yield get
     for proc, _ in procs.values():
         if proc.poll() is None:
@@ -502,3 +505,41 @@ def test_bench_demo_seeds(runs):
     assert stats["runs"] == 2 and stats["min"] == min(values) and stats["max"] == max(values)
     assert abs(stats["mean"] - sum(values) / 2) < 0.01
     assert {g["name"].split(":")[0] for g in doc["goals"]} == {"sum"}
+
+
+def test_analyze_misses_on_a_demo_seeds_run(runs, tmp_path):
+    runs("demo_seeds")
+    out = tmp_path / "misses.json"
+    cmd = [
+        sys.executable, str(BENCH / "analyze_misses.py"), "--data", str(runs.work / "data-0"),
+        "--checkpoint", str(runs.work / "run-d0-t0-sum"), "--threads", "1", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)["results"]
+    assert json.loads(out.read_text())["results"] == r
+    # Among its look-mates (and among its attribute twins) the target is first at most as often as in
+    # its top 3; 18 queries on 3 categories.
+    for given in ("look_given", "attributes_given"):
+        assert 0 <= r[given]["R@1"] <= r[given]["R@3"] <= 100
+    one_off = r["look_mates_one_attribute_off_above_target_per_query"]
+    assert all(k.split("/")[1] in {"changed", "kept"} for k in one_off)
+    assert set(r["r10_by_changes"]) <= {"1", "2", "3"}
+
+
+def test_bench_demo_seeds_sets_aside_a_run_of_another_recipe(runs, tmp_path):
+    runs("demo_seeds")  # its run-d0-t0-sum trained 1 epoch; asking for 2 is another recipe
+    args = [*ARGS["demo_seeds"], "--work", str(runs.work), "--train-seeds", "0", "--threads", "1"]
+    args[args.index("--epochs") + 1] = "2"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_demo_seeds.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(proc.stdout)["runs"]
+    assert row["epochs_run"] == 2 and row["train_s"] is not None  # trained again, not reused
+    (aside,) = runs.work.glob("run-d0-t0-sum.old-*")
+    assert json.loads((aside / "history.json").read_text())["config"]["epochs"] == 1
+    assert "another recipe" in proc.stderr
