@@ -45,6 +45,12 @@ def parse_args():
     p.add_argument("--fusions", default="combiner,sum,attention", help="comma-separated fusions")
     p.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
     p.add_argument("--model", default=None, help="override the demo's model (fs-tiny)")
+    p.add_argument(
+        "--hard-negatives",
+        type=int,
+        default=None,
+        help="override the demo's hard_negatives (1: random batches)",
+    )
     p.add_argument("--images-per-category", type=int, default=None, help="override the demo's dataset size")
     p.add_argument("--eval-gallery", type=int, default=None, help="override the demo's val/test gallery")
     return p.parse_args()
@@ -134,7 +140,11 @@ def main() -> None:
             for fusion in [f for f in args.fusions.split(",") if f]:
                 run_dir = work / f"run-d{data_seed}-t{train_seed}-{fusion}"
                 common.log(f"data seed {data_seed}, training seed {train_seed}, {fusion}: {run_dir}")
-                overrides = {k: getattr(args, k) for k in ("epochs", "model") if getattr(args, k) is not None}
+                overrides = {
+                    k: getattr(args, k)
+                    for k in ("epochs", "model", "hard_negatives")
+                    if getattr(args, k) is not None
+                }
                 row = run_one(data_dir, run_dir, fusion, train_seed, overrides)
                 runs.append({"data_seed": data_seed, "train_seed": train_seed, "fusion": fusion, **row})
                 common.log(f"  composed R@10 {row['composed_R@10']}, image-only {row['image_only_R@10']}")

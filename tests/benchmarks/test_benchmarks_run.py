@@ -38,7 +38,7 @@ ARGS = {
     "train_memory": ["--models", "fs-micro", "--batch-sizes", "4", "--chunk", "2", "--steps", "1"],
     "demo_seeds": [
         "--model", "fs-micro", "--images-per-category", "60", "--eval-gallery", "12", "--epochs", "1",
-        "--data-seeds", "0", "--train-seeds", "0,1", "--fusions", "sum",
+        "--data-seeds", "0", "--train-seeds", "0,1", "--fusions", "sum", "--hard-negatives", "2",
     ],
     "runtimes": [
         "--model", "fs-micro", "--n", "12", "--batch-size", "4", "--text-batch", "6", "--repeat", "2",
@@ -500,6 +500,8 @@ def test_bench_demo_seeds(runs):
         assert r["gallery"] == 36 and r["queries"] == 18  # 12 val images and 6 queries per category
         assert 0 <= r["composed_R@10"] <= 100 and r["epochs_run"] == 1
         assert sum(r[f"changes_{g}_queries"] for g in "123" if f"changes_{g}_queries" in r) == 18
+    history = json.loads((runs.work / "run-d0-t0-sum" / "history.json").read_text())
+    assert history["config"]["hard_negatives"] == 2  # the override reached the training run
     stats = doc["summary"]["sum"]["composed_R@10"]
     values = [r["composed_R@10"] for r in runs_]
     assert stats["runs"] == 2 and stats["min"] == min(values) and stats["max"] == max(values)
