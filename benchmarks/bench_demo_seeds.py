@@ -44,7 +44,7 @@ def parse_args():
     p.add_argument("--train-seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--fusions", default="combiner,sum,attention", help="comma-separated fusions")
     p.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
-    p.add_argument("--model", default=None, help="override the demo's model (fs-tiny)")
+    p.add_argument("--model", default=None, help="override the demo's model (fs-rn-tiny)")
     p.add_argument(
         "--hard-negatives",
         type=int,

@@ -13,7 +13,7 @@ from fashion_search.models.checkpoint import create_model
 
 
 def test_compact_models_registered():
-    assert {"fs-micro", "fs-tiny", "ViT-B-32"} <= set(list_models())
+    assert {"fs-micro", "fs-tiny", "fs-rn-tiny", "ViT-B-32", "RN50"} <= set(list_models())
 
 
 def test_encoders_are_normalised_and_batched(micro_model):

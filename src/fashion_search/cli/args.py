@@ -62,7 +62,8 @@ text_weight.__name__ = "float"
 def add_model_args(p: argparse.ArgumentParser, fusion: bool = False) -> None:
     p.add_argument("--checkpoint", help="a training run directory or its checkpoint.pt")
     p.add_argument(
-        "--model", help="OpenCLIP architecture (ViT-B-32, ...) or a compact one (fs-tiny, fs-micro)"
+        "--model",
+        help="OpenCLIP architecture (ViT-B-32, ...) or a compact one (fs-rn-tiny, fs-tiny, fs-micro)",
     )
     p.add_argument(
         "--pretrained",

@@ -220,12 +220,17 @@ class ClipBackbone(nn.Module):
 
     # -- token features, for a fusion that reads them (the query side only; the index stays pooled) --
     def image_query_features(self, pixels: torch.Tensor) -> QueryFeatures:
-        """Pooled embedding (normalised) + the ViT's patch tokens, projected to the joint space by the
-        tower's own projection, as `image_features` projects the pooled token."""
+        """Pooled embedding (normalised) + the tower's spatial tokens in the joint space: a ViT's patch
+        tokens through its own projection, as `image_features` projects the pooled token, or a ResNet's
+        final feature map through its attention pool's value and output projections (MaskCLIP's dense
+        features: what each location contributes to the pooled embedding)."""
         visual = self.clip.visual
+        if isinstance(visual, open_clip.modified_resnet.ModifiedResNet):
+            pooled, tokens = _resnet_tokens(visual, pixels)
+            return QueryFeatures(F.normalize(pooled.float(), dim=-1), self._joint(tokens.float()))
         if not isinstance(visual, open_clip.transformer.VisionTransformer):
             raise FashionSearchError(
-                f"the attention fusion needs an OpenCLIP ViT image tower; {self.spec.model} has "
+                f"the attention fusion needs an OpenCLIP ViT or ResNet image tower; {self.spec.model} has "
                 f"{type(visual).__name__}"
             )
         # open_clip's own switch for returning tokens. Flipped for this call only: every forward runs
@@ -272,6 +277,20 @@ class ClipBackbone(nn.Module):
                 f"channels, not the joint space's {self.dim}"
             )
         return tokens
+
+
+def _resnet_tokens(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The pooled embedding from open_clip's own forward; the map its attention pool reads, from a hook.
+    maps: list[torch.Tensor] = []
+    hook = visual.attnpool.register_forward_pre_hook(lambda _m, args: maps.append(args[0]))
+    try:
+        pooled = visual(pixels)
+    finally:
+        hook.remove()
+    pool = visual.attnpool
+    grid = maps[-1].flatten(2).transpose(1, 2)  # (n, H*W, C)
+    grid = grid + pool.positional_embedding[1:].to(grid.dtype)  # index 0 is the mean token's
+    return pooled, pool.c_proj(pool.v_proj(grid))
 
 
 def _build_initialised(model: str, weights: str | None, device: torch.device, options: dict) -> nn.Module:

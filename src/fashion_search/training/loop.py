@@ -176,6 +176,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             dist.shutdown()
 
 
+def _check_memory_options(model: RetrievalModel, cfg: TrainConfig) -> None:
+    batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if cfg.grad_cache_chunk and batch_norm:
+        # Each chunk would normalise with its own batch statistics: not the whole batch's gradients.
+        raise FashionSearchError(
+            f"--grad-cache-chunk needs towers without batch norm; {cfg.model} has BatchNorm layers "
+            "(use a ViT backbone, or a batch that fits without caching)"
+        )
+    if cfg.grad_checkpointing:
+        if batch_norm:  # open_clip checkpoints transformer towers only
+            log.warning(
+                "%s: gradient checkpointing covers the text tower only, not the ResNet image tower", cfg.model
+            )
+        model.backbone.clip.set_grad_checkpointing(True)
+
+
 def _train(cfg: TrainConfig, resume: bool, progress: bool, device: torch.device) -> TrainResult:
     resume = dist.on_main(lambda: _start_run(cfg, resume))
     run = Path(cfg.out)
@@ -184,8 +200,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device: torch.device)
     data = FashionIQ(cfg.data)
     _seed_everything(cfg.seed)
     model = create_model(cfg.model, cfg.pretrained, fusion=cfg.fusion, device=device)
-    if cfg.grad_checkpointing:
-        model.backbone.clip.set_grad_checkpointing(True)
+    _check_memory_options(model, cfg)
     dist.broadcast_parameters(model)
     if dist.rank() > 0:  # the same weights, but each rank its own dropout masks
         torch.manual_seed(cfg.seed + 7919 * dist.rank())

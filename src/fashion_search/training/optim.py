@@ -11,15 +11,23 @@ from fashion_search.config import TrainConfig
 from fashion_search.models.retrieval import RetrievalModel
 
 _BLOCK = re.compile(r"resblocks\.(\d+)\.")
+# A ResNet image tower (OpenCLIP's ModifiedResNet): four stages after a stem of convs and batch norms.
+_STAGE = re.compile(r"visual\.layer([1-4])\.")
+_RESNET_STAGES = 4
+_STEM = re.compile(r"visual\.(conv|bn)\d\.")
 _EMBEDDINGS = ("conv1", "class_embedding", "positional_embedding", "token_embedding", "ln_pre", "patch_embed")
 
 
 def _depth_scale(name: str, n_layers: int, decay: float) -> float:
-    """lr multiplier: the output heads get 1, block i gets decay^(L - i), the embeddings decay^(L + 1)."""
+    """lr multiplier: the output heads get 1, block i gets decay^(L - i), the embeddings decay^(L + 1).
+    A ResNet tower's stages spread over the same depth (stage 4 is block L - 1), its stem is the embedding."""
     match = _BLOCK.search(name)
     if match:
         return decay ** (n_layers - int(match.group(1)))
-    if any(part in name for part in _EMBEDDINGS):
+    stage = _STAGE.search(name)  # before the embeddings: a stage's blocks have their own conv1
+    if stage:
+        return decay ** (n_layers - (n_layers * int(stage.group(1)) // _RESNET_STAGES - 1))
+    if _STEM.search(name) or any(part in name for part in _EMBEDDINGS):
         return decay ** (n_layers + 1)
     return 1.0
 
