@@ -5,7 +5,7 @@ cached under --work. For every (data seed, training seed, fusion): the demo's tr
 (`config.DEMO_OVERRIDES`, so `demo_config`) with that fusion and `seed`, then the Fashion-IQ protocol on
 the val split with composed R@10 split by how many attributes a query changes. A finished run in
 --work is reused, so an interrupted sweep resumes; one trained with another recipe is moved aside and
-trained again. Each run takes the time of the demo's training (about 9 minutes on 2 CPU cores): the full
+trained again. Each run takes the time of the demo's training (about 8 minutes on 2 CPU cores): the full
 default grid is 18 of them.
 
 Per fusion the summary gives mean, standard deviation, minimum and maximum over its runs of composed /
