@@ -25,8 +25,7 @@ def test_resnet_tokens_are_in_the_joint_space_and_the_pooled_half_is_what_the_in
     image = rn_model.encode_query_pixels(pixels)
     assert image.tokens.shape == (2, 4, 128)  # 64 px / 32 = a 2 x 2 map, in the 128-d joint space
     assert torch.allclose(image.pooled, rn_model.encode_pixels(pixels), atol=1e-5)
-    # Each location's token moves with that location's pixels only through the conv receptive field:
-    # changing the image changes its tokens.
+    # The tokens are the image's own: the mirrored image gives other ones.
     other = rn_model.encode_query_pixels(torch.flip(pixels, dims=[3]))
     assert not torch.allclose(image.tokens, other.tokens, atol=1e-4)
     query = rn_model.compose(image, rn_model.encode_query_texts(["is red", "has long sleeves"]))
