@@ -39,7 +39,8 @@ def test_layer_decay_spreads_the_resnet_stages_over_the_depth():
     assert _depth_scale("backbone.clip.visual.layer4.0.conv3.weight", depth, decay) == decay**1
     for stem in ("conv1", "conv2", "bn3"):
         assert _depth_scale(f"backbone.clip.visual.{stem}.weight", depth, decay) == decay**13
-    assert _depth_scale("backbone.clip.visual.attnpool.c_proj.weight", depth, decay) == 1.0
+    for head in ("c_proj.weight", "positional_embedding"):
+        assert _depth_scale(f"backbone.clip.visual.attnpool.{head}", depth, decay) == 1.0
     # The ViT's names keep their scales.
     assert _depth_scale("backbone.clip.visual.conv1.weight", depth, decay) == decay**13
     assert _depth_scale("backbone.clip.transformer.resblocks.11.mlp.c_fc.weight", depth, decay) == decay

@@ -14,8 +14,9 @@ _BLOCK = re.compile(r"resblocks\.(\d+)\.")
 # A ResNet image tower (OpenCLIP's ModifiedResNet): four stages after a stem of convs and batch norms.
 _STAGE = re.compile(r"visual\.layer([1-4])\.")
 _RESNET_STAGES = 4
+# The image tower's own first convs (a ViT's patch embedding, a ResNet's stem), not a block's conv1.
 _STEM = re.compile(r"visual\.(conv|bn)\d\.")
-_EMBEDDINGS = ("conv1", "class_embedding", "positional_embedding", "token_embedding", "ln_pre", "patch_embed")
+_EMBEDDINGS = ("class_embedding", "positional_embedding", "token_embedding", "ln_pre", "patch_embed")
 
 
 def _depth_scale(name: str, n_layers: int, decay: float) -> float:
@@ -24,9 +25,11 @@ def _depth_scale(name: str, n_layers: int, decay: float) -> float:
     match = _BLOCK.search(name)
     if match:
         return decay ** (n_layers - int(match.group(1)))
-    stage = _STAGE.search(name)  # before the embeddings: a stage's blocks have their own conv1
+    stage = _STAGE.search(name)
     if stage:
         return decay ** (n_layers - (n_layers * int(stage.group(1)) // _RESNET_STAGES - 1))
+    if ".attnpool." in name:  # a ResNet's output head, positional embedding included
+        return 1.0
     if _STEM.search(name) or any(part in name for part in _EMBEDDINGS):
         return decay ** (n_layers + 1)
     return 1.0
