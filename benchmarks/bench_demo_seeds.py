@@ -51,6 +51,12 @@ def parse_args():
         default=None,
         help="override the demo's hard_negatives (1: random batches)",
     )
+    p.add_argument(
+        "--group-negatives",
+        type=int,
+        default=None,
+        help="override the demo's group_negatives (look-mate negatives per triplet)",
+    )
     p.add_argument("--images-per-category", type=int, default=None, help="override the demo's dataset size")
     p.add_argument("--eval-gallery", type=int, default=None, help="override the demo's val/test gallery")
     return p.parse_args()
@@ -142,7 +148,7 @@ def main() -> None:
                 common.log(f"data seed {data_seed}, training seed {train_seed}, {fusion}: {run_dir}")
                 overrides = {
                     k: getattr(args, k)
-                    for k in ("epochs", "model", "hard_negatives")
+                    for k in ("epochs", "model", "hard_negatives", "group_negatives")
                     if getattr(args, k) is not None
                 }
                 row = run_one(data_dir, run_dir, fusion, train_seed, overrides)

@@ -27,26 +27,33 @@ def config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def make_batch(step: int, size: int) -> dict:
+def make_batch(step: int, size: int, negatives: int = 0) -> dict:
     g = torch.Generator().manual_seed(100 + step)
     shape = (BATCH, 3, size, size)
-    return {
+    batch = {
         "reference": torch.randint(0, 256, shape, dtype=torch.uint8, generator=g),
         "target": torch.randint(0, 256, shape, dtype=torch.uint8, generator=g),
         "text": [f"is {c} and has {n} buttons" for n, c in enumerate("rgbcmykw")],
         "target_id": list(IDS),
     }
+    if negatives:  # group negatives; "e" is a target on rank 1 and a negative on rank 0
+        shape = (BATCH * negatives, *shape[1:])
+        batch["negatives"] = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        batch["negative_ids"] = ["e"] + [f"n{i}" for i in range(1, BATCH * negatives)]
+    return batch
 
 
 def part(batch: dict, rank: int, world: int) -> dict:
     per = BATCH // world
-    sl = slice(rank * per, (rank + 1) * per)
-    out = {k: v[sl] for k, v in batch.items()}
+    out = {k: v[rank * per : (rank + 1) * per] for k, v in batch.items() if "negative" not in k}
+    if "negatives" in batch:
+        n = len(batch["negatives"]) // BATCH * per
+        out.update({k: batch[k][rank * n : (rank + 1) * n] for k in ("negatives", "negative_ids")})
     out["size"] = per
     return out
 
 
-def run_steps(rank: int = 0, world: int = 1, grad_cache_chunk: int = 0) -> dict:
+def run_steps(rank: int = 0, world: int = 1, grad_cache_chunk: int = 0, negatives: int = 0) -> dict:
     """STEPS optimiser steps; the loss of the whole batch, the first step's gradients and the parameters
     after every step."""
     torch.set_num_threads(1)
@@ -59,7 +66,7 @@ def run_steps(rank: int = 0, world: int = 1, grad_cache_chunk: int = 0) -> dict:
     params = [p for p in model.parameters()]
     out: dict = {"loss": [], "params": []}
     for step in range(STEPS):
-        batch = part(make_batch(step, model.backbone.image_size), rank, world)
+        batch = part(make_batch(step, model.backbone.image_size, negatives), rank, world)
         optimizer.zero_grad(set_to_none=True)
         loss = compute_gradients(model, batch, cfg, torch.device("cpu"))
         out["loss"].append(dist.all_reduce_sum([loss])[0] / world)  # the mean over ranks
@@ -72,14 +79,17 @@ def run_steps(rank: int = 0, world: int = 1, grad_cache_chunk: int = 0) -> dict:
     return out
 
 
-def rank_main(rank: int, world: int, init_file: str, out_dir: str, chunks: tuple[int, ...]) -> None:
-    """torch.multiprocessing.spawn's entry: join a gloo group, run the steps for each GradCache chunk
-    size (0 = plain) and save what was seen. One group for all: starting the processes is the slow part."""
+def rank_main(
+    rank: int, world: int, init_file: str, out_dir: str, chunks: tuple[tuple[int, int], ...]
+) -> None:
+    """torch.multiprocessing.spawn's entry: join a gloo group, run the steps for each (GradCache chunk
+    size (0 = plain), group negatives per row) and save what was seen. One group for all: starting the
+    processes is the slow part."""
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
     )
     try:
-        seen = {chunk: run_steps(rank, world, chunk) for chunk in chunks}
+        seen = {variant: run_steps(rank, world, *variant) for variant in chunks}
         torch.save(seen, f"{out_dir}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()

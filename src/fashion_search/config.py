@@ -72,6 +72,9 @@ class TrainConfig:
     # From the second epoch on, regroup triplets by k-means over the current model's target embeddings
     # (about this many targets per cluster; 0 = keep the reference-target components).
     mine_hard_negatives: int = 0
+    # Per triplet, this many other images of its target's related group as extra negatives of the
+    # composed loss only (look-mates: the same look, other attributes); 0 = in-batch negatives alone.
+    group_negatives: int = 0
     patience: int = 3  # early stopping: epochs without a better mean(R@10, R@50)
     augment: bool = True
     # Hue and saturation jitter (saturation ±s, hue ±s/4 of the colour wheel), the same for reference and
@@ -126,6 +129,7 @@ class TrainConfig:
                 ("clip_loss_weight", "must be >= 0", lambda v: v >= 0),
                 ("hard_negatives", "must be >= 0", lambda v: v >= 0),
                 ("mine_hard_negatives", "must be >= 0", lambda v: v >= 0),
+                ("group_negatives", "must be >= 0", lambda v: v >= 0),
                 ("patience", "must be at least 1", lambda v: v >= 1),
                 ("workers", "must be >= 0", lambda v: v >= 0),
                 ("eval_batch_size", "must be at least 1", lambda v: v >= 1),

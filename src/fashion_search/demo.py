@@ -158,8 +158,9 @@ _NOT_RECIPE = ("data", "out", "workers", "device")
 
 def recipe_changes(history: dict, cfg: TrainConfig) -> dict:
     """{option: (the run's value, cfg's value)} for the training options a finished run's history.json
-    records differently from `cfg` (a run of an older demo recipe, say)."""
-    was = history.get("config") or {}
+    records differently from `cfg` (a run of an older demo recipe, say). An option the run does not
+    record is newer than the run, which trained as its default does."""
+    was = {**TrainConfig().to_dict(), **(history.get("config") or {})}
     now = cfg.to_dict()
     return {k: (was.get(k), v) for k, v in now.items() if k not in _NOT_RECIPE and was.get(k) != v}
 

@@ -18,7 +18,9 @@ from fashion_search.models.checkpoint import load_checkpoint, read_checkpoint
 TOL = 1e-5
 
 
-CHUNKS = (0, 2)  # the plain step, and GradCache with chunks of 2 of each rank's 4 triplets
+# (GradCache chunk, group negatives per row): the plain step, GradCache with chunks of 2 of each rank's
+# 4 triplets, and both with group negatives gathered across the ranks
+CHUNKS = ((0, 0), (2, 0), (0, 2), (2, 2))
 
 
 def two_ranks(tmp_path) -> list[dict]:
@@ -28,8 +30,8 @@ def two_ranks(tmp_path) -> list[dict]:
 
 def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path):
     seen = two_ranks(tmp_path)
-    alone = run_steps()  # one process, the whole batch, no group, no GradCache
     for chunk in CHUNKS:
+        alone = run_steps(negatives=chunk[1])  # one process, the whole batch, no group, no GradCache
         ranks = [s[chunk] for s in seen]
         for r in ranks:
             # the mean of the ranks' losses is the loss of the whole batch (multi-positives across ranks)

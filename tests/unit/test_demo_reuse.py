@@ -161,3 +161,17 @@ def test_a_run_of_another_recipe_is_moved_aside_and_one_of_the_same_recipe_reuse
     assert (old_run / "checkpoint.pt").exists()
     out = capsys.readouterr().out
     assert "another recipe" in out and "epochs 10 -> 14" in out and "training again" in out
+
+
+def test_an_option_newer_than_the_run_counts_as_its_default():
+    """A run saved before an option existed trained as that option's default does: not another recipe."""
+    from fashion_search.config import TrainConfig
+    from fashion_search.demo import recipe_changes
+
+    cfg = TrainConfig(data="d", out="o", model="fs-micro", pretrained="none")
+    older = cfg.to_dict()
+    del older["group_negatives"]
+    assert recipe_changes({"config": older}, cfg) == {}
+    assert set(recipe_changes({"config": older}, TrainConfig(**{**cfg.to_dict(), "group_negatives": 2}))) == {
+        "group_negatives"
+    }

@@ -19,17 +19,23 @@ def model():
     return create_model("fs-micro", "none", fusion="combiner", device="cpu")
 
 
-def batch_of(model, n: int = 7) -> dict:
+def batch_of(model, n: int = 7, negatives: int = 0) -> dict:
     g = torch.Generator().manual_seed(1)
     shape = (n, 3, model.backbone.image_size, model.backbone.image_size)
     ids = ["a", "b", "c", "a", "d", "e", "f"][:n]  # a repeated target: multi-positive rows too
-    return {
+    batch = {
         "reference": torch.randint(0, 256, shape, dtype=torch.uint8, generator=g),
         "target": torch.randint(0, 256, shape, dtype=torch.uint8, generator=g),
         "text": [f"is darker and has {i} pockets" for i in range(n)],
         "target_id": ids,
         "size": n,
     }
+    if negatives:  # group negatives; "b" is also a batch target, so for that row it is a positive
+        batch["negatives"] = torch.randint(
+            0, 256, (n * negatives, *shape[1:]), dtype=torch.uint8, generator=g
+        )
+        batch["negative_ids"] = [f"n{i}" for i in range(n * negatives - 1)] + ["b"]
+    return batch
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -44,11 +50,11 @@ def assert_same_grads(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=TOL, atol=TOL, msg=name)
 
 
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_cached_step_equals_the_plain_step(model, chunk):
+@pytest.mark.parametrize("chunk,negatives", [(1, 0), (3, 0), (3, 2)])
+def test_cached_step_equals_the_plain_step(model, chunk, negatives):
     model.eval()  # no dropout: the plain and the chunked forward compute the same function
     cfg = TrainConfig(model="fs-micro", clip_loss_weight=0.5, grad_cache_chunk=chunk)
-    batch = batch_of(model)
+    batch = batch_of(model, negatives=negatives)
     model.zero_grad(set_to_none=True)
     plain_loss = train_step(model, batch, cfg, CPU)
     plain_loss.backward()

@@ -167,3 +167,63 @@ def test_the_losses_are_computed_in_float32_outside_mixed_precision(micro_model,
     assert {name for name, *_ in seen} == {"composed_loss", "clip_loss"}
     assert all(not autocast and a == b == torch.float32 for _, autocast, a, b in seen), seen
     assert loss.dtype == torch.float32
+
+
+def test_group_negatives_are_look_mates_of_the_target_augmented_like_it(tmp_path, micro_model):
+    """`--group-negatives N`: N other images of the triplet's related group ride along, with the
+    target's augmentation, and the caption and augmentation are those of a run without them."""
+    from fashion_search.config import TrainConfig
+    from fashion_search.data.fashioniq import FashionIQ
+    from fashion_search.data.synthetic import generate
+    from fashion_search.training.loop import build_train_loader
+
+    generate(tmp_path / "d", images_per_category=50, image_size=48, progress=False)
+    data = FashionIQ(tmp_path / "d")
+    cfg = TrainConfig(data=str(tmp_path / "d"), model="fs-micro", batch_size=8, workers=0, group_negatives=3)
+    dataset, sampler, loader = build_train_loader(micro_model, data, cfg, torch.device("cpu"))
+    plain, _, _ = build_train_loader(
+        micro_model, data, TrainConfig(**{**cfg.to_dict(), "group_negatives": 0}), torch.device("cpu")
+    )
+    batch = next(iter(loader))
+    assert batch["negatives"].shape == (8 * 3, *batch["target"].shape[1:])
+    assert len(batch["negative_ids"]) == 24
+    first = next(iter(sampler))
+    for row, i in enumerate(first):
+        group = {
+            x
+            for t, g in zip(dataset.triplets, dataset.groups)
+            if g == dataset.groups[i]
+            for x in (t.reference, t.target)
+        }
+        mates = batch["negative_ids"][row * 3 : row * 3 + 3]
+        assert set(mates) <= group - {dataset.triplets[i].target}
+        same = plain[i]
+        assert torch.equal(same["target"], batch["target"][row]) and same["text"] == batch["text"][row]
+    # a negative that is the reference gets the reference's pixels: the same augmentation for all
+    for row, i in enumerate(first):
+        for k, mate in enumerate(batch["negative_ids"][row * 3 : row * 3 + 3]):
+            if mate == dataset.triplets[i].reference:
+                assert torch.equal(batch["negatives"][row * 3 + k], batch["reference"][row])
+
+
+def test_group_negatives_are_columns_of_the_composed_loss_only():
+    from fashion_search.config import TrainConfig
+    from fashion_search.training.step import batch_loss
+
+    class Scale:  # batch_loss reads only the temperature of the model
+        class backbone:
+            logit_scale = torch.tensor(2.0)
+
+    torch.manual_seed(0)
+    query, tgt, txt, neg = (F.normalize(torch.randn(n, 8), dim=-1) for n in (3, 3, 3, 6))
+    cfg = TrainConfig(temperature=0.1, clip_loss_weight=0.0)
+    batch = {"target_id": ["a", "b", "c"], "negative_ids": ["x", "y", "b", "z", "w", "v"]}
+    got = batch_loss(Scale, query, tgt, txt, batch, cfg, neg)
+    logits = 10.0 * query @ torch.cat([tgt, neg]).T
+    positives = torch.zeros(3, 9)
+    positives[0, 0] = positives[1, 1] = positives[1, 5] = positives[2, 2] = 1.0  # "b" twice: both right
+    want = -(positives / positives.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
+    torch.testing.assert_close(got, want)
+    cfg = TrainConfig(temperature=0.1, clip_loss_weight=1.0)  # the CLIP loss ignores the negatives
+    extra = batch_loss(Scale, query, tgt, txt, batch, cfg, neg) - got
+    torch.testing.assert_close(extra, clip_loss(tgt, txt, torch.tensor(10.0), batch["target_id"]))

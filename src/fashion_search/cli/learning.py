@@ -38,6 +38,7 @@ _TRAIN_FLAGS = {
     "clip_loss_weight": float,
     "hard_negatives": int,
     "mine_hard_negatives": int,
+    "group_negatives": int,
     "patience": int,
     "seed": int,
     "workers": int,

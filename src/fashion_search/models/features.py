@@ -54,6 +54,11 @@ class QueryFeatures:
         size = -(-len(self) // parts)
         return [self[i : i + size] for i in range(0, len(self), size)]
 
+    def split(self, sizes: Sequence[int]) -> list[QueryFeatures]:
+        """Consecutive row blocks of the given sizes (like torch.split)."""
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [self[a : a + n] for a, n in zip(starts, sizes, strict=True)]
+
     def normalised(self) -> QueryFeatures:
         return QueryFeatures(F.normalize(self.pooled, dim=-1), self.tokens, self.mask)
 

@@ -57,7 +57,13 @@ class PairAugment:
 
 
 class TripletDataset(Dataset):
-    """Item i -> dict(reference, target pixels, caption, target id, group), or None if an image is bad."""
+    """Item i -> dict(reference, target pixels, caption, target id[, group negatives]), or a `skipped`
+    record if an image is bad.
+
+    With `group_negatives` N, each item also carries N other images of its related group (the target's
+    look-mates on Fashion-IQ-style data), augmented like the target so that only the garment tells them
+    apart: extra negatives for the composed loss.
+    """
 
     def __init__(
         self,
@@ -68,8 +74,10 @@ class TripletDataset(Dataset):
         augment: PairAugment | None = None,
         seed: int = 0,
         draft_size: int | None = None,
+        group_negatives: int = 0,
     ):
         self.data, self.transform, self.augment, self.seed = data, transform, augment, seed
+        self.group_negatives = group_negatives
         # JPEGs decoded at a reduced DCT scale, never below the model's input size: as the indexer and
         # the engine decode catalog and query photos, so training sees the pixels serving sees (and a
         # large JPEG decodes several times faster).
@@ -83,6 +91,10 @@ class TripletDataset(Dataset):
         if not self.triplets:
             raise FashionSearchError(f"no usable {split} triplets for {', '.join(categories)} in {data.root}")
         self.groups = related_groups(self.triplets)
+        members: dict[int, set[str]] = {}
+        for t, g in zip(self.triplets, self.groups):
+            members.setdefault(g, set()).update((t.reference, t.target))
+        self.group_images = {g: sorted(ids) for g, ids in members.items()}
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -91,26 +103,40 @@ class TripletDataset(Dataset):
     def __len__(self) -> int:
         return len(self.triplets)
 
+    def _negative_ids(self, i: int, rng: random.Random) -> list[str]:
+        t = self.triplets[i]
+        pool = [x for x in self.group_images[self.groups[i]] if x != t.target]
+        if not pool:  # a group of one pair: any other target of the split
+            pool = [x.target for x in self.triplets if x.target != t.target]
+        return [rng.choice(pool) for _ in range(self.group_negatives)]
+
     def __getitem__(self, i: int):
         t = self.triplets[i]
         # Seeded by (seed, epoch, item): identical across worker counts and after --resume.
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        ids = [t.reference, t.target]
+        if self.group_negatives:
+            # Drawn from their own stream, so the caption and augmentation stay those of a run without.
+            ids += self._negative_ids(i, random.Random(f"negatives:{self.seed}:{self.epoch}:{i}"))
         images = []
-        for image_id in (t.reference, t.target):
+        for image_id in ids:
             try:
                 images.append(load_image(self.data.image_path(image_id), draft_size=self.draft))
             except (ImageDecodeError, OSError) as exc:
                 # Reported, not fatal: the loop counts these per epoch in history.json.
                 return {"skipped": {"image": image_id, "reason": str(exc) or type(exc).__name__}}
-        ref, tgt = images
         if self.augment is not None:
-            ref, tgt = self.augment([ref, tgt], rng)
-        return {
-            "reference": self.transform(ref),
-            "target": self.transform(tgt),
+            images = self.augment(images, rng)
+        item = {
+            "reference": self.transform(images[0]),
+            "target": self.transform(images[1]),
             "text": training_caption(*t.captions, rng),
             "target_id": t.target,
         }
+        if self.group_negatives:
+            item["negatives"] = torch.stack([self.transform(im) for im in images[2:]])
+            item["negative_ids"] = ids[2:]
+        return item
 
 
 def collate_triplets(batch: list[dict], tokenize=None) -> dict:
@@ -129,6 +155,9 @@ def collate_triplets(batch: list[dict], tokenize=None) -> dict:
             text=[b["text"] for b in good],
             target_id=[b["target_id"] for b in good],
         )
+        if "negatives" in good[0]:  # row-major: row r's negatives are rows r*N .. r*N+N-1
+            out["negatives"] = torch.cat([b["negatives"] for b in good])
+            out["negative_ids"] = [i for b in good for i in b["negative_ids"]]
         if tokenize is not None:
             out["tokens"] = tokenize(out["text"])
     return out

@@ -110,6 +110,7 @@ def build_train_loader(
         PairAugment(color=cfg.color_jitter) if cfg.augment else None,
         cfg.seed,
         draft_size=model.backbone.image_size,
+        group_negatives=cfg.group_negatives,
     )
     sampler = GroupedBatchSampler(
         dataset.groups,

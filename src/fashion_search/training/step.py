@@ -40,17 +40,20 @@ def embed(
     tokens: torch.Tensor,
     cfg: TrainConfig,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fused query, target image, text) embeddings in float32."""
-    # Each half goes to the device on its own: concatenating the loader's pinned tensors on the host
+    negatives: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """(fused query, target image, text) embeddings in float32, and the group negatives' if given."""
+    # Each part goes to the device on its own: concatenating the loader's pinned tensors on the host
     # would make an unpinned copy, and its transfer synchronous.
-    pixels = torch.cat([model.model_input(reference), model.model_input(target)])
+    parts = [reference, target] + ([] if negatives is None else [negatives])
+    pixels = torch.cat([model.model_input(p) for p in parts])
     with _mixed_precision(cfg, device):
         # Pooled embeddings, plus token features when the fusion reads them (attention).
-        ref, tgt = model.image_query_features(pixels).chunk(2)
+        ref, tgt, *neg = model.image_query_features(pixels).split([len(p) for p in parts])
         txt = model.text_query_features(tokens.to(device, non_blocking=True))
         query = model.fusion(ref, txt)
-    return query.float(), tgt.pooled.float(), txt.pooled.float()
+    out = (query.float(), tgt.pooled.float(), txt.pooled.float())
+    return out + tuple(n.pooled.float() for n in neg)
 
 
 def batch_loss(
@@ -60,9 +63,12 @@ def batch_loss(
     txt: torch.Tensor,
     batch: dict,
     cfg: TrainConfig,
+    neg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The composed (+ CLIP) loss of the local rows against the targets and texts of every rank.
 
+    Group negatives (`neg`, with `batch["negative_ids"]`) are extra columns of the composed loss only:
+    a look-mate is often a right answer to the caption alone, so the CLIP loss must not count it wrong.
     The losses run in float32, outside autocast: under it the logits' matmul would run in bf16, whose
     steps near a logit scale of 100 are 0.5 -- as large as the differences being learned. Each rank's
     loss is weighted by its share of the rows, so the mean over ranks is the loss of the whole batch.
@@ -73,14 +79,23 @@ def batch_loss(
         scale = torch.tensor(1.0 / cfg.temperature, device=tgt.device)
     ids = batch["target_id"]
     if not dist.active():
-        loss = composed_loss(query, tgt, scale, ids)
+        columns, column_ids = tgt, ids
+        if neg is not None:
+            columns, column_ids = torch.cat([tgt, neg]), list(ids) + list(batch["negative_ids"])
+        loss = composed_loss(query, columns, scale, column_ids, query_ids=ids)
         if cfg.clip_loss_weight > 0:
             loss = loss + cfg.clip_loss_weight * clip_loss(tgt, txt, scale, ids)
         return loss
     sizes = batch.get("rank_sizes") or dist.batch_sizes(len(ids))
     all_ids = [i for part in dist.all_gather_objects(list(ids)) for i in part]
     all_tgt = dist.gather_with_grad(tgt, sizes)
-    loss = composed_loss(query, all_tgt, scale, all_ids, query_ids=ids)
+    columns, column_ids = all_tgt, all_ids
+    if neg is not None:
+        per = len(batch["negative_ids"]) // max(1, len(ids))
+        neg_ids = [i for part in dist.all_gather_objects(list(batch["negative_ids"])) for i in part]
+        all_neg = dist.gather_with_grad(neg, [n * per for n in sizes])
+        columns, column_ids = torch.cat([all_tgt, all_neg]), all_ids + neg_ids
+    loss = composed_loss(query, columns, scale, column_ids, query_ids=ids)
     if cfg.clip_loss_weight > 0:
         all_txt = dist.gather_with_grad(txt, sizes)
         loss = loss + cfg.clip_loss_weight * clip_loss(tgt, txt, scale, ids, all_tgt, all_txt, all_ids)
@@ -89,8 +104,10 @@ def batch_loss(
 
 def train_step(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
     """One forward: fuse(reference, text) must find its target; the text must also match its target."""
-    query, tgt, txt = embed(model, batch["reference"], batch["target"], _tokens(model, batch), cfg, device)
-    return batch_loss(model, query, tgt, txt, batch, cfg)
+    out = embed(
+        model, batch["reference"], batch["target"], _tokens(model, batch), cfg, device, batch.get("negatives")
+    )
+    return batch_loss(model, *out[:3], batch, cfg, *out[3:])
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -114,24 +131,28 @@ def cached_backward(
     before its second, and the RNG ends where the first pass left it.
     """
     n, size = len(batch["target_id"]), cfg.grad_cache_chunk
-    tokens = _tokens(model, batch)
+    tokens, negatives = _tokens(model, batch), batch.get("negatives")
+    per = 0 if negatives is None else len(negatives) // n  # group negatives per row
+
+    def chunk(a: int, b: int) -> tuple[torch.Tensor, ...]:
+        neg = None if negatives is None else negatives[a * per : b * per]
+        return embed(model, batch["reference"][a:b], batch["target"][a:b], tokens[a:b], cfg, device, neg)
+
     spans = [(a, min(a + size, n)) for a in range(0, n, size)]
     states, parts = [], []
     with torch.no_grad():
         for a, b in spans:
             states.append(_rng_state(device))
-            parts.append(
-                embed(model, batch["reference"][a:b], batch["target"][a:b], tokens[a:b], cfg, device)
-            )
+            parts.append(chunk(a, b))
     after = _rng_state(device)
     leaves = [torch.cat(p).requires_grad_() for p in zip(*parts)]
-    loss = batch_loss(model, *leaves, batch, cfg)
+    loss = batch_loss(model, *leaves[:3], batch, cfg, *leaves[3:])
     loss.backward()  # gradients of the embeddings, and of the temperature directly
     grads = [leaf.grad for leaf in leaves]
     for (a, b), state in zip(spans, states):
         _set_rng_state(state, device)
-        out = embed(model, batch["reference"][a:b], batch["target"][a:b], tokens[a:b], cfg, device)
-        torch.autograd.backward(out, [g[a:b] for g in grads])
+        rows = [(a, b)] * 3 + [(a * per, b * per)] * (len(grads) - 3)
+        torch.autograd.backward(chunk(a, b), [g[x:y] for g, (x, y) in zip(grads, rows)])
     _set_rng_state(after, device)
     return loss.detach()
 
