@@ -5,8 +5,8 @@ cached under --work. For every (data seed, training seed, fusion): the demo's tr
 (`config.DEMO_OVERRIDES`, so `demo_config`) with that fusion and `seed`, then the Fashion-IQ protocol on
 the val split with composed R@10 split by how many attributes a query changes. A finished run in
 --work is reused, so an interrupted sweep resumes; one trained with another recipe is moved aside and
-trained again. Each run takes the time of the demo's training (about 8 minutes on 2 CPU cores): the full
-default grid is 18 of them.
+trained again; --finished-only trains nothing and summarises the finished runs. Each run takes the
+time of the demo's training (10-20 minutes on 2 CPU cores): the full default grid is 18 of them.
 
 Per fusion the summary gives mean, standard deviation, minimum and maximum over its runs of composed /
 sum / image-only / text-only R@10 and R@50 and of the three-change R@10, beside the demo's goals.
@@ -57,22 +57,42 @@ def parse_args():
         default=None,
         help="override the demo's group_negatives (look-mate negatives per triplet)",
     )
+    p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: summarise the runs of the grid already finished under --work with this recipe",
+    )
     p.add_argument("--images-per-category", type=int, default=None, help="override the demo's dataset size")
     p.add_argument("--eval-gallery", type=int, default=None, help="override the demo's val/test gallery")
     return p.parse_args()
 
 
-def run_one(data_dir: Path, run_dir: Path, fusion: str, train_seed: int, overrides: dict) -> dict:
-    from fashion_search.data.synthetic import changes_of
-    from fashion_search.demo import demo_config, recipe_changes
-    from fashion_search.evaluation.fashioniq import evaluate
-    from fashion_search.models.checkpoint import load_checkpoint
-    from fashion_search.training.loop import train
+def run_config(data_dir: Path, run_dir: Path, fusion: str, train_seed: int, overrides: dict):
+    from fashion_search.demo import demo_config
 
     cfg = replace(
         demo_config(run_dir.parent), data=str(data_dir), out=str(run_dir), fusion=fusion, seed=train_seed
     )
-    cfg = replace(cfg, **overrides)
+    return replace(cfg, **overrides)
+
+
+def finished_with(run_dir: Path, cfg) -> bool:
+    """Whether run_dir holds a finished run of exactly this recipe."""
+    from fashion_search.demo import recipe_changes
+
+    history_file = run_dir / "history.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else {}
+    return bool(history.get("finished")) and not recipe_changes(history, cfg)
+
+
+def run_one(data_dir: Path, run_dir: Path, fusion: str, train_seed: int, overrides: dict) -> dict:
+    from fashion_search.data.synthetic import changes_of
+    from fashion_search.demo import recipe_changes
+    from fashion_search.evaluation.fashioniq import evaluate
+    from fashion_search.models.checkpoint import load_checkpoint
+    from fashion_search.training.loop import train
+
+    cfg = run_config(data_dir, run_dir, fusion, train_seed, overrides)
     history_file = run_dir / "history.json"
     started = time.perf_counter()
     history = json.loads(history_file.read_text()) if history_file.is_file() else {}
@@ -139,6 +159,9 @@ def main() -> None:
                 dataset[key] = getattr(args, key)
         if (data_dir / "attributes.json").exists():
             check_reusable_data(data_dir, dataset)
+        elif args.finished_only:
+            common.log(f"data seed {data_seed}: no dataset in {data_dir}, left out")
+            continue
         else:
             common.log(f"data seed {data_seed}: generating {data_dir}")
             generate(data_dir, **dataset, progress=False)
@@ -151,6 +174,10 @@ def main() -> None:
                     for k in ("epochs", "model", "hard_negatives", "group_negatives")
                     if getattr(args, k) is not None
                 }
+                cfg = run_config(data_dir, run_dir, fusion, train_seed, overrides)
+                if args.finished_only and not finished_with(run_dir, cfg):
+                    common.log("  not finished with this recipe: left out (--finished-only)")
+                    continue
                 row = run_one(data_dir, run_dir, fusion, train_seed, overrides)
                 runs.append({"data_seed": data_seed, "train_seed": train_seed, "fusion": fusion, **row})
                 common.log(f"  composed R@10 {row['composed_R@10']}, image-only {row['image_only_R@10']}")

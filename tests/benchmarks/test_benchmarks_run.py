@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -529,6 +530,26 @@ def test_analyze_misses_on_a_demo_seeds_run(runs, tmp_path):
     assert set(r["r10_by_changes"]) <= {"1", "2", "3"}
 
 
+def test_bench_demo_seeds_finished_only_summarises_what_is_trained_and_trains_nothing(runs):
+    runs("demo_seeds")  # trained run-d0-t1-sum; training seed 5 and data seed 7 were never run
+    args = [*ARGS["demo_seeds"], "--work", str(runs.work), "--threads", "1", "--finished-only"]
+    args[args.index("--train-seeds") + 1] = "1,5"
+    args[args.index("--data-seeds") + 1] = "0,7"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_demo_seeds.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert [(r["data_seed"], r["train_seed"]) for r in doc["runs"]] == [(0, 1)]
+    assert doc["runs"][0]["train_s"] is None  # reused, not trained
+    assert doc["summary"]["sum"]["composed_R@10"]["runs"] == 1
+    assert not (runs.work / "run-d0-t5-sum").exists() and not (runs.work / "data-7").exists()
+    assert "left out" in proc.stderr
+
+
 def test_bench_demo_seeds_sets_aside_a_run_of_another_recipe(runs, tmp_path):
     runs("demo_seeds")  # its run-d0-t0-sum trained 1 epoch; asking for 2 is another recipe
     args = [*ARGS["demo_seeds"], "--work", str(runs.work), "--train-seeds", "0", "--threads", "1"]
@@ -545,3 +566,34 @@ def test_bench_demo_seeds_sets_aside_a_run_of_another_recipe(runs, tmp_path):
     (aside,) = runs.work.glob("run-d0-t0-sum.old-*")
     assert json.loads((aside / "history.json").read_text())["config"]["epochs"] == 1
     assert "another recipe" in proc.stderr
+
+
+def test_demo_eval_runtimes_script_scores_each_runtime_of_a_demo_folder(runs, tmp_path):
+    """The script evaluates a demo folder's run under PyTorch and ONNX Runtime (OpenVINO left out to
+    keep the test short) and assembles their composed recalls into one JSON document."""
+    runs("demo_seeds")
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "data").symlink_to(runs.work / "data-0")
+    (demo / "catalog").symlink_to(runs.work / "data-0" / "images")
+    shutil.copytree(runs.work / "run-d0-t0-sum", demo / "run")  # exports are cached inside the run
+    fs = f"{sys.executable} -m fashion_search"
+    env = {**os.environ, "FS": fs, "PY": sys.executable, "RUNTIMES": "onnx", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        ["bash", str(BENCH / "demo_eval_runtimes.sh"), str(demo)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert list(doc["results"]) == ["torch-fp32", "onnx-fp32", "onnx-int8", "onnx-int8-calibrated"]
+    torch_r10 = doc["results"]["torch-fp32"]["modes"]["composed"]["R@10"]
+    for r in doc["results"].values():
+        composed = r["modes"]["composed"]
+        assert composed["queries"] == 18 and 0 <= composed["R@10"] <= 100
+        assert r["command"].startswith(f"fashion-search eval --data {demo}/data")
+    # fp32 ONNX is the same model: the same ranking up to float noise on 18 queries.
+    assert abs(doc["results"]["onnx-fp32"]["modes"]["composed"]["R@10"] - torch_r10) <= 100 / 18 + 1e-6
+    assert "--export-dir" in doc["results"]["onnx-int8-calibrated"]["command"]
