@@ -228,6 +228,18 @@ def test_cache_key_follows_a_fusion_drawn_without_checkpoint(combiner_model):
     )
 
 
+def test_a_new_int8_recipe_is_not_served_from_an_older_cached_export(combiner_model, monkeypatch):
+    from fashion_search.runtime import export
+
+    fp32, int8 = (
+        export.export_name(combiner_model, "onnx", "fp32"),
+        export.export_name(combiner_model, "onnx", "int8"),
+    )
+    monkeypatch.setattr(export, "INT8_RECIPE", export.INT8_RECIPE + 1)
+    assert export.export_name(combiner_model, "onnx", "int8") != int8
+    assert export.export_name(combiner_model, "onnx", "fp32") == fp32
+
+
 def test_openvino_int8_says_nothing_about_cuda():
     """NNCF imports torch.utils.cpp_extension, whose import warns "No CUDA runtime is found" on a CPU
     machine with a CUDA build of torch: noise on every OpenVINO int8 export (a fresh process, since the

@@ -23,7 +23,13 @@ from torch import nn
 from fashion_search.errors import FashionSearchError
 from fashion_search.index.build import IDENTITY_KEYS
 from fashion_search.models.retrieval import RetrievalModel
-from fashion_search.runtime.quantize import calibration_batches, method_for, quantize_onnx, quantize_openvino
+from fashion_search.runtime.quantize import (
+    INT8_RECIPE,
+    calibration_batches,
+    method_for,
+    quantize_onnx,
+    quantize_openvino,
+)
 
 FORMAT = "fashion-search-export/1"
 MANIFEST = "manifest.json"
@@ -59,7 +65,10 @@ def model_key(model: RetrievalModel) -> str:
 
 
 def export_name(model: RetrievalModel, fmt: str, precision: str) -> str:
-    return f"{fmt}-{precision}-{model_key(model)}"
+    key = model_key(model)
+    if precision == "int8":  # an export cached by an older int8 recipe is not reused
+        key = hashlib.sha256(f"{key}:int8-recipe-{INT8_RECIPE}".encode()).hexdigest()[:16]
+    return f"{fmt}-{precision}-{key}"
 
 
 class _ImageTower(nn.Module):
