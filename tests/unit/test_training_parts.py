@@ -148,9 +148,9 @@ def test_the_losses_are_computed_in_float32_outside_mixed_precision(micro_model,
     seen = []
 
     def spy(loss):
-        def wrapped(a, b, scale, ids):
+        def wrapped(a, b, scale, ids, **kwargs):
             seen.append((loss.__name__, torch.is_autocast_enabled("cpu"), a.dtype, b.dtype))
-            return loss(a, b, scale, ids)
+            return loss(a, b, scale, ids, **kwargs)
 
         return wrapped
 
