@@ -530,11 +530,12 @@ def test_analyze_misses_on_a_demo_seeds_run(runs, tmp_path):
     assert set(r["r10_by_changes"]) <= {"1", "2", "3"}
 
 
-def test_bench_demo_seeds_finished_only_summarises_what_is_trained_and_trains_nothing(runs):
-    runs("demo_seeds")  # trained run-d0-t1-sum; training seed 5 and data seed 7 were never run
-    args = [*ARGS["demo_seeds"], "--work", str(runs.work), "--threads", "1", "--finished-only"]
-    args[args.index("--train-seeds") + 1] = "1,5"
-    args[args.index("--data-seeds") + 1] = "0,7"
+def rerun_demo_seeds(runs, *extra: str, **changed: str) -> subprocess.CompletedProcess:
+    """bench_demo_seeds.py again on the fixture's work folder, with ARGS' values changed (train_seeds=...)."""
+    runs("demo_seeds")
+    args = [*ARGS["demo_seeds"], "--work", str(runs.work), "--threads", "1", *extra]
+    for key, value in changed.items():
+        args[args.index("--" + key.replace("_", "-")) + 1] = value
     proc = subprocess.run(
         [sys.executable, str(BENCH / "bench_demo_seeds.py"), *args],
         capture_output=True,
@@ -542,6 +543,12 @@ def test_bench_demo_seeds_finished_only_summarises_what_is_trained_and_trains_no
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_demo_seeds_finished_only_summarises_what_is_trained_and_trains_nothing(runs):
+    # The fixture trained run-d0-t1-sum; training seed 5 and data seed 7 were never run.
+    proc = rerun_demo_seeds(runs, "--finished-only", train_seeds="1,5", data_seeds="0,7")
     doc = json.loads(proc.stdout)
     assert [(r["data_seed"], r["train_seed"]) for r in doc["runs"]] == [(0, 1)]
     assert doc["runs"][0]["train_s"] is None  # reused, not trained
@@ -550,17 +557,9 @@ def test_bench_demo_seeds_finished_only_summarises_what_is_trained_and_trains_no
     assert "left out" in proc.stderr
 
 
-def test_bench_demo_seeds_sets_aside_a_run_of_another_recipe(runs, tmp_path):
-    runs("demo_seeds")  # its run-d0-t0-sum trained 1 epoch; asking for 2 is another recipe
-    args = [*ARGS["demo_seeds"], "--work", str(runs.work), "--train-seeds", "0", "--threads", "1"]
-    args[args.index("--epochs") + 1] = "2"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "bench_demo_seeds.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_bench_demo_seeds_sets_aside_a_run_of_another_recipe(runs):
+    # The fixture's run-d0-t0-sum trained 1 epoch; asking for 2 is another recipe.
+    proc = rerun_demo_seeds(runs, train_seeds="0", epochs="2")
     (row,) = json.loads(proc.stdout)["runs"]
     assert row["epochs_run"] == 2 and row["train_s"] is not None  # trained again, not reused
     (aside,) = runs.work.glob("run-d0-t0-sum.old-*")
