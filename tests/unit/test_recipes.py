@@ -52,6 +52,28 @@ def test_print_config_is_config_yaml_and_touches_no_data(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == printed  # exactly what a run's config.yaml holds
 
 
+def test_print_config_needs_neither_data_nor_out(tmp_path):
+    code, printed, err = _cli("train", "--recipe", "seed", "--print-config")
+    assert code == 0, err
+    cfg = yaml.safe_load(printed)
+    assert cfg["batch_size"] == 8 and cfg["data"] == "" and cfg["out"] == ""
+
+
+def test_training_without_data_or_out_is_one_line_naming_them(tmp_path):
+    code, _, err = _cli("train", "--recipe", "seed", "--out", tmp_path / "r")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--data" in err and "--out" not in err
+    assert not (tmp_path / "r").exists()
+    code, _, err = _cli("train", "--data", tmp_path)
+    assert code == 2 and "--out" in err
+
+
+def test_a_config_file_may_name_data_and_out(tmp_path):
+    (tmp_path / "my.yaml").write_text(f"data: {tmp_path / 'd'}\nout: {tmp_path / 'r'}\n")
+    code, printed, _ = _cli("train", "--config", tmp_path / "my.yaml", "--print-config")
+    cfg = yaml.safe_load(printed)
+    assert code == 0 and cfg["data"] == str(tmp_path / "d") and cfg["out"] == str(tmp_path / "r")
+
+
 def test_flags_over_config_file_over_recipe(tmp_path):
     (tmp_path / "my.yaml").write_text("batch_size: 16\nepochs: 3\n")
     code, printed, _ = _cli(

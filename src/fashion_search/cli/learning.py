@@ -52,7 +52,7 @@ def cmd_train(args) -> int:
     from fashion_search.config import TrainConfig, load_recipe
 
     overrides = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
-    overrides.update(data=args.data, out=args.out)
+    overrides.update({k: getattr(args, k) for k in ("data", "out") if getattr(args, k) is not None})
     if args.categories:
         overrides["categories"] = args.categories
     if args.no_augment:
@@ -63,13 +63,17 @@ def cmd_train(args) -> int:
         overrides["grad_checkpointing"] = True
     if args.config:
         cfg = TrainConfig.load(args.config, base=recipe, **overrides)
-    elif args.resume and (Path(args.out) / "config.yaml").exists():
+    elif args.resume and args.out and (Path(args.out) / "config.yaml").exists():
         cfg = TrainConfig.load(Path(args.out) / "config.yaml", **overrides)
     else:
         cfg = TrainConfig.from_dict({**recipe, **overrides})
     if args.print_config:  # what would run, before any data, weights or run directory is touched
         print(cfg.to_yaml(), end="")
         return 0
+    # Checked here, not by argparse: --print-config needs neither, and a --config file may name both.
+    missing = [f"--{k}" for k in ("data", "out") if not getattr(cfg, k)]
+    if missing:
+        raise FashionSearchError(f"train needs {' and '.join(missing)} (or a --config file that sets them)")
     from fashion_search.training.loop import train
 
     result = train(cfg, resume=args.resume, progress=not args.quiet)
@@ -151,8 +155,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from fashion_search.config import TrainConfig, list_recipes
 
     p = sub.add_parser("train", help="fine-tune on Fashion-IQ-style triplets")
-    p.add_argument("--data", required=True, help="dataset root in the Fashion-IQ layout")
-    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, last.pt, history.json)")
+    p.add_argument("--data", help="dataset root in the Fashion-IQ layout (required unless --print-config)")
+    p.add_argument(
+        "--out", help="run directory: checkpoint.pt, last.pt, history.json (required unless --print-config)"
+    )
     p.add_argument("--config", help="YAML file of training options (flags override it)")
     p.add_argument(
         "--recipe",
