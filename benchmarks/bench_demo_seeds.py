@@ -5,7 +5,8 @@ cached under --work. For every (data seed, training seed, fusion): the demo's tr
 (`config.DEMO_OVERRIDES`, so `demo_config`) with that fusion and `seed`, then the Fashion-IQ protocol on
 the val split with composed R@10 split by how many attributes a query changes. A finished run in
 --work is reused, so an interrupted sweep resumes; one trained with another recipe is moved aside and
-trained again; --finished-only trains nothing and summarises the finished runs. Each run takes the
+trained again; --finished-only trains nothing and summarises the finished runs; --include FILE adds
+the runs of an earlier output that trained this recipe (each run records its recipe). Each run takes the
 time of the demo's training (10-20 minutes on 2 CPU cores): the full default grid is 18 of them.
 
 Per fusion the summary gives mean, standard deviation, minimum and maximum over its runs of composed /
@@ -31,6 +32,10 @@ GOALS = (
     ("text_only_R@10", "text-only R@10", "<= 35", lambda v: v <= 35),
     ("changes_3_R@10", "composed R@10 of three-change queries", ">= 80", lambda v: v >= 80),
 )
+
+
+# Flags that change what a run learns or what it is measured on: the first four are training options.
+OVERRIDES = ("epochs", "model", "hard_negatives", "group_negatives", "images_per_category", "eval_gallery")
 
 
 def parse_args():
@@ -62,6 +67,14 @@ def parse_args():
         action="store_true",
         help="train nothing: summarise the runs of the grid already finished under --work with this recipe",
     )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also summarise the runs of an earlier output of this script (repeatable); a run trained "
+        "with another recipe is left out, and one this sweep also has is taken from this sweep",
+    )
     p.add_argument("--images-per-category", type=int, default=None, help="override the demo's dataset size")
     p.add_argument("--eval-gallery", type=int, default=None, help="override the demo's val/test gallery")
     return p.parse_args()
@@ -85,9 +98,37 @@ def finished_with(run_dir: Path, cfg) -> bool:
     return bool(history.get("finished")) and not recipe_changes(history, cfg)
 
 
+def included_runs(files: list[str], expected, overrides_in: dict) -> list[dict]:
+    """The runs of earlier outputs whose recorded recipe is `expected(run)`'s. A run that records no recipe
+    (an output made before the script recorded it) counts as this recipe if its output's overrides are
+    this sweep's, which the log says."""
+    from fashion_search.demo import recipe_changes
+
+    kept = []
+    for name in files:
+        doc = json.loads(Path(name).read_text())
+        differ = sorted(k for k in OVERRIDES if doc["config"].get(k) != overrides_in.get(k))
+        for run in doc["runs"]:
+            where = (
+                f"{name}: data seed {run['data_seed']}, training seed {run['train_seed']}, {run['fusion']}"
+            )
+            cfg = expected(run)
+            if "recipe" not in run and differ:
+                common.log(f"{where} was run with other overrides ({differ}): left out")
+                continue
+            if "recipe" not in run:
+                common.log(f"{where} records no recipe: counted as this sweep's (same overrides)")
+            elif recipe_changes({"config": run["recipe"]}, cfg):
+                changed = sorted(recipe_changes({"config": run["recipe"]}, cfg))
+                common.log(f"{where} was trained with another recipe ({changed}): left out")
+                continue
+            kept.append({**run, "included_from": name})
+    return kept
+
+
 def run_one(data_dir: Path, run_dir: Path, fusion: str, train_seed: int, overrides: dict) -> dict:
     from fashion_search.data.synthetic import changes_of
-    from fashion_search.demo import recipe_changes
+    from fashion_search.demo import recipe_changes, recipe_of
     from fashion_search.evaluation.fashioniq import evaluate
     from fashion_search.models.checkpoint import load_checkpoint
     from fashion_search.training.loop import train
@@ -111,6 +152,7 @@ def run_one(data_dir: Path, run_dir: Path, fusion: str, train_seed: int, overrid
     result = evaluate(model, data_dir, "val", workers=0, progress=False, group_by=changes_of(data_dir))
     modes = {mode: rows["average"] for mode, rows in result["modes"].items()}
     row = {
+        "recipe": recipe_of(cfg),  # so that a later --include can tell whether it is the same recipe
         "train_s": round(train_s, 1) if not finished else None,
         "epochs_run": len(history.get("epochs", [])),
         "best_epoch": history.get("best_epoch"),
@@ -150,6 +192,7 @@ def main() -> None:
     from fashion_search.demo import check_reusable_data, demo_dataset
 
     work = common.work_dir(args.work, "bench-demo-seeds-")
+    overrides = {k: getattr(args, k) for k in OVERRIDES[:4] if getattr(args, k) is not None}
     runs: list[dict] = []
     for data_seed in common.parse_int_list(args.data_seeds):
         data_dir = work / f"data-{data_seed}"
@@ -169,11 +212,6 @@ def main() -> None:
             for fusion in [f for f in args.fusions.split(",") if f]:
                 run_dir = work / f"run-d{data_seed}-t{train_seed}-{fusion}"
                 common.log(f"data seed {data_seed}, training seed {train_seed}, {fusion}: {run_dir}")
-                overrides = {
-                    k: getattr(args, k)
-                    for k in ("epochs", "model", "hard_negatives", "group_negatives")
-                    if getattr(args, k) is not None
-                }
                 cfg = run_config(data_dir, run_dir, fusion, train_seed, overrides)
                 if args.finished_only and not finished_with(run_dir, cfg):
                     common.log("  not finished with this recipe: left out (--finished-only)")
@@ -181,6 +219,17 @@ def main() -> None:
                 row = run_one(data_dir, run_dir, fusion, train_seed, overrides)
                 runs.append({"data_seed": data_seed, "train_seed": train_seed, "fusion": fusion, **row})
                 common.log(f"  composed R@10 {row['composed_R@10']}, image-only {row['image_only_R@10']}")
+    seen = {(r["data_seed"], r["train_seed"], r["fusion"]) for r in runs}
+
+    def expected(run: dict):
+        data_dir, run_dir = work / f"data-{run['data_seed']}", work / "run"
+        return run_config(data_dir, run_dir, run["fusion"], run["train_seed"], overrides)
+
+    for run in included_runs(args.include, expected, vars(args)):
+        key = (run["data_seed"], run["train_seed"], run["fusion"])
+        if key not in seen:
+            seen.add(key)
+            runs.append(run)
     fusions = sorted({r["fusion"] for r in runs})
     summary = {f: summarise([r for r in runs if r["fusion"] == f]) for f in fusions}
     goals = []

@@ -156,13 +156,17 @@ def demo_config(directory: Path) -> TrainConfig:
 _NOT_RECIPE = ("data", "out", "workers", "device")
 
 
+def recipe_of(cfg: TrainConfig) -> dict:
+    """cfg's options that make a run what it is, as {option: value}."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in _NOT_RECIPE}
+
+
 def recipe_changes(history: dict, cfg: TrainConfig) -> dict:
     """{option: (the run's value, cfg's value)} for the training options a finished run's history.json
     records differently from `cfg` (a run of an older demo recipe, say). An option the run does not
     record is newer than the run, which trained as its default does."""
     was = {**TrainConfig().to_dict(), **(history.get("config") or {})}
-    now = cfg.to_dict()
-    return {k: (was.get(k), v) for k, v in now.items() if k not in _NOT_RECIPE and was.get(k) != v}
+    return {k: (was.get(k), v) for k, v in recipe_of(cfg).items() if was.get(k) != v}
 
 
 def _set_aside(directory: Path, reason: str) -> None:

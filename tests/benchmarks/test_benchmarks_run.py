@@ -557,6 +557,36 @@ def test_bench_demo_seeds_finished_only_summarises_what_is_trained_and_trains_no
     assert "left out" in proc.stderr
 
 
+def test_bench_demo_seeds_include_adds_an_earlier_outputs_runs_of_this_recipe_only(runs, tmp_path):
+    earlier = tmp_path / "earlier.json"
+    rerun_demo_seeds(runs, "--finished-only", "--out", str(earlier), train_seeds="1")
+    doc = json.loads(earlier.read_text())
+    (run,) = doc["runs"]
+    assert run["recipe"]["seed"] == 1 and run["recipe"]["hard_negatives"] == 2 and "out" not in run["recipe"]
+    # An earlier output's runs join this sweep's (training seed 0) in the summary.
+    proc = rerun_demo_seeds(runs, "--finished-only", "--include", str(earlier), train_seeds="0")
+    joined = json.loads(proc.stdout)
+    assert [(r["train_seed"], r.get("included_from")) for r in joined["runs"]] == [
+        (0, None),
+        (1, str(earlier)),
+    ]
+    assert joined["summary"]["sum"]["composed_R@10"]["runs"] == 2
+    # A run this sweep also has is taken from this sweep, once.
+    proc = rerun_demo_seeds(runs, "--finished-only", "--include", str(earlier), train_seeds="1")
+    assert [r.get("included_from") for r in json.loads(proc.stdout)["runs"]] == [None]
+    # Another recipe is left out: recorded per run, or (older outputs) by the output's overrides.
+    other = tmp_path / "other.json"
+    run["recipe"]["epochs"] = 9
+    other.write_text(json.dumps({**doc, "runs": [run]}))
+    del run["recipe"]
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps({**doc, "config": {**doc["config"], "epochs": 9}, "runs": [run]}))
+    for name in (other, older):
+        proc = rerun_demo_seeds(runs, "--finished-only", "--include", str(name), train_seeds="0")
+        assert [r["train_seed"] for r in json.loads(proc.stdout)["runs"]] == [0]
+        assert "left out" in proc.stderr
+
+
 def test_bench_demo_seeds_sets_aside_a_run_of_another_recipe(runs):
     # The fixture's run-d0-t0-sum trained 1 epoch; asking for 2 is another recipe.
     proc = rerun_demo_seeds(runs, train_seeds="0", epochs="2")
