@@ -36,6 +36,7 @@ ARGS = {
         "--model", "fs-micro", "--batch-size", "4", "--steps", "1", "--synth", "50", "--synth-size", "32",
         "--workers", "0",
     ],
+    "memory_format": ["--model", "fs-rn-tiny", "--batch-size", "8", "--repeat", "2"],
     "train_memory": ["--models", "fs-micro", "--batch-sizes", "4", "--chunk", "2", "--steps", "1"],
     "demo_seeds": [
         "--model", "fs-micro", "--images-per-category", "60", "--eval-gallery", "12", "--epochs", "1",
@@ -201,6 +202,16 @@ def test_bench_train(runs):
     assert r["ceiling"]["samples_per_s"] > 0 and r["train_step"]["samples_per_s"] > 0
     assert r["with_loader"]["synthetic"] and r["with_loader"]["samples_per_s"] > 0
     assert r["with_loader"]["item_ms_one_core"] > 0 and r["with_loader"]["item_sample"] > 0
+
+
+def test_bench_memory_format(runs):
+    doc, written = runs("memory_format")
+    check_common(doc, written, "memory_format")
+    r = doc["results"]
+    assert r["layout_in_use"] == "channels_last"  # what create_model gives a ResNet tower
+    assert r["max_abs_difference"] < 1e-4  # the same features in both layouts
+    for task in ("train", "embed"):
+        assert r[task]["speedup"] > 0 and r[task]["contiguous"]["images_per_s"] > 0
 
 
 def test_bench_train_memory(runs):

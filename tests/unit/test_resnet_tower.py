@@ -9,7 +9,7 @@ import torch
 
 from fashion_search.config import TrainConfig
 from fashion_search.errors import FashionSearchError
-from fashion_search.models.checkpoint import create_model
+from fashion_search.models.checkpoint import atomic_torch_save, create_model, load_checkpoint, model_payload
 from fashion_search.training.loop import _check_memory_options
 from fashion_search.training.optim import _depth_scale, param_groups
 
@@ -30,6 +30,26 @@ def test_resnet_tokens_are_in_the_joint_space_and_the_pooled_half_is_what_the_in
     assert not torch.allclose(image.tokens, other.tokens, atol=1e-4)
     query = rn_model.compose(image, rn_model.encode_query_texts(["is red", "has long sleeves"]))
     assert query.shape == (2, 128) and torch.isfinite(query).all()
+
+
+def _channels_last(model) -> bool:
+    return model.backbone.clip.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_convolutional_tower_runs_channels_last_with_the_same_features(rn_model, micro_model, tmp_path):
+    # Faster on oneDNN and cuDNN (benchmarks/bench_memory_format.py); a ViT's one conv is left alone.
+    assert _channels_last(rn_model) and not _channels_last(micro_model)
+    pixels = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    fast = rn_model.encode_pixels(pixels)
+    rn_model.backbone.clip.visual.to(memory_format=torch.contiguous_format)
+    try:
+        assert torch.allclose(rn_model.encode_pixels(pixels), fast, atol=1e-5)
+        atomic_torch_save(model_payload(rn_model), tmp_path / "checkpoint.pt")  # saved contiguous...
+    finally:
+        rn_model.backbone.clip.visual.to(memory_format=torch.channels_last)
+    loaded = load_checkpoint(tmp_path / "checkpoint.pt").eval()
+    assert _channels_last(loaded)  # ... and loaded channels-last, with the same weights
+    assert torch.allclose(loaded.encode_pixels(pixels), fast, atol=1e-5)
 
 
 def test_layer_decay_spreads_the_resnet_stages_over_the_depth():
