@@ -112,14 +112,12 @@ def included_runs(files: list[str], expected, overrides_in: dict) -> list[dict]:
             where = (
                 f"{name}: data seed {run['data_seed']}, training seed {run['train_seed']}, {run['fusion']}"
             )
-            cfg = expected(run)
             if "recipe" not in run and differ:
                 common.log(f"{where} was run with other overrides ({differ}): left out")
                 continue
             if "recipe" not in run:
                 common.log(f"{where} records no recipe: counted as this sweep's (same overrides)")
-            elif recipe_changes({"config": run["recipe"]}, cfg):
-                changed = sorted(recipe_changes({"config": run["recipe"]}, cfg))
+            elif changed := sorted(recipe_changes({"config": run["recipe"]}, expected(run))):
                 common.log(f"{where} was trained with another recipe ({changed}): left out")
                 continue
             kept.append({**run, "included_from": name})
