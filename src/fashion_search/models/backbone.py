@@ -359,8 +359,9 @@ def create_backbone(
         ) from None
     if _convolutional(clip.visual):
         # oneDNN's (and cuDNN's) convolution, batch-norm and pooling kernels run faster on channels-last
-        # tensors: fs-rn-tiny's tower trains and embeds 1.4-1.5x faster on 2 CPU cores
-        # (benchmarks/bench_memory_format.py). Checkpoints load into it and save from it unchanged.
+        # tensors: fs-rn-tiny's tower trains and embeds 1.4-1.6x faster on 2 CPU cores
+        # (benchmarks/bench_memory_format.py; a whole demo step gains less, its loader and text tower
+        # are unchanged). Checkpoints load into it and save from it unchanged.
         clip.visual.to(memory_format=torch.channels_last)
     tokenizer = open_clip.get_tokenizer(model)
     preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
