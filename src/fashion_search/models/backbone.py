@@ -358,7 +358,7 @@ def create_backbone(
             f"weights file {pretrained} is corrupt or not in a format open_clip reads ({reason})"
         ) from None
     if _convolutional(clip.visual):
-        # oneDNN's (and cuDNN's) convolution, batch-norm and pooling kernels run faster on channels-last
+        # oneDNN's convolution, batch-norm and pooling kernels run faster on channels-last (GPU: untested)
         # tensors: fs-rn-tiny's tower trains and embeds 1.4-1.6x faster on 2 CPU cores
         # (benchmarks/bench_memory_format.py; a whole demo step gains less, its loader and text tower
         # are unchanged). Checkpoints load into it and save from it unchanged.
