@@ -309,3 +309,26 @@ def test_an_eval_gallery_that_does_not_fit_is_refused(tmp_path, per_category, ev
     with pytest.raises(FashionSearchError, match="does not fit|integer"):
         generate(tmp_path / "ds", images_per_category=per_category, eval_gallery=eval_gallery, progress=False)
     assert not (tmp_path / "ds").exists()
+
+
+def test_oracle_attribute_match_equals_a_plain_membership_test():
+    # _Gallery._match runs for every candidate pair while a dataset is made, so it uses lookup tables;
+    # they must select exactly the images whose every constrained attribute is among the allowed values.
+    import numpy as np
+
+    rng = random.Random(3)
+    for category in CATEGORIES:
+        attrs = [
+            {a: rng.choice(values(a, category)) for a in ATTRIBUTES} | {"family": i % 7} for i in range(200)
+        ]
+        gallery = syn._Gallery(category, [f"x{i}" for i in range(200)], attrs)
+        for _ in range(50):
+            want = {
+                a: set(rng.sample(values(a, category), rng.randint(1, len(values(a, category)))))
+                for a in rng.sample(ATTRIBUTES, rng.randint(0, len(ATTRIBUTES)))
+            }
+            expected = np.array([all(x[a] in allowed for a, allowed in want.items()) for x in attrs])
+            assert (gallery._match(want) == expected).all()
+        ref = rng.randrange(200)
+        shared = [sum(x[a] == attrs[ref][a] for a in ATTRIBUTES) for x in attrs]
+        assert gallery._hits(ref).tolist() == shared

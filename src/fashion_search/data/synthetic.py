@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -88,13 +89,18 @@ class _Gallery:
         self.family = np.array([a["family"] for a in attrs], dtype=np.int64)
         codes = [[values(a, category).index(x[a]) for a in ATTRIBUTES] for x in attrs]
         self.codes = np.array(codes, dtype=np.int64).reshape(len(attrs), len(ATTRIBUTES))
+        # One contiguous column per attribute: `_match` runs for every candidate pair (~150k per dataset).
+        self.columns = {a: np.ascontiguousarray(self.codes[:, j]) for j, a in enumerate(ATTRIBUTES)}
+        self.value_codes = {a: {v: i for i, v in enumerate(values(a, category))} for a in ATTRIBUTES}
 
     def _match(self, want: dict[str, set[str]]) -> np.ndarray:
         mask = np.ones(len(self.ids), dtype=bool)
-        for j, attr in enumerate(ATTRIBUTES):
+        for attr in ATTRIBUTES:
             if attr in want:
-                allowed = [values(attr, self.category).index(v) for v in want[attr]]
-                mask &= np.isin(self.codes[:, j], allowed)
+                # A lookup table indexed by the codes: the same mask as np.isin, without its overhead.
+                allowed = np.zeros(len(self.value_codes[attr]), dtype=bool)
+                allowed[[self.value_codes[attr][v] for v in want[attr]]] = True
+                mask &= allowed[self.columns[attr]]
         return mask
 
     def scores(
@@ -108,17 +114,22 @@ class _Gallery:
                 got = _allowed(attr, op, value, self.category, strict)
                 want[attr] = want[attr] & got if attr in want else got
             mask = self._match(want)
-            out[name] = min(1.0, k / mask.sum()) if mask[target] else 0.0
+            out[name] = min(1.0, k / np.count_nonzero(mask)) if mask[target] else 0.0
         same = self.family == self.family[target]
-        hits = (self.codes == self.codes[ref]).sum(axis=1)
-        above, tied = hits > hits[target], (hits == hits[target]) & same
+        hits = self._hits(ref)
+        above, tied = hits > hits[target], np.count_nonzero((hits == hits[target]) & same)
         # Attribute matches first, same family first among ties (the target is in the family's tie group).
-        out["image"] = float(np.clip((k - above.sum()) / tied.sum(), 0.0, 1.0))
-        out["image_look"] = float(np.clip((k - (above & same).sum()) / tied.sum(), 0.0, 1.0))
+        out["image"] = float(np.clip((k - np.count_nonzero(above)) / tied, 0.0, 1.0))
+        out["image_look"] = float(np.clip((k - np.count_nonzero(above & same)) / tied, 0.0, 1.0))
         want_exact = {a: {v} for a, v in _resolve(claims, self.attrs[ref], self.category).items()}
         exact = self._match(want_exact) & same
-        out["composed"] = min(1.0, k / exact.sum()) if exact[target] else 0.0
+        out["composed"] = min(1.0, k / np.count_nonzero(exact)) if exact[target] else 0.0
         return out
+
+    @functools.cache  # noqa: B019 (one gallery per split and category, dropped after)
+    def _hits(self, ref: int) -> np.ndarray:
+        """How many attributes each gallery image shares with `ref` (a reference is in many pairs)."""
+        return (self.codes == self.codes[ref]).sum(axis=1)
 
 
 # -- plan: lines of garments, each line shot in several looks (families) ---------------------------
