@@ -37,6 +37,10 @@ ARGS = {
         "--workers", "0",
     ],
     "memory_format": ["--model", "fs-rn-tiny", "--batch-size", "8", "--repeat", "2"],
+    "allocator": [
+        "--model", "fs-micro", "--batch-size", "4", "--negatives", "1", "--steps", "1", "--warmup", "1",
+        "--rounds", "1",
+    ],
     "train_memory": ["--models", "fs-micro", "--batch-sizes", "4", "--chunk", "2", "--steps", "1"],
     "demo_seeds": [
         "--model", "fs-micro", "--images-per-category", "60", "--eval-gallery", "12", "--epochs", "1",
@@ -212,6 +216,17 @@ def test_bench_memory_format(runs):
     assert r["max_abs_difference"] < 1e-4  # the same features in both layouts
     for task in ("train", "embed"):
         assert r[task]["speedup"] > 0 and r[task]["contiguous"]["images_per_s"] > 0
+
+
+def test_bench_allocator(runs):
+    doc, written = runs("allocator")
+    check_common(doc, written, "allocator")
+    r = doc["results"]
+    assert r["images_per_step"] == 4 * 3  # reference, target and one negative per triplet
+    assert r["system"]["allocator_tuned"] is False  # FASHION_SEARCH_MALLOC=system reached its process
+    for mode in ("tuned", "system"):
+        assert r[mode]["images_per_s"] > 0 and r[mode]["peak_rss_mb"] > 0
+    assert r["speedup"] > 0
 
 
 def test_bench_train_memory(runs):

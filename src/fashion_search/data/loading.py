@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from fashion_search.allocator import keep_freed_memory
 from fashion_search.data.cuda_pipeline import prepared_ahead
 from fashion_search.data.images import DEFAULT_MAX_PIXELS, load_image, read_image_bytes
 from fashion_search.data.pixels import DeviceJpegDecoder, PixelPipeline, device_decodable, nvjpeg_problem
@@ -171,6 +172,7 @@ def iter_embedded(
     device decode queued; the device's work shows in the next mark), first_embedded.
     `encode` replaces model.encode_pixels (the query side's encode_query_pixels: token features too).
     """
+    keep_freed_memory()  # each batch's tensors reused from the heap, not re-faulted every batch
     marks = {} if marks is None else marks
     workers = default_workers() if workers is None else workers
     pipeline = model.pixel_pipeline

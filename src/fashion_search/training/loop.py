@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fashion_search.allocator import keep_freed_memory
 from fashion_search.atomic import atomic_write_json, check_output_dir
 from fashion_search.config import TrainConfig
 from fashion_search.data.fashioniq import FashionIQ
@@ -168,6 +169,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     """
     if not cfg.out:
         raise FashionSearchError("--out RUN is required")
+    keep_freed_memory()  # a step's activations reused from the heap, not re-faulted every step
     joined = dist.initialized()  # a caller that set up the process group itself keeps it
     device = dist.init(resolve_device(cfg.device))
     try:
