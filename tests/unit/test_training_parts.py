@@ -227,3 +227,41 @@ def test_group_negatives_are_columns_of_the_composed_loss_only():
     cfg = TrainConfig(temperature=0.1, clip_loss_weight=1.0)  # the CLIP loss ignores the negatives
     extra = batch_loss(Scale, query, tgt, txt, batch, cfg, neg) - got
     torch.testing.assert_close(extra, clip_loss(tgt, txt, torch.tensor(10.0), batch["target_id"]))
+
+
+def test_preloaded_images_give_the_same_items_and_a_bad_file_is_still_reported(tmp_path, micro_model):
+    """Decoded once in memory or decoded per item: the same pixels, captions and negatives; a dataset over
+    the budget is not preloaded, and an unreadable image is still a skipped item, not a crash."""
+    from fashion_search.data.fashioniq import FashionIQ
+    from fashion_search.data.synthetic import generate
+    from fashion_search.training.data import TripletDataset
+
+    generate(tmp_path / "d", images_per_category=50, image_size=48, progress=False)
+    data = FashionIQ(tmp_path / "d")
+
+    def dataset():
+        return TripletDataset(
+            data,
+            "train",
+            ["dress"],
+            micro_model.pixel_pipeline.to_uint8,
+            PairAugment(),
+            3,
+            64,
+            group_negatives=2,
+        )
+
+    plain, kept = dataset(), dataset()
+    used = {i for t in kept.triplets for i in (t.reference, t.target)}
+    assert kept.preload() == len(used) and set(kept.decoded) == used
+    assert dataset().preload(max_bytes=48 * 48 * 3 * len(used) - 1) == 0  # one image short of the budget
+    for i in range(len(plain)):
+        a, b = plain[i], kept[i]
+        assert a["text"] == b["text"] and a["negative_ids"] == b["negative_ids"]
+        for key in ("reference", "target", "negatives"):
+            assert torch.equal(a[key], b[key])
+    bad = kept.triplets[0].target
+    data.image_path(bad).write_bytes(b"not an image")
+    broken = dataset()
+    assert broken.preload() == len(used) - 1 and bad not in broken.decoded
+    assert broken[0]["skipped"]["image"] == bad

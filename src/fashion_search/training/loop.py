@@ -113,6 +113,7 @@ def build_train_loader(
         draft_size=model.backbone.image_size,
         group_negatives=cfg.group_negatives,
     )
+    dataset.preload()
     sampler = GroupedBatchSampler(
         dataset.groups,
         cfg.batch_size,
