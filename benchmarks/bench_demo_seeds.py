@@ -117,7 +117,9 @@ def included_runs(files: list[str], expected, overrides_in: dict) -> list[dict]:
                 continue
             if "recipe" not in run:
                 common.log(f"{where} records no recipe: counted as this sweep's (same overrides)")
-            elif changed := sorted(recipe_changes({"config": run["recipe"]}, expected(run))):
+            elif changed := sorted(
+                recipe_changes({"config": run["recipe"], "epochs_run": run.get("epochs_run")}, expected(run))
+            ):
                 common.log(f"{where} was trained with another recipe ({changed}): left out")
                 continue
             kept.append({**run, "included_from": name})

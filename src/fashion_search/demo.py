@@ -164,9 +164,20 @@ def recipe_of(cfg: TrainConfig) -> dict:
 def recipe_changes(history: dict, cfg: TrainConfig) -> dict:
     """{option: (the run's value, cfg's value)} for the training options a finished run's history.json
     records differently from `cfg` (a run of an older demo recipe, say). An option the run does not
-    record is newer than the run, which trained as its default does."""
+    record is newer than the run, which trained as its default does. `history` may give the number of
+    epochs trained as `epochs_run` instead of the epochs' records."""
     was = {**TrainConfig().to_dict(), **(history.get("config") or {})}
-    return {k: (was.get(k), v) for k, v in recipe_of(cfg).items() if was.get(k) != v}
+    changed = {k: (was.get(k), v) for k, v in recipe_of(cfg).items() if was.get(k) != v}
+    # Patience only ever ends a run early, and a larger one no sooner: a run that trained every epoch
+    # under a patience no larger than cfg's is the run cfg would train.
+    trained = history.get("epochs_run", len(history.get("epochs") or []))
+    if (
+        "patience" in changed
+        and trained == was.get("epochs") == cfg.epochs
+        and was["patience"] <= cfg.patience
+    ):
+        del changed["patience"]
+    return changed
 
 
 def _set_aside(directory: Path, reason: str) -> None:

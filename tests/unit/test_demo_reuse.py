@@ -175,3 +175,20 @@ def test_an_option_newer_than_the_run_counts_as_its_default():
     assert set(recipe_changes({"config": older}, TrainConfig(**{**cfg.to_dict(), "group_negatives": 2}))) == {
         "group_negatives"
     }
+
+
+def test_a_run_that_early_stopping_never_ended_is_the_run_a_larger_patience_trains():
+    """Patience only ends a run early: a run that trained every epoch under a patience no larger than the
+    demo's is reused; one that stopped early, or had a larger patience, is another recipe."""
+    from fashion_search.config import TrainConfig
+    from fashion_search.demo import recipe_changes
+
+    cfg = TrainConfig(data="d", out="o", model="fs-micro", pretrained="none", epochs=14, patience=14)
+    older = {**cfg.to_dict(), "patience": 4}
+    assert recipe_changes({"config": older, "epochs": [{}] * 14}, cfg) == {}
+    assert recipe_changes({"config": older, "epochs_run": 14}, cfg) == {}  # bench_demo_seeds' rows
+    assert set(recipe_changes({"config": older, "epochs": [{}] * 12}, cfg)) == {"patience"}  # stopped early
+    stricter = TrainConfig(**{**cfg.to_dict(), "patience": 2})
+    assert set(recipe_changes({"config": older, "epochs": [{}] * 14}, stricter)) == {"patience"}
+    other_epochs = {**older, "epochs": 12}
+    assert set(recipe_changes({"config": other_epochs, "epochs": [{}] * 12}, cfg)) == {"patience", "epochs"}
