@@ -3,7 +3,7 @@
 glibc's malloc serves large blocks (a batch's activations: megabytes each) with mmap and returns freed
 memory at the top of the heap to the kernel. A CPU training or embedding loop allocates and frees the
 same large tensors every step, so it pays page faults for fresh zeroed pages again and again: on 2 CPU
-cores that is about a fifth of the demo's training step (benchmarks/bench_allocator.py). A fixed mmap
+cores that is a tenth to a fifth of the demo's training step (benchmarks/bench_allocator.py). A fixed mmap
 threshold and a large trim threshold keep those blocks in the heap for the next step. The cost is
 memory the process keeps after a peak, bounded by the trim threshold.
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -92,6 +91,7 @@ class _Gallery:
         # One contiguous column per attribute: `_match` runs for every candidate pair (~150k per dataset).
         self.columns = {a: np.ascontiguousarray(self.codes[:, j]) for j, a in enumerate(ATTRIBUTES)}
         self.value_codes = {a: {v: i for i, v in enumerate(values(a, category))} for a in ATTRIBUTES}
+        self.shared: dict[int, np.ndarray] = {}  # _hits per reference, kept as long as the gallery
 
     def _match(self, want: dict[str, set[str]]) -> np.ndarray:
         mask = np.ones(len(self.ids), dtype=bool)
@@ -126,10 +126,11 @@ class _Gallery:
         out["composed"] = min(1.0, k / np.count_nonzero(exact)) if exact[target] else 0.0
         return out
 
-    @functools.cache  # noqa: B019 (one gallery per split and category, dropped after)
     def _hits(self, ref: int) -> np.ndarray:
         """How many attributes each gallery image shares with `ref` (a reference is in many pairs)."""
-        return (self.codes == self.codes[ref]).sum(axis=1)
+        if ref not in self.shared:
+            self.shared[ref] = (self.codes == self.codes[ref]).sum(axis=1)
+        return self.shared[ref]
 
 
 # -- plan: lines of garments, each line shot in several looks (families) ---------------------------
