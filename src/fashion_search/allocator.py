@@ -7,6 +7,8 @@ cores that is a tenth to a fifth of the demo's training step (benchmarks/bench_a
 threshold and a large trim threshold keep those blocks in the heap for the next step. The cost is
 memory the process keeps after a peak, bounded by the trim threshold.
 
+Only the batch loops set it (training, and `iter_embedded` under index, eval and the demo), not a
+server: a threaded process could keep up to the trim threshold in each of its allocator arenas.
 `FASHION_SEARCH_MALLOC=system` leaves the allocator as the C library set it (to compare, or where the
 memory matters more). Other C libraries (musl, macOS) have no mallopt: nothing is changed there.
 """

@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 
-from fashion_search.allocator import keep_freed_memory
 from fashion_search.cli import catalog, learning, serving
 from fashion_search.cli.args import EXIT_USAGE, Parser
 from fashion_search.errors import FashionSearchError
@@ -38,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version or a bad flag: returned, so main() never exits itself
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    keep_freed_memory()  # every command that trains, embeds or serves (fashion_search/allocator.py)
     try:
         return int(args.func(args) or 0)
     except FashionSearchError as exc:
