@@ -265,3 +265,30 @@ def test_preloaded_images_give_the_same_items_and_a_bad_file_is_still_reported(t
     broken = dataset()
     assert broken.preload() == len(used) - 1 and bad not in broken.decoded
     assert broken[0]["skipped"]["image"] == bad
+
+
+def test_the_optimiser_is_fused_where_torch_can_and_updates_as_the_plain_adamw():
+    """The fused AdamW (one kernel over every parameter) must take the plain per-tensor update's steps."""
+    import copy
+
+    from fashion_search.config import TrainConfig
+    from fashion_search.models.checkpoint import create_model
+    from fashion_search.training.optim import build_optimizer, param_groups
+
+    torch.manual_seed(0)
+    model = create_model("fs-micro", "none", fusion="combiner", device="cpu")
+    twin = copy.deepcopy(model)
+    cfg = TrainConfig(lr=1e-3, lr_fusion=1e-3)
+    fused = build_optimizer(model, cfg)
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):
+        assert fused.defaults["fused"]
+    plain = torch.optim.AdamW(param_groups(twin, cfg), betas=(0.9, 0.98), eps=1e-6)
+    for step in range(3):
+        for m, opt in ((model, fused), (twin, plain)):
+            opt.zero_grad(set_to_none=True)
+            gen = torch.Generator().manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name

