@@ -51,12 +51,7 @@ def child(args) -> None:
     model.train()
     optimizer = build_optimizer(model, cfg)
     scheduler = cosine_with_warmup(optimizer, args.warmup + args.steps, 0.1)
-    batch = random_batch(model, args.batch_size, args.seed)
-    n = args.batch_size * args.negatives
-    size = model.backbone.image_size
-    if n:
-        batch["negatives"] = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
-        batch["negative_ids"] = [f"n{i}" for i in range(n)]
+    batch = random_batch(model, args.batch_size, args.seed, args.negatives)
     samples = common.time_calls(
         lambda: optimize_step(model, batch, cfg, model.device, optimizer, scheduler), args.steps, args.warmup
     )

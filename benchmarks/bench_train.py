@@ -26,6 +26,12 @@ def parse_args():
     p.add_argument("--pretrained", default="none")
     p.add_argument("--fusion", default="combiner", help="sum | combiner (the training default)")
     p.add_argument("--batch-size", type=int, default=32, help="triplets per step")
+    p.add_argument(
+        "--group-negatives", type=int, default=0, help="look-mate negatives per triplet (the demo's: 3)"
+    )
+    p.add_argument(
+        "--hard-negatives", type=int, default=4, help="triplets per related group in a batch (the demo's: 1)"
+    )
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None)
@@ -44,17 +50,23 @@ def parse_args():
     return p.parse_args()
 
 
-def random_batch(model, batch_size: int, seed: int) -> dict:
+def random_batch(model, batch_size: int, seed: int, negatives: int = 0) -> dict:
+    """Ready model input (normalised floats, no augmentation) and captions, with `negatives` look-mate
+    images per triplet."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     size = model.backbone.image_size
-    return {
+    batch = {
         "reference": torch.randn(batch_size, 3, size, size, generator=g),
         "target": torch.randn(batch_size, 3, size, size, generator=g),
         "text": [f"{c} ({i})" for i, c in zip(range(batch_size), itertools.cycle(CAPTIONS))],
         "target_id": [f"t{i}" for i in range(batch_size)],
     }
+    if negatives:
+        batch["negatives"] = torch.randn(batch_size * negatives, 3, size, size, generator=g)
+        batch["negative_ids"] = [f"n{i}" for i in range(batch_size * negatives)]
+    return batch
 
 
 def make_step(model, optimizer, scheduler, cfg, device):
@@ -72,7 +84,8 @@ def ceiling_step(model, batch: dict, cfg, device):
     import torch
 
     backbone = model.backbone
-    images = torch.cat([batch["reference"], batch["target"]]).to(device)
+    parts = [batch["reference"], batch["target"]] + ([batch["negatives"]] if "negatives" in batch else [])
+    images = torch.cat(parts).to(device)
     tokens = backbone.tokenize(batch["text"]).to(device)
     amp = (
         torch.autocast(device.type, dtype=torch.bfloat16)
@@ -115,17 +128,21 @@ def main() -> None:
     model = create_model(args.model, args.pretrained, fusion=args.fusion, device=args.device)
     device = model.device
     cfg = TrainConfig(
-        model=args.model, pretrained=args.pretrained, fusion=args.fusion, batch_size=args.batch_size
+        model=args.model,
+        pretrained=args.pretrained,
+        fusion=args.fusion,
+        batch_size=args.batch_size,
+        group_negatives=args.group_negatives,
+        hard_negatives=args.hard_negatives,
     )
     model.train()
     optimizer = build_optimizer(model, cfg)
     total = (args.warmup + args.steps) * 3
     scheduler = cosine_with_warmup(optimizer, total, cfg.warmup_ratio)
-    batch = random_batch(model, args.batch_size, args.seed)
+    batch = random_batch(model, args.batch_size, args.seed, args.group_negatives)
+    images = args.batch_size * (2 + args.group_negatives)
 
-    common.log(
-        f"ceiling: forward+backward of {args.model} at batch {args.batch_size} ({2 * args.batch_size} images)"
-    )
+    common.log(f"ceiling: forward+backward of {args.model} at batch {args.batch_size} ({images} images)")
     ceil = common.time_calls(ceiling_step(model, batch, cfg, device), args.steps, args.warmup, device)
     common.log("real training step on the same batch")
     step = make_step(model, optimizer, scheduler, cfg, device)
@@ -142,6 +159,8 @@ def main() -> None:
         "device": str(device),
         "precision": "bf16 autocast" if cfg.amp and device.type == "cuda" else "fp32",
         "batch_size": b,
+        "group_negatives": args.group_negatives,
+        "images_per_step": images,
         "ceiling": {"samples_per_s": round(ceil_sps, 3), "step_ms": common.latency_ms(ceil)},
         "train_step": {"samples_per_s": round(real_sps, 3), "step_ms": common.latency_ms(real)},
         "parts_ms": {"tokenize": common.latency_ms(tok), "optimizer_step": common.latency_ms(opt)},
@@ -172,8 +191,8 @@ def main() -> None:
         if data_dir:
             loader, batches, dataset = loader_batches(Path(data_dir), model, cfg, args.workers)
             triplets = len(dataset)
-            # One worker's work per triplet on one core (decode two images, paired augmentation, uint8
-            # geometry): how many workers a step needs.
+            # One worker's work per triplet on one core (decode its images or read them from memory, the
+            # uint8 geometry, drawing its augmentation): how many workers a step needs.
             item_ms = common.ms_per_item(dataset.__getitem__, list(range(min(args.item_sample, triplets))))
             wanted = args.warmup + args.steps
             if batches < wanted:
@@ -211,7 +230,7 @@ def main() -> None:
                     None,
                     ceil_sps,
                     results["with_loader"]["ratio"],
-                    "decode + paired augmentation in workers, then the step",
+                    "decode + geometry in workers, the paired augmentation in the step",
                 )
             )
     finally:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from fashion_search.config import TrainConfig
 from fashion_search.models.checkpoint import create_model
+from fashion_search.training.augment import PairAugment
 from fashion_search.training.step import batch_loss, cached_backward, embed, train_step
 
 TOL = 1e-5
@@ -19,7 +22,7 @@ def model():
     return create_model("fs-micro", "none", fusion="combiner", device="cpu")
 
 
-def batch_of(model, n: int = 7, negatives: int = 0) -> dict:
+def batch_of(model, n: int = 7, negatives: int = 0, augment: bool = False) -> dict:
     g = torch.Generator().manual_seed(1)
     shape = (n, 3, model.backbone.image_size, model.backbone.image_size)
     ids = ["a", "b", "c", "a", "d", "e", "f"][:n]  # a repeated target: multi-positive rows too
@@ -35,6 +38,8 @@ def batch_of(model, n: int = 7, negatives: int = 0) -> dict:
             0, 256, (n * negatives, *shape[1:]), dtype=torch.uint8, generator=g
         )
         batch["negative_ids"] = [f"n{i}" for i in range(n * negatives - 1)] + ["b"]
+    if augment:  # each triplet's own transform, applied in the step: both passes must see the same pixels
+        batch["augment"] = torch.stack([PairAugment(color=0.4).draw(random.Random(i)) for i in range(n)])
     return batch
 
 
@@ -50,11 +55,13 @@ def assert_same_grads(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=TOL, atol=TOL, msg=name)
 
 
-@pytest.mark.parametrize("chunk,negatives", [(1, 0), (3, 0), (3, 2)])
-def test_cached_step_equals_the_plain_step(model, chunk, negatives):
+@pytest.mark.parametrize(
+    "chunk,negatives,augment", [(1, 0, False), (3, 0, False), (3, 2, False), (3, 2, True)]
+)
+def test_cached_step_equals_the_plain_step(model, chunk, negatives, augment):
     model.eval()  # no dropout: the plain and the chunked forward compute the same function
     cfg = TrainConfig(model="fs-micro", clip_loss_weight=0.5, grad_cache_chunk=chunk)
-    batch = batch_of(model, negatives=negatives)
+    batch = batch_of(model, negatives=negatives, augment=augment)
     model.zero_grad(set_to_none=True)
     plain_loss = train_step(model, batch, cfg, CPU)
     plain_loss.backward()

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import random
 
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from fashion_search.cli import main
 from fashion_search.config import TrainConfig, list_recipes, load_recipe
-from fashion_search.training.data import PairAugment
 from fashion_search.training.loop import _loss_reached, train_step, warmup_fraction
 
 
@@ -122,13 +119,3 @@ def test_stop_at_loss_reads_the_last_epoch():
     assert not _loss_reached(cfg, [{"loss": 0.4}])
     assert _loss_reached(cfg, [{"loss": 0.4}, {"loss": 0.1}])
     assert not _loss_reached(TrainConfig(), [{"loss": 0.0}])
-
-
-def test_colour_jitter_is_paired_and_off_by_default():
-    red = Image.new("RGB", (32, 32), (200, 20, 20))
-    shifted = [PairAugment(color=1.0)([red, red.copy()], random.Random(seed)) for seed in range(6)]
-    assert all(a.tobytes() == b.tobytes() for a, b in shifted)  # the same change for both images
-    plain = PairAugment()([red, red.copy()], random.Random(0))[0]
-    assert any(a.tobytes() != plain.tobytes() for a, _ in shifted)
-    # color=0 draws nothing more: the default recipe's augmentations (and --resume) are unchanged
-    assert PairAugment(color=0.0)([red], random.Random(0))[0].tobytes() == plain.tobytes()

@@ -1,13 +1,11 @@
-"""Losses, the hard-negative sampler and caption-safe augmentation."""
-
-import random
+"""Losses, the hard-negative sampler, the training dataset and the optimiser."""
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from fashion_search.data.fashioniq import Triplet
-from fashion_search.training.data import GroupedBatchSampler, PairAugment, related_groups
+from fashion_search.training.augment import PairAugment
+from fashion_search.training.data import GroupedBatchSampler, related_groups
 from fashion_search.training.losses import clip_loss, composed_loss
 
 
@@ -55,14 +53,6 @@ def test_sampler_covers_each_item_once_with_groups_together():
     assert list(sampler) != batches  # reshuffled per epoch, deterministically
     sampler.set_epoch(0)
     assert list(sampler) == batches
-
-
-def test_pair_augment_is_identical_for_both_images_and_keeps_hue():
-    red = Image.new("RGB", (32, 32), (200, 20, 20))
-    a, b = PairAugment()([red, red.copy()], random.Random(3))
-    assert a.tobytes() == b.tobytes()
-    r, g, bl = a.getpixel((16, 16))
-    assert r > 3 * max(g, bl)  # still red
 
 
 def test_similarity_groups_put_look_alike_targets_together(tmp_path, micro_model):
@@ -230,8 +220,8 @@ def test_group_negatives_are_columns_of_the_composed_loss_only():
 
 
 def test_preloaded_images_give_the_same_items_and_a_bad_file_is_still_reported(tmp_path, micro_model):
-    """Decoded once in memory or decoded per item: the same pixels, captions and negatives; a dataset over
-    the budget is not preloaded, and an unreadable image is still a skipped item, not a crash."""
+    """Decoded once in memory or decoded per item: the same pixels, augmentation, captions and negatives; a
+    dataset over the budget is not preloaded, and an unreadable image is still a skipped item, not a crash."""
     from fashion_search.data.fashioniq import FashionIQ
     from fashion_search.data.synthetic import generate
     from fashion_search.training.data import TripletDataset
@@ -253,17 +243,18 @@ def test_preloaded_images_give_the_same_items_and_a_bad_file_is_still_reported(t
 
     plain, kept = dataset(), dataset()
     used = {i for t in kept.triplets for i in (t.reference, t.target)}
-    assert kept.preload() == len(used) and set(kept.decoded) == used
-    assert dataset().preload(max_bytes=48 * 48 * 3 * len(used) - 1) == 0  # one image short of the budget
+    assert kept.preload() == len(used) and set(kept.preloaded) == used
+    size = micro_model.backbone.image_size  # kept at the model's input size, not the files' 48 px
+    assert dataset().preload(max_bytes=size * size * 3 * len(used) - 1) == 0  # one image short of the budget
     for i in range(len(plain)):
         a, b = plain[i], kept[i]
         assert a["text"] == b["text"] and a["negative_ids"] == b["negative_ids"]
-        for key in ("reference", "target", "negatives"):
+        for key in ("reference", "target", "negatives", "augment"):
             assert torch.equal(a[key], b[key])
     bad = kept.triplets[0].target
     data.image_path(bad).write_bytes(b"not an image")
     broken = dataset()
-    assert broken.preload() == len(used) - 1 and bad not in broken.decoded
+    assert broken.preload() == len(used) - 1 and bad not in broken.preloaded
     assert broken[0]["skipped"]["image"] == bad
 
 

@@ -53,7 +53,8 @@ class PixelPipeline:
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(n, 3, S, S) uint8 on any device -> float32 model input (ToTensor's /255, then Normalize)."""
+        """(n, 3, S, S) uint8 (or float in 0..255, as augmentation leaves them) on any device -> float32
+        model input (ToTensor's /255, then Normalize)."""
         x = pixels.to(torch.float32).div(255)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)

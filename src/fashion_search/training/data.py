@@ -1,73 +1,34 @@
-"""Training triplets: a dataset with caption-safe paired augmentation and a hard-negative batch sampler."""
+"""Training triplets: a dataset of model-size pixels with their paired augmentation drawn, and a hard-negative
+batch sampler."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from fashion_search.data.fashioniq import FashionIQ, Triplet, training_caption
 from fashion_search.data.images import load_image
 from fashion_search.errors import FashionSearchError, ImageDecodeError
+from fashion_search.training.augment import PairAugment
 
-# Decoded training images are kept in memory when all of them fit in this many bytes (the demo's 1,080
-# images at 96 px take 30 MB; Fashion-IQ's at 256 px and more would not fit, and are decoded per item).
+# Training images are kept in memory, decoded and at the model's input size, when all of them fit in this
+# many bytes (the demo's 1,080 at 64 px take 13 MB; Fashion-IQ's 40k+ at 224 px would not, and are decoded
+# per item).
 PRELOAD_BYTES = 1 << 30
 
 
-class PairAugment:
-    """The same random flip, small affine and brightness/contrast change for reference and target.
-
-    Applied identically to both images, so relative captions ("darker", "longer") stay true; no hue or
-    saturation jitter by default, because a hue shift would make "is red" false (`color` > 0 adds it,
-    for the seed's recipe: saturation ±color, hue ±color/4).
-    """
-
-    def __init__(
-        self,
-        translate: float = 0.04,
-        scale: tuple[float, float] = (0.95, 1.05),
-        jitter: float = 0.1,
-        color: float = 0.0,
-    ):
-        self.translate, self.scale, self.jitter, self.color = translate, scale, jitter, color
-
-    def __call__(self, images: Sequence[Image.Image], rng: random.Random) -> list[Image.Image]:
-        flip = rng.random() < 0.5
-        scale = rng.uniform(*self.scale)
-        brightness = rng.uniform(1 - self.jitter, 1 + self.jitter)
-        contrast = rng.uniform(1 - self.jitter, 1 + self.jitter)
-        tx, ty = rng.uniform(-self.translate, self.translate), rng.uniform(-self.translate, self.translate)
-        # Drawn only when asked for, so the default recipe's random stream (and --resume) is unchanged.
-        if self.color:
-            saturation, hue = rng.uniform(1 - self.color, 1 + self.color), rng.uniform(-1, 1) * self.color / 4
-        out = []
-        for im in images:
-            w, h = im.size
-            im = TF.hflip(im) if flip else im
-            fill = im.getpixel((0, 0))  # extend the background, not a black border
-            im = TF.affine(
-                im, angle=0.0, translate=[int(tx * w), int(ty * h)], scale=scale, shear=[0.0], fill=fill
-            )
-            im = TF.adjust_contrast(TF.adjust_brightness(im, brightness), contrast)
-            if self.color:
-                im = TF.adjust_hue(TF.adjust_saturation(im, saturation), hue)
-            out.append(im)
-        return out
-
-
 class TripletDataset(Dataset):
-    """Item i -> dict(reference, target pixels, caption, target id[, group negatives]), or a `skipped`
-    record if an image is bad.
+    """Item i -> dict(reference, target pixels, caption, target id[, augment][, group negatives]), or a
+    `skipped` record if an image is bad.
 
-    With `group_negatives` N, each item also carries N other images of its related group (the target's
-    look-mates on Fashion-IQ-style data), augmented like the target so that only the garment tells them
-    apart: extra negatives for the composed loss.
+    `transform` gives the model's input geometry (the pixel pipeline's uint8 `to_uint8`). With
+    `augment`, the item carries its triplet's augmentation parameters (training/augment.py), which the
+    training step applies to all of the item's images alike. With `group_negatives` N, it also carries N
+    other images of its related group (the target's look-mates on Fashion-IQ-style data), augmented like
+    the target so that only the garment tells them apart: extra negatives for the composed loss.
     """
 
     def __init__(
@@ -100,33 +61,35 @@ class TripletDataset(Dataset):
         for t, g in zip(self.triplets, self.groups):
             members.setdefault(g, set()).update((t.reference, t.target))
         self.group_images = {g: sorted(ids) for g, ids in members.items()}
-        self.decoded: dict[str, np.ndarray] = {}
+        self.preloaded: dict[str, torch.Tensor] = {}
         self.epoch = 0
 
     def preload(self, max_bytes: int = PRELOAD_BYTES) -> int:
-        """Decode every image the triplets use once, here, when they all fit in `max_bytes`; returns
-        how many are kept. Each epoch's loader workers are forked from this process and read them from
-        its memory instead of decoding the same files again (a third of the loader's work on the
-        demo's data). An image that fails to decode is left out and reported when an item needs it."""
+        """Decode every image the triplets use once, here, at the model's input size, when they all fit
+        in `max_bytes`; returns how many are kept. Each epoch's loader workers are forked from this
+        process and read them from its memory instead of decoding and resizing the same files again. An
+        image that fails to decode is left out and reported when an item needs it."""
         ids = sorted({i for t in self.triplets for i in (t.reference, t.target)})
         total = 0
         for image_id in ids:
             try:
-                pixels = np.asarray(load_image(self.data.image_path(image_id), draft_size=self.draft))
+                pixels = self._decode(image_id)
             except (ImageDecodeError, OSError):
                 continue
-            total += pixels.nbytes
+            size = pixels.numel() * pixels.element_size()
+            total += size
             # Judged on the first image too: a dataset that cannot stay is not decoded in vain.
-            if total > max_bytes or (not self.decoded and pixels.nbytes * len(ids) > max_bytes):
+            if total > max_bytes or (not self.preloaded and size * len(ids) > max_bytes):
                 break
-            self.decoded[image_id] = pixels
-        return len(self.decoded)
+            self.preloaded[image_id] = pixels
+        return len(self.preloaded)
 
-    def _image(self, image_id: str) -> Image.Image:
-        pixels = self.decoded.get(image_id)
-        if pixels is not None:
-            return Image.fromarray(pixels)
-        return load_image(self.data.image_path(image_id), draft_size=self.draft)
+    def _decode(self, image_id: str) -> torch.Tensor:
+        return self.transform(load_image(self.data.image_path(image_id), draft_size=self.draft))
+
+    def _pixels(self, image_id: str) -> torch.Tensor:
+        pixels = self.preloaded.get(image_id)
+        return self._decode(image_id) if pixels is None else pixels
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -145,27 +108,28 @@ class TripletDataset(Dataset):
         t = self.triplets[i]
         # Seeded by (seed, epoch, item): identical across worker counts and after --resume.
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        params = None if self.augment is None else self.augment.draw(rng)  # before the caption's draw
         ids = [t.reference, t.target]
         if self.group_negatives:
             # Drawn from their own stream, so the caption and augmentation stay those of a run without.
             ids += self._negative_ids(i, random.Random(f"negatives:{self.seed}:{self.epoch}:{i}"))
-        images = []
+        pixels = []
         for image_id in ids:
             try:
-                images.append(self._image(image_id))
+                pixels.append(self._pixels(image_id))
             except (ImageDecodeError, OSError) as exc:
                 # Reported, not fatal: the loop counts these per epoch in history.json.
                 return {"skipped": {"image": image_id, "reason": str(exc) or type(exc).__name__}}
-        if self.augment is not None:
-            images = self.augment(images, rng)
         item = {
-            "reference": self.transform(images[0]),
-            "target": self.transform(images[1]),
+            "reference": pixels[0],
+            "target": pixels[1],
             "text": training_caption(*t.captions, rng),
             "target_id": t.target,
         }
+        if params is not None:
+            item["augment"] = params
         if self.group_negatives:
-            item["negatives"] = torch.stack([self.transform(im) for im in images[2:]])
+            item["negatives"] = torch.stack(pixels[2:])
             item["negative_ids"] = ids[2:]
         return item
 
@@ -186,6 +150,8 @@ def collate_triplets(batch: list[dict], tokenize=None) -> dict:
             text=[b["text"] for b in good],
             target_id=[b["target_id"] for b in good],
         )
+        if "augment" in good[0]:
+            out["augment"] = torch.stack([b["augment"] for b in good])
         if "negatives" in good[0]:  # row-major: row r's negatives are rows r*N .. r*N+N-1
             out["negatives"] = torch.cat([b["negatives"] for b in good])
             out["negative_ids"] = [i for b in good for i in b["negative_ids"]]

@@ -29,9 +29,9 @@ from fashion_search.models.backbone import resolve_device
 from fashion_search.models.checkpoint import atomic_torch_save, create_model, model_payload, read_checkpoint
 from fashion_search.models.retrieval import RetrievalModel
 from fashion_search.training import distributed as dist
+from fashion_search.training.augment import PairAugment
 from fashion_search.training.data import (
     GroupedBatchSampler,
-    PairAugment,
     TripletDataset,
     collate_triplets,
     similarity_groups,
@@ -100,9 +100,9 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
 def build_train_loader(
     model: RetrievalModel, data: FashionIQ, cfg: TrainConfig, device: torch.device
 ) -> tuple[TripletDataset, GroupedBatchSampler, DataLoader]:
-    """The training data pipeline (benchmarks/bench_train.py measures this same loader): decode + paired
-    augmentation + uint8 geometry + tokenising in the workers, hard-negative batches; train_step
-    normalises the pixels on the device."""
+    """The training data pipeline (benchmarks/bench_train.py measures this same loader): decode + uint8
+    geometry + the paired augmentation's parameters + tokenising in the workers, hard-negative batches;
+    train_step augments and normalises the pixels on the device."""
     dataset = TripletDataset(
         data,
         "train",

@@ -18,6 +18,7 @@ import torch
 from fashion_search.config import TrainConfig
 from fashion_search.models.retrieval import RetrievalModel
 from fashion_search.training import distributed as dist
+from fashion_search.training.augment import augment_pixels
 from fashion_search.training.losses import clip_loss, composed_loss
 
 
@@ -41,12 +42,17 @@ def embed(
     cfg: TrainConfig,
     device: torch.device,
     negatives: torch.Tensor | None = None,
+    augment: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """(fused query, target image, text) embeddings in float32, and the group negatives' if given."""
+    """(fused query, target image, text) embeddings in float32, and the group negatives' if given.
+    `augment` holds each triplet's augmentation (training/augment.py) for its uint8 pixels."""
     # Each part goes to the device on its own: concatenating the loader's pinned tensors on the host
     # would make an unpinned copy, and its transfer synchronous.
     parts = [reference, target] + ([] if negatives is None else [negatives])
-    pixels = torch.cat([model.model_input(p) for p in parts])
+    if augment is None:
+        pixels = torch.cat([model.model_input(p) for p in parts])
+    else:
+        pixels = torch.cat([_augmented(model, p, augment, device) for p in parts])
     with _mixed_precision(cfg, device):
         # Pooled embeddings, plus token features when the fusion reads them (attention).
         ref, tgt, *neg = model.image_query_features(pixels).split([len(p) for p in parts])
@@ -54,6 +60,15 @@ def embed(
         query = model.fusion(ref, txt)
     out = (query.float(), tgt.pooled.float(), txt.pooled.float())
     return out + tuple(n.pooled.float() for n in neg)
+
+
+def _augmented(model: RetrievalModel, pixels: torch.Tensor, augment: torch.Tensor, device) -> torch.Tensor:
+    # A triplet's row of parameters serves each of its images: n references, n targets or n * k negatives.
+    if pixels.dtype != torch.uint8:
+        raise ValueError("augmentation needs the loader's uint8 pixels (pixel_pipeline.to_uint8)")
+    rows = augment.repeat_interleave(len(pixels) // len(augment), dim=0)
+    moved = pixels.to(device, non_blocking=True)
+    return model.pixel_pipeline.normalise(augment_pixels(moved, rows.to(device, non_blocking=True)))
 
 
 def batch_loss(
@@ -105,7 +120,14 @@ def batch_loss(
 def train_step(model: RetrievalModel, batch: dict, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
     """One forward: fuse(reference, text) must find its target; the text must also match its target."""
     out = embed(
-        model, batch["reference"], batch["target"], _tokens(model, batch), cfg, device, batch.get("negatives")
+        model,
+        batch["reference"],
+        batch["target"],
+        _tokens(model, batch),
+        cfg,
+        device,
+        batch.get("negatives"),
+        batch.get("augment"),
     )
     return batch_loss(model, *out[:3], batch, cfg, *out[3:])
 
@@ -131,12 +153,14 @@ def cached_backward(
     before its second, and the RNG ends where the first pass left it.
     """
     n, size = len(batch["target_id"]), cfg.grad_cache_chunk
-    tokens, negatives = _tokens(model, batch), batch.get("negatives")
+    tokens, negatives, augment = _tokens(model, batch), batch.get("negatives"), batch.get("augment")
     per = 0 if negatives is None else len(negatives) // n  # group negatives per row
 
     def chunk(a: int, b: int) -> tuple[torch.Tensor, ...]:
         neg = None if negatives is None else negatives[a * per : b * per]
-        return embed(model, batch["reference"][a:b], batch["target"][a:b], tokens[a:b], cfg, device, neg)
+        params = None if augment is None else augment[a:b]
+        ref, tgt = batch["reference"][a:b], batch["target"][a:b]
+        return embed(model, ref, tgt, tokens[a:b], cfg, device, neg, params)
 
     spans = [(a, min(a + size, n)) for a in range(0, n, size)]
     states, parts = [], []
