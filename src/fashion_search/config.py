@@ -75,6 +75,9 @@ class TrainConfig:
     # Per triplet, this many other images of its target's related group as extra negatives of the
     # composed loss only (look-mates: the same look, other attributes); 0 = in-batch negatives alone.
     group_negatives: int = 0
+    # From the second epoch on, draw those negatives from the target's this-many look-mates most like it
+    # under the current model (re-mined every epoch); 0 = from its whole group.
+    group_negative_pool: int = 0
     patience: int = 3  # early stopping: epochs without a better mean(R@10, R@50)
     augment: bool = True
     # Hue and saturation jitter (saturation ±s, hue ±s/4 of the colour wheel), the same for reference and
@@ -130,6 +133,7 @@ class TrainConfig:
                 ("hard_negatives", "must be >= 0", lambda v: v >= 0),
                 ("mine_hard_negatives", "must be >= 0", lambda v: v >= 0),
                 ("group_negatives", "must be >= 0", lambda v: v >= 0),
+                ("group_negative_pool", "must be >= 0", lambda v: v >= 0),
                 ("patience", "must be at least 1", lambda v: v >= 1),
                 ("workers", "must be >= 0", lambda v: v >= 0),
                 ("eval_batch_size", "must be at least 1", lambda v: v >= 1),

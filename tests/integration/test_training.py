@@ -74,8 +74,10 @@ def test_existing_run_needs_resume(tiny_data, tmp_path):
     assert not stale.exists()
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_data, tmp_path, monkeypatch):
-    straight = loop.train(tiny_config(tiny_data, tmp_path / "a"), progress=False)
+# The second: look-mate negatives mined by the model every epoch, which a resumed run must mine alike.
+@pytest.mark.parametrize("extra", [{}, {"group_negatives": 2, "group_negative_pool": 3}])
+def test_resume_after_interruption_matches_uninterrupted(tiny_data, tmp_path, monkeypatch, extra):
+    straight = loop.train(tiny_config(tiny_data, tmp_path / "a", **extra), progress=False)
 
     calls = {"n": 0}
     real_evaluate = loop.evaluate
@@ -88,9 +90,9 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_data, tmp_path, mo
 
     monkeypatch.setattr(loop, "evaluate", crash_on_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(tiny_config(tiny_data, tmp_path / "b"), progress=False)
+        loop.train(tiny_config(tiny_data, tmp_path / "b", **extra), progress=False)
     monkeypatch.setattr(loop, "evaluate", real_evaluate)
-    resumed = loop.train(tiny_config(tiny_data, tmp_path / "b"), resume=True, progress=False)
+    resumed = loop.train(tiny_config(tiny_data, tmp_path / "b", **extra), resume=True, progress=False)
 
     assert [e["epoch"] for e in resumed.history] == [1, 2, 3]
     for a, b in zip(straight.history, resumed.history):

@@ -283,3 +283,32 @@ def test_the_optimiser_is_fused_where_torch_can_and_updates_as_the_plain_adamw()
             opt.step()
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+
+
+def test_mined_look_mates_are_the_models_nearest_in_the_group_and_feed_the_negatives(tmp_path, micro_model):
+    from fashion_search.data.fashioniq import FashionIQ
+    from fashion_search.data.synthetic import generate
+    from fashion_search.training.data import TripletDataset, similar_look_mates
+
+    generate(tmp_path / "d", images_per_category=50, image_size=48, progress=False)
+    data = FashionIQ(tmp_path / "d")
+
+    def dataset():
+        pipeline = micro_model.pixel_pipeline.to_uint8
+        return TripletDataset(data, "train", ["dress"], pipeline, PairAugment(), 0, 64, group_negatives=2)
+
+    kept, plain = dataset(), dataset()
+    kept.preload()
+    pools = similar_look_mates(micro_model, kept, k=2)
+    from_files = similar_look_mates(micro_model, plain, k=2)  # the same pixels, batched differently
+    assert sum(from_files[i] == p for i, p in pools.items()) >= 0.95 * len(pools) == 0.95 * len(from_files)
+    group_of = {i: g for g, members in kept.group_images.items() for i in members}
+    some = sorted(pools)[0]
+    mates = [m for m in kept.group_images[group_of[some]] if m != some]
+    vectors = micro_model.encode_pixels(torch.stack([kept.preloaded[i] for i in [some, *mates]]))
+    nearest = (vectors[1:] @ vectors[0]).topk(2).indices.tolist()
+    assert pools[some] == [mates[j] for j in nearest]
+    assert all(len(p) == 2 and i not in p and {group_of[m] for m in p} == {group_of[i]} for i, p in pools.items())
+    kept.negative_pools = pools
+    for i in range(len(kept)):
+        assert set(kept[i]["negative_ids"]) <= set(pools[kept.triplets[i].target])

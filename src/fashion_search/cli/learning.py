@@ -39,6 +39,7 @@ _TRAIN_FLAGS = {
     "hard_negatives": int,
     "mine_hard_negatives": int,
     "group_negatives": int,
+    "group_negative_pool": int,
     "patience": int,
     "seed": int,
     "workers": int,

@@ -62,6 +62,9 @@ class TripletDataset(Dataset):
             members.setdefault(g, set()).update((t.reference, t.target))
         self.group_images = {g: sorted(ids) for g, ids in members.items()}
         self.preloaded: dict[str, torch.Tensor] = {}
+        # {target: the look-mates its group negatives are drawn from}, when mined (similar_look_mates);
+        # a target not in it draws from its whole group.
+        self.negative_pools: dict[str, list[str]] = {}
         self.epoch = 0
 
     def preload(self, max_bytes: int = PRELOAD_BYTES) -> int:
@@ -99,7 +102,9 @@ class TripletDataset(Dataset):
 
     def _negative_ids(self, i: int, rng: random.Random) -> list[str]:
         t = self.triplets[i]
-        pool = [x for x in self.group_images[self.groups[i]] if x != t.target]
+        pool = self.negative_pools.get(t.target) or [
+            x for x in self.group_images[self.groups[i]] if x != t.target
+        ]
         if not pool:  # a group of one pair: any other target of the split
             pool = [x.target for x in self.triplets if x.target != t.target]
         return [rng.choice(pool) for _ in range(self.group_negatives)]
@@ -202,6 +207,37 @@ def similarity_groups(
     cluster = {targets[i]: int(c) for i, c in zip(ok, assignment[:, 0])}
     # A target that failed to embed keeps a group of its own.
     return [cluster.get(t.target, n_clusters + n) for n, t in enumerate(triplets)]
+
+
+def similar_look_mates(model, dataset: TripletDataset, k: int, batch_size: int = 256) -> dict[str, list[str]]:
+    """{image: the k other images of its related group that the current model finds most like it}.
+
+    Mined hard negatives within the group: on Fashion-IQ-style data a target's look-mates share its look
+    and differ in a few attributes, and the ones the model cannot yet tell from it (a neckline apart,
+    say) teach it more than a random one. Images kept in memory are embedded from there.
+    """
+    from fashion_search.data.loading import embed_paths
+
+    ids = sorted({i for members in dataset.group_images.values() for i in members})
+    if all(i in dataset.preloaded for i in ids):
+        chunks = [ids[a : a + batch_size] for a in range(0, len(ids), batch_size)]
+        vectors = [model.encode_pixels(torch.stack([dataset.preloaded[i] for i in c])) for c in chunks]
+        found = dict(zip(ids, torch.cat(vectors)))
+    else:
+        paths = [dataset.data.image_path(i) for i in ids]
+        ok, emb, _ = embed_paths(model, paths, workers=0, progress=False)
+        found = {ids[j]: emb[n] for n, j in enumerate(ok)}
+    pools: dict[str, list[str]] = {}
+    for members in dataset.group_images.values():
+        have = [m for m in members if m in found]
+        if len(have) < 2:
+            continue
+        vectors = torch.stack([found[m] for m in have])
+        similarity = vectors @ vectors.T
+        similarity.fill_diagonal_(float("-inf"))  # never its own negative
+        nearest = similarity.topk(min(k, len(have) - 1), dim=1).indices
+        pools.update({m: [have[c] for c in row] for m, row in zip(have, nearest.tolist())})
+    return pools
 
 
 class GroupedBatchSampler(Sampler[list[int]]):

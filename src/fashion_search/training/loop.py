@@ -34,6 +34,7 @@ from fashion_search.training.data import (
     GroupedBatchSampler,
     TripletDataset,
     collate_triplets,
+    similar_look_mates,
     similarity_groups,
 )
 from fashion_search.training.optim import build_optimizer, cosine_with_warmup
@@ -243,6 +244,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device: torch.device)
                     cfg.mine_hard_negatives,
                     cfg.seed + epoch,
                 )
+            )
+        if cfg.group_negatives and cfg.group_negative_pool and epoch > 0:
+            dataset.negative_pools = dist.on_main(
+                functools.partial(similar_look_mates, model, dataset, cfg.group_negative_pool)
             )
         model.train()
         losses, skipped = [], []
