@@ -34,8 +34,9 @@ GOALS = (
 )
 
 
-# Flags that change what a run learns or what it is measured on: the first four are training options.
-OVERRIDES = ("epochs", "model", "hard_negatives", "group_negatives", "images_per_category", "eval_gallery")
+# Flags that change what a run learns (training options) or what it is measured on (the dataset).
+TRAINING_OVERRIDES = ("epochs", "model", "hard_negatives", "group_negatives", "group_negative_pool")
+OVERRIDES = (*TRAINING_OVERRIDES, "images_per_category", "eval_gallery")
 
 
 def parse_args():
@@ -61,6 +62,12 @@ def parse_args():
         type=int,
         default=None,
         help="override the demo's group_negatives (look-mate negatives per triplet)",
+    )
+    p.add_argument(
+        "--group-negative-pool",
+        type=int,
+        default=None,
+        help="override the demo's group_negative_pool (draw them from the K look-mates most like the target)",
     )
     p.add_argument(
         "--finished-only",
@@ -192,7 +199,7 @@ def main() -> None:
     from fashion_search.demo import check_reusable_data, demo_dataset
 
     work = common.work_dir(args.work, "bench-demo-seeds-")
-    overrides = {k: getattr(args, k) for k in OVERRIDES[:4] if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in TRAINING_OVERRIDES if getattr(args, k) is not None}
     runs: list[dict] = []
     for data_seed in common.parse_int_list(args.data_seeds):
         data_dir = work / f"data-{data_seed}"
