@@ -35,7 +35,14 @@ GOALS = (
 
 
 # Flags that change what a run learns (training options) or what it is measured on (the dataset).
-TRAINING_OVERRIDES = ("epochs", "model", "hard_negatives", "group_negatives", "group_negative_pool")
+TRAINING_OVERRIDES = (
+    "epochs",
+    "model",
+    "hard_negatives",
+    "group_negatives",
+    "group_negative_pool",
+    "temperature",
+)
 OVERRIDES = (*TRAINING_OVERRIDES, "images_per_category", "eval_gallery")
 
 
@@ -68,6 +75,12 @@ def parse_args():
         type=int,
         default=None,
         help="override the demo's group_negative_pool (draw them from the K look-mates most like the target)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="override the demo's temperature (a fixed one; the demo's is CLIP's learnable temperature)",
     )
     p.add_argument(
         "--finished-only",
