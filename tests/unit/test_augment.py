@@ -7,7 +7,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from fashion_search.training.augment import PARAMS, PairAugment, augment_pixels
+from fashion_search.training.augment import PARAMS, PairAugment, augment_pixels, working_size
 
 
 def _row(**values) -> torch.Tensor:
@@ -30,29 +30,48 @@ def test_neutral_parameters_give_the_image_back_and_a_flip_mirrors_it():
     torch.testing.assert_close(augment_pixels(x, _row(flip=1.0)), x.float().flip(-1), atol=0.01, rtol=0)
 
 
-def test_the_shift_and_zoom_are_torchvisions_and_the_border_is_the_background_not_black():
+def test_the_shift_and_zoom_are_pillows_and_the_border_is_the_background_not_black():
     x = _picture()
     got = augment_pixels(x, _row(tx=0.125, ty=-0.0625, scale=1.05))
-
-    def torchvision(image: torch.Tensor, fill: float) -> torch.Tensor:
-        return TF.affine(
-            image,
-            angle=0.0,
-            translate=[4, -2],  # 0.125 and -0.0625 of 32 px
-            scale=1.05,
-            shear=[0.0],
-            interpolation=TF.InterpolationMode.BILINEAR,
-            fill=[fill] * 3,
-        )
-
-    # Compared where the image covers the pixel: at a partly uncovered one torchvision's tensor affine
-    # scales the sampled colour by the coverage twice, darkening the rim this blends into the background.
-    covered = torchvision(torch.ones(1, 3, 32, 32), 0.0) > 0.999
-    assert covered.float().mean() > 0.8
-    torch.testing.assert_close(got[covered], torchvision(x.float(), 220.0)[covered], atol=0.05, rtol=0)
+    # Pillow's affine (nearest pixel) with the background as fill, pixel for pixel, border included.
+    pil = TF.affine(
+        Image.fromarray(x[0].permute(1, 2, 0).numpy()),
+        angle=0.0,
+        translate=[4, -2],  # 0.125 and -0.0625 of 32 px
+        scale=1.05,
+        shear=[0.0],
+        interpolation=TF.InterpolationMode.NEAREST,
+        fill=(220, 220, 220),
+    )
+    torch.testing.assert_close(got[0], TF.pil_to_tensor(pil).float(), atol=0.01, rtol=0)
     shifted = augment_pixels(x, _row(tx=0.25))  # 8 px to the right: the left 8 columns are uncovered
-    assert torch.allclose(shifted[..., :7], torch.tensor(220.0), atol=0.01)
+    assert torch.allclose(shifted[..., :8], torch.tensor(220.0), atol=0.01)
     torch.testing.assert_close(shifted[..., 8:], x.float()[..., :24], atol=0.01, rtol=0)
+
+
+def _sharpness(x: torch.Tensor) -> float:
+    # Mean absolute difference between neighbouring pixels: what a blur lowers.
+    return ((x[..., 1:] - x[..., :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()).item()
+
+
+def test_a_sub_pixel_shift_leaves_the_model_input_as_sharp_as_the_eval_transforms():
+    """Training pixels must look like val and catalog pixels (an antialiased resize of the photo): a
+    shift of a fraction of a pixel resampled at the input size would blur every training image."""
+    g = torch.Generator().manual_seed(1)
+    photo = torch.randint(0, 256, (1, 3, 48, 48), generator=g).float()  # fine texture: 2-px cells
+    photo = torch.nn.functional.interpolate(photo, size=(96, 96), mode="nearest").to(torch.uint8)
+    img = Image.fromarray(photo[0].permute(1, 2, 0).numpy())
+    size = 64
+    assert working_size(size) == 96
+    evaluated = TF.pil_to_tensor(TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC)).float()
+    rows = torch.cat([_row(tx=t, ty=-t) for t in (0.004, 0.008, 0.012)])  # 0.25-0.75 px at 64 px
+    trained = augment_pixels(photo.expand(3, -1, -1, -1), rows, size=size)
+    assert trained.shape == (3, 3, size, size)
+    # Bilinear at the input size keeps 0.64 of it here.
+    assert 0.9 * _sharpness(evaluated[None]) < _sharpness(trained) < 1.1 * _sharpness(evaluated[None])
+    # Unshifted, the step's resize is the eval transform's, within rounding.
+    same = augment_pixels(photo, _row(), size=size)[0]
+    assert (same - evaluated).abs().mean() < 0.5
 
 
 def test_brightness_and_contrast_follow_pillow_within_its_rounding():

@@ -47,6 +47,22 @@ def test_uint8_reader_gives_the_transforms_exact_embeddings(micro_model, tmp_pat
     assert torch.equal(emb, micro_model.encode_pixels(float_path))
 
 
+def test_the_pipeline_at_another_size_is_the_same_resize_and_crop(micro_model):
+    """Training ships pixels larger than the model's input (to augment them): the same geometry, resized
+    to that size, and at the model's own size exactly the model's pixels."""
+    from torchvision import transforms as T
+
+    pipeline = micro_model.pixel_pipeline
+    size, interpolation = pipeline.resize_and_crop()
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))  # not square: a crop
+    assert torch.equal(pipeline.at_size(size).to_uint8(image), pipeline.to_uint8(image))
+    bigger = pipeline.at_size(2 * size)
+    assert bigger.resize_and_crop() == (2 * size, interpolation) and bigger.mean == pipeline.mean
+    want = T.CenterCrop(2 * size)(T.Resize(2 * size, interpolation=interpolation)(image))
+    assert torch.equal(bigger.to_uint8(image), torch.from_numpy(np.asarray(want).copy()).permute(2, 0, 1))
+
+
 def test_only_plain_jpegs_are_sent_to_the_device(tmp_path):
     limit = 10**9
     assert device_decodable(photo(tmp_path / "a.jpg").read_bytes(), limit)

@@ -80,9 +80,12 @@ def test_similarity_groups_put_look_alike_targets_together(tmp_path, micro_model
 def test_training_loader_ships_uint8_and_tokens_equal_to_the_float_path(tmp_path, micro_model):
     """The loader's workers send uint8 pixels and token ids (a quarter of the bytes, no tokenising on the
     training thread); normalised on the device they are exactly what the float transform gave."""
+    from torchvision import transforms as T
+
     from fashion_search.config import TrainConfig
     from fashion_search.data.fashioniq import FashionIQ
     from fashion_search.data.synthetic import generate
+    from fashion_search.training.augment import working_size
     from fashion_search.training.data import TripletDataset
     from fashion_search.training.loop import build_train_loader
 
@@ -92,13 +95,19 @@ def test_training_loader_ships_uint8_and_tokens_equal_to_the_float_path(tmp_path
     dataset, sampler, loader = build_train_loader(micro_model, data, cfg, torch.device("cpu"))
     batch = next(iter(loader))
     assert batch["reference"].dtype == torch.uint8 and batch["tokens"].dtype == torch.long
+    # Shipped at the augmentation's working size (the step resizes them to the model's input).
+    size = working_size(micro_model.backbone.image_size)
+    assert batch["reference"].shape[-2:] == (size, size)
 
+    pipeline = micro_model.pixel_pipeline.at_size(size)
+    float_transform = T.Compose(
+        [*pipeline.geometry.transforms, T.ToTensor(), T.Normalize(pipeline.mean, pipeline.std)]
+    )
     old = TripletDataset(
-        data, "train", cfg.categories, micro_model.image_transform(), PairAugment(), cfg.seed
+        data, "train", cfg.categories, float_transform, PairAugment(), cfg.seed, draft_size=size
     )
     first = next(iter(sampler))
     want = [old[i] for i in first]
-    pipeline = micro_model.pixel_pipeline
     assert torch.equal(pipeline.normalise(batch["reference"]), torch.stack([w["reference"] for w in want]))
     assert torch.equal(pipeline.normalise(batch["target"]), torch.stack([w["target"] for w in want]))
     assert torch.equal(batch["tokens"], micro_model.backbone.tokenize([w["text"] for w in want]))
@@ -308,7 +317,9 @@ def test_mined_look_mates_are_the_models_nearest_in_the_group_and_feed_the_negat
     vectors = micro_model.encode_pixels(torch.stack([kept.preloaded[i] for i in [some, *mates]]))
     nearest = (vectors[1:] @ vectors[0]).topk(2).indices.tolist()
     assert pools[some] == [mates[j] for j in nearest]
-    assert all(len(p) == 2 and i not in p and {group_of[m] for m in p} == {group_of[i]} for i, p in pools.items())
+    assert all(
+        len(p) == 2 and i not in p and {group_of[m] for m in p} == {group_of[i]} for i, p in pools.items()
+    )
     kept.negative_pools = pools
     for i in range(len(kept)):
         assert set(kept[i]["negative_ids"]) <= set(pools[kept.triplets[i].target])

@@ -60,6 +60,21 @@ class PixelPipeline:
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         return x.sub_(mean).div_(std)
 
+    def at_size(self, size: int) -> PixelPipeline:
+        """The same geometry producing `size` x `size` pixels (training ships them larger than the model's
+        input, to augment; training/augment.py). Only for resize + centre crop (`resize_and_crop`)."""
+        shape = self.resize_and_crop()
+        if shape is None:
+            raise ValueError("the model's preprocessing is not resize + centre crop")
+        steps = []
+        for step in self.geometry.transforms:
+            if isinstance(step, T.Resize):
+                step = T.Resize(size, interpolation=step.interpolation, antialias=step.antialias)
+            elif isinstance(step, T.CenterCrop):
+                step = T.CenterCrop(size)
+            steps.append(step)
+        return PixelPipeline(T.Compose(steps), self.mean, self.std)
+
     def resize_and_crop(self) -> tuple[int, T.InterpolationMode] | None:
         """(size, interpolation) when the geometry is Resize(shortest side) + CenterCrop(square) -- the
         shape that DeviceJpegDecoder reproduces on tensors; None for anything else."""

@@ -3,13 +3,21 @@
 A caption describes the target relative to the reference ("darker", "longer sleeves"), so a triplet's
 reference, target and look-mate negatives all get the same random transform. The loader's workers only
 draw its parameters (seeded by seed, epoch and item, so runs repeat across worker counts and --resume)
-and ship the model-size uint8 pixels; the training step applies the transform to the whole batch with a
-few tensor operations on the model's device. Done per image in Pillow by the workers, the same work
-took more CPU than a 2-core demo step's own backward could spare, and a GPU would wait on it.
+and ship uint8 pixels at `working_size` (1.5x the model's input); the training step applies the transform
+to the whole batch with a few tensor operations on the model's device and resizes it to the input size.
+Done per image in Pillow by the workers, the same work took more CPU than a 2-core demo step's own
+backward could spare, and a GPU would wait on it.
+
+Why oversampled: a shift of a fraction of a pixel resampled at the model's input size blurs every
+training image (bilinear) or breaks its edges (nearest), while val and catalog images are plain
+antialiased resizes. On 64-px garments that blur erases what tells necklines apart. The affine runs at
+the larger size with nearest sampling, as Pillow's affine did on the decoded photo, and the antialiased
+resize to the input size then gives pixels as sharp as the eval transform's.
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -19,6 +27,21 @@ import torchvision.transforms.functional as TF
 # One row of parameters per triplet, in this order.
 PARAMS = ("flip", "scale", "tx", "ty", "brightness", "contrast", "saturation", "hue")
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's and torchvision's greyscale
+OVERSAMPLE = 1.5  # the demo's 64-px model augments its 96-px images at their own size
+
+
+def working_size(image_size: int) -> int:
+    """The side at which training pixels are shipped and augmented, for a model input of `image_size`."""
+    return math.ceil(image_size * OVERSAMPLE)
+
+
+def resize_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, 3, S, S) float pixels in 0..255 -> (n, 3, size, size): an antialiased bicubic resize, torchvision's
+    Resize on tensors (open_clip's eval transform resizes bicubic with antialiasing)."""
+    if pixels.shape[-1] == size and pixels.shape[-2] == size:
+        return pixels
+    x = F.interpolate(pixels.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return x.clamp_(0, 255)
 
 
 class PairAugment:
@@ -51,13 +74,15 @@ class PairAugment:
 
 
 @torch.no_grad()
-def augment_pixels(pixels: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """(n, 3, H, W) pixels in 0..255 (uint8 or float) and (n, len(PARAMS)) rows -> float32 in 0..255.
+def augment_pixels(pixels: torch.Tensor, params: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """(n, 3, H, W) pixels in 0..255 (uint8 or float) and (n, len(PARAMS)) rows -> float32 in 0..255, of
+    side `size` (default: the input's).
 
     Row i's flip, then its affine about the centre (a shift of tx, ty image sizes, a zoom of `scale`;
-    bilinear, the uncovered border filled with the flipped image's top-left pixel: the background
-    extended, not a black frame), then brightness, contrast (about the image's mean grey), saturation
-    and hue, each clamped to 0..255 as Pillow and torchvision do.
+    nearest-pixel sampling as Pillow's affine, the uncovered border filled with the flipped image's
+    top-left pixel: the background extended, not a black frame), then the resize to `size`
+    (`resize_pixels`), then brightness, contrast (about the image's mean grey), saturation and hue, each
+    clamped to 0..255 as Pillow and torchvision do.
     """
     x = pixels.to(torch.float32)
     p = params.to(x.device, torch.float32)
@@ -70,7 +95,8 @@ def augment_pixels(pixels: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     theta[:, 1, 1], theta[:, 1, 2] = 1 / scale, -2 * ty / scale
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     fill = torch.where(flip.bool()[:, None], x[:, :, 0, -1], x[:, :, 0, 0])[:, :, None, None]
-    x = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    x = F.grid_sample(x - fill, grid, mode="nearest", padding_mode="zeros", align_corners=False) + fill
+    x = resize_pixels(x, size or x.shape[-1])
 
     x = (x * brightness.view(-1, 1, 1, 1)).clamp_(0, 255)
     luma = torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1)

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, Sampler
 from fashion_search.data.fashioniq import FashionIQ, Triplet, training_caption
 from fashion_search.data.images import load_image
 from fashion_search.errors import FashionSearchError, ImageDecodeError
-from fashion_search.training.augment import PairAugment
+from fashion_search.training.augment import PairAugment, resize_pixels
 
 # Training images are kept in memory, decoded and at the model's input size, when all of them fit in this
 # many bytes (the demo's 1,080 at 64 px take 13 MB; Fashion-IQ's 40k+ at 224 px would not, and are decoded
@@ -24,7 +24,8 @@ class TripletDataset(Dataset):
     """Item i -> dict(reference, target pixels, caption, target id[, augment][, group negatives]), or a
     `skipped` record if an image is bad.
 
-    `transform` gives the model's input geometry (the pixel pipeline's uint8 `to_uint8`). With
+    `transform` gives the pixels' geometry (a pixel pipeline's uint8 `to_uint8`: the model's input size,
+    or the augmentation's larger working size, training/augment.py). With
     `augment`, the item carries its triplet's augmentation parameters (training/augment.py), which the
     training step applies to all of the item's images alike. With `group_negatives` N, it also carries N
     other images of its related group (the target's look-mates on Fashion-IQ-style data), augmented like
@@ -68,7 +69,7 @@ class TripletDataset(Dataset):
         self.epoch = 0
 
     def preload(self, max_bytes: int = PRELOAD_BYTES) -> int:
-        """Decode every image the triplets use once, here, at the model's input size, when they all fit
+        """Decode every image the triplets use once, here, through `transform`, when they all fit
         in `max_bytes`; returns how many are kept. Each epoch's loader workers are forked from this
         process and read them from its memory instead of decoding and resizing the same files again. An
         image that fails to decode is left out and reported when an item needs it."""
@@ -221,7 +222,16 @@ def similar_look_mates(model, dataset: TripletDataset, k: int, batch_size: int =
     ids = sorted({i for members in dataset.group_images.values() for i in members})
     if all(i in dataset.preloaded for i in ids):
         chunks = [ids[a : a + batch_size] for a in range(0, len(ids), batch_size)]
-        vectors = [model.encode_pixels(torch.stack([dataset.preloaded[i] for i in c])) for c in chunks]
+        size = model.backbone.image_size  # kept at the augmentation's working size when augmenting
+
+        def model_size(pixels: torch.Tensor) -> torch.Tensor:  # uint8 in, uint8 out: the loaders' pixels
+            return (
+                pixels if pixels.shape[-1] == size else resize_pixels(pixels, size).round_().to(torch.uint8)
+            )
+
+        vectors = [
+            model.encode_pixels(model_size(torch.stack([dataset.preloaded[i] for i in c]))) for c in chunks
+        ]
         found = dict(zip(ids, torch.cat(vectors)))
     else:
         paths = [dataset.data.image_path(i) for i in ids]

@@ -29,7 +29,7 @@ from fashion_search.models.backbone import resolve_device
 from fashion_search.models.checkpoint import atomic_torch_save, create_model, model_payload, read_checkpoint
 from fashion_search.models.retrieval import RetrievalModel
 from fashion_search.training import distributed as dist
-from fashion_search.training.augment import PairAugment
+from fashion_search.training.augment import PairAugment, working_size
 from fashion_search.training.data import (
     GroupedBatchSampler,
     TripletDataset,
@@ -102,16 +102,21 @@ def build_train_loader(
     model: RetrievalModel, data: FashionIQ, cfg: TrainConfig, device: torch.device
 ) -> tuple[TripletDataset, GroupedBatchSampler, DataLoader]:
     """The training data pipeline (benchmarks/bench_train.py measures this same loader): decode + uint8
-    geometry + the paired augmentation's parameters + tokenising in the workers, hard-negative batches;
-    train_step augments and normalises the pixels on the device."""
+    geometry (at the augmentation's working size) + the paired augmentation's parameters + tokenising in
+    the workers, hard-negative batches; train_step augments, resizes and normalises on the device."""
+    size, pipeline = model.backbone.image_size, model.pixel_pipeline
+    if cfg.augment and pipeline.resize_and_crop() is not None:
+        # Shipped larger than the model's input, so that the step's affine does not blur it.
+        size = working_size(size)
+        pipeline = pipeline.at_size(size)
     dataset = TripletDataset(
         data,
         "train",
         cfg.categories,
-        model.pixel_pipeline.to_uint8,
+        pipeline.to_uint8,
         PairAugment(color=cfg.color_jitter) if cfg.augment else None,
         cfg.seed,
-        draft_size=model.backbone.image_size,
+        draft_size=size,
         group_negatives=cfg.group_negatives,
     )
     dataset.preload()

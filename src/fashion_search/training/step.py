@@ -68,7 +68,9 @@ def _augmented(model: RetrievalModel, pixels: torch.Tensor, augment: torch.Tenso
         raise ValueError("augmentation needs the loader's uint8 pixels (pixel_pipeline.to_uint8)")
     rows = augment.repeat_interleave(len(pixels) // len(augment), dim=0)
     moved = pixels.to(device, non_blocking=True)
-    return model.pixel_pipeline.normalise(augment_pixels(moved, rows.to(device, non_blocking=True)))
+    # The loader ships them at the augmentation's working size; the model gets its own input size.
+    augmented = augment_pixels(moved, rows.to(device, non_blocking=True), size=model.backbone.image_size)
+    return model.pixel_pipeline.normalise(augmented)
 
 
 def batch_loss(
