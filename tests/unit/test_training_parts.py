@@ -297,6 +297,7 @@ def test_the_optimiser_is_fused_where_torch_can_and_updates_as_the_plain_adamw()
 def test_mined_look_mates_are_the_models_nearest_in_the_group_and_feed_the_negatives(tmp_path, micro_model):
     from fashion_search.data.fashioniq import FashionIQ
     from fashion_search.data.synthetic import generate
+    from fashion_search.training.augment import working_size
     from fashion_search.training.data import TripletDataset, similar_look_mates
 
     generate(tmp_path / "d", images_per_category=50, image_size=48, progress=False)
@@ -323,3 +324,13 @@ def test_mined_look_mates_are_the_models_nearest_in_the_group_and_feed_the_negat
     kept.negative_pools = pools
     for i in range(len(kept)):
         assert set(kept[i]["negative_ids"]) <= set(pools[kept.triplets[i].target])
+
+    # Training keeps its images at the augmentation's working size: mined at the model's size all the same.
+    size = working_size(micro_model.backbone.image_size)
+    at_working_size = TripletDataset(
+        data, "train", ["dress"], micro_model.pixel_pipeline.at_size(size).to_uint8, PairAugment(), 0, size, 2
+    )
+    at_working_size.preload()
+    assert next(iter(at_working_size.preloaded.values())).shape[-1] == size
+    mined = similar_look_mates(micro_model, at_working_size, k=2)
+    assert sum(mined[i] == p for i, p in pools.items()) >= 0.9 * len(pools) == 0.9 * len(mined)
