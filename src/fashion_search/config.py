@@ -223,7 +223,7 @@ DEMO_OVERRIDES = dict(
     # ... and beside each target 3 of its look-mates, as negatives of the composed loss only: the look
     # is easy, the attributes within a look are what the demo's queries get wrong (docs/TRAINING.md).
     group_negatives=3,
-    epochs=14,  # the demo's 12-minute budget: on 2 Zen 3 cores the whole demo takes about 11 minutes
+    epochs=14,  # the demo's 12-minute budget: on 2 Xeon cores the whole demo takes 9 minutes (docs/TRAINING.md)
     # No early stopping: the best epochs come near the end of the cosine schedule (12-13 of 14), and a
     # patience of 4 ended runs on other data seeds at epochs 12-13 with an epoch-8 model (docs/TRAINING.md).
     patience=14,

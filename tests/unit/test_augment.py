@@ -6,7 +6,9 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from torchvision import transforms as T
 
+from fashion_search.data.pixels import PixelPipeline
 from fashion_search.training.augment import PARAMS, PairAugment, augment_pixels, working_size
 
 
@@ -63,14 +65,25 @@ def test_a_sub_pixel_shift_leaves_the_model_input_as_sharp_as_the_eval_transform
     img = Image.fromarray(photo[0].permute(1, 2, 0).numpy())
     size = 64
     assert working_size(size) == 96
-    evaluated = TF.pil_to_tensor(TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC)).float()
-    rows = torch.cat([_row(tx=t, ty=-t) for t in (0.004, 0.008, 0.012)])  # 0.25-0.75 px at 64 px
-    trained = augment_pixels(photo.expand(3, -1, -1, -1), rows, size=size)
+    bicubic = TF.InterpolationMode.BICUBIC
+    pipeline = PixelPipeline(
+        T.Compose([T.Resize(size, interpolation=bicubic), T.CenterCrop(size)]), (0,) * 3, (1,) * 3
+    )
+    evaluated = TF.pil_to_tensor(TF.resize(img, size, interpolation=bicubic)).float()[None]
+    shifts = (0.004, 0.008, 0.012)  # 0.25-0.75 px at 64 px
+    rows = torch.cat([_row(tx=t, ty=-t) for t in shifts])
+    trained = augment_pixels(photo.expand(3, -1, -1, -1), rows, pipeline.resize_tensors)
     assert trained.shape == (3, 3, size, size)
-    # Bilinear at the input size keeps 0.64 of it here.
-    assert 0.9 * _sharpness(evaluated[None]) < _sharpness(trained) < 1.1 * _sharpness(evaluated[None])
+    assert 0.9 * _sharpness(evaluated) < _sharpness(trained) < 1.1 * _sharpness(evaluated)
+    # The same shifts resampled bilinearly at the input size: what this picture tells apart.
+    theta = torch.tensor([[[1.0, 0.0, -2 * t], [0.0, 1.0, 2 * t]] for t in shifts])
+    grid = torch.nn.functional.affine_grid(theta, [3, 3, size, size], align_corners=False)
+    blurred = torch.nn.functional.grid_sample(
+        evaluated.expand(3, -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    assert _sharpness(blurred) < 0.7 * _sharpness(evaluated)
     # Unshifted, the step's resize is the eval transform's, within rounding.
-    same = augment_pixels(photo, _row(), size=size)[0]
+    same = augment_pixels(photo, _row(), pipeline.resize_tensors)
     assert (same - evaluated).abs().mean() < 0.5
 
 

@@ -63,9 +63,7 @@ class PixelPipeline:
     def at_size(self, size: int) -> PixelPipeline:
         """The same geometry producing `size` x `size` pixels (training ships them larger than the model's
         input, to augment; training/augment.py). Only for resize + centre crop (`resize_and_crop`)."""
-        shape = self.resize_and_crop()
-        if shape is None:
-            raise ValueError("the model's preprocessing is not resize + centre crop")
+        self._shape()
         steps = []
         for step in self.geometry.transforms:
             if isinstance(step, T.Resize):
@@ -74,6 +72,28 @@ class PixelPipeline:
                 step = T.CenterCrop(size)
             steps.append(step)
         return PixelPipeline(T.Compose(steps), self.mean, self.std)
+
+    def resize_tensors(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 3, h, w) float pixels in 0..255 -> (n, 3, S, S) float, clamped but not rounded: the geometry
+        (Resize of the shortest side, antialiased, + CenterCrop) written out on tensors, on their device.
+        Only for resize + centre crop in bicubic or bilinear (`tensor_mode`)."""
+        s, interpolation = self._shape()
+        h, w = images.shape[-2:]
+        # torchvision's shortest-side rule: the long side is truncated, not rounded.
+        new_h, new_w = (int(s * h / w), s) if w <= h else (s, int(s * w / h))
+        x = images.to(torch.float32)
+        if (new_h, new_w) != (h, w):
+            x = torch.nn.functional.interpolate(
+                x, size=[new_h, new_w], mode=tensor_mode(interpolation), align_corners=False, antialias=True
+            )
+        top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
+        return x[:, :, top : top + s, left : left + s].clamp(0, 255)
+
+    def _shape(self) -> tuple[int, T.InterpolationMode]:
+        shape = self.resize_and_crop()
+        if shape is None:
+            raise ValueError("the model's preprocessing is not resize + centre crop")
+        return shape
 
     def resize_and_crop(self) -> tuple[int, T.InterpolationMode] | None:
         """(size, interpolation) when the geometry is Resize(shortest side) + CenterCrop(square) -- the
@@ -112,6 +132,16 @@ def device_decodable(data: bytes, max_pixels: int) -> bool:
         return False
 
 
+def tensor_mode(interpolation: T.InterpolationMode) -> str:
+    """torch's interpolate mode for a Resize's interpolation (bicubic or bilinear)."""
+    mode = {T.InterpolationMode.BICUBIC: "bicubic", T.InterpolationMode.BILINEAR: "bilinear"}.get(
+        interpolation
+    )
+    if mode is None:
+        raise ValueError(f"unsupported interpolation {interpolation} for resizing tensors")
+    return mode
+
+
 GROUP_ELEMENTS = 1 << 28  # images of one size resized together: at most ~1 GiB of float32 at a time
 
 
@@ -128,11 +158,8 @@ class DeviceJpegDecoder:
         if shape is None:
             raise ValueError("the model's preprocessing is not resize + centre crop; decode on the CPU")
         self.size, interpolation = shape
-        self.mode = {T.InterpolationMode.BICUBIC: "bicubic", T.InterpolationMode.BILINEAR: "bilinear"}.get(
-            interpolation
-        )
-        if self.mode is None:
-            raise ValueError(f"unsupported interpolation {interpolation} for decoding on the device")
+        tensor_mode(interpolation)  # refused here, not at the first batch
+        self.pipeline = pipeline
         self.device = torch.device(device)
 
     def __call__(self, payloads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -147,8 +174,11 @@ class DeviceJpegDecoder:
             for start in range(0, len(rows), step):
                 part = rows[start : start + step]
                 group = torch.stack([decoded[j] for j in part]) if len(part) > 1 else decoded[part[0]][None]
-                out[part] = self._resize_and_crop(group, h, w)
+                out[part] = self._resize_and_crop(group)
         return out
+
+    def _resize_and_crop(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pipeline.resize_tensors(images).round_().to(torch.uint8)
 
     def one(self, data: bytes, pipeline: PixelPipeline, max_pixels: int) -> torch.Tensor:
         """One file's (1, 3, S, S) uint8 on the device; a file nvJPEG refuses is decoded by Pillow at full
@@ -157,19 +187,6 @@ class DeviceJpegDecoder:
             return self([torch.frombuffer(bytearray(data), dtype=torch.uint8)])
         except RuntimeError:
             return pipeline.to_uint8(load_image(data, max_pixels=max_pixels))[None].to(self.device)
-
-    def _resize_and_crop(self, images: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        s = self.size
-        # torchvision's shortest-side rule: the long side is truncated, not rounded.
-        new_h, new_w = (int(s * h / w), s) if w <= h else (s, int(s * w / h))
-        x = images.to(torch.float32)
-        if (new_h, new_w) != (h, w):
-            x = torch.nn.functional.interpolate(
-                x, size=[new_h, new_w], mode=self.mode, align_corners=False, antialias=True
-            )
-        top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
-        x = x[:, :, top : top + s, left : left + s]
-        return x.clamp(0, 255).round_().to(torch.uint8)
 
 
 def decode_jpegs(payloads, device: torch.device | str):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +34,6 @@ OVERSAMPLE = 1.5  # the demo's 64-px model augments its 96-px images at their ow
 def working_size(image_size: int) -> int:
     """The side at which training pixels are shipped and augmented, for a model input of `image_size`."""
     return math.ceil(image_size * OVERSAMPLE)
-
-
-def resize_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """(n, 3, S, S) float pixels in 0..255 -> (n, 3, size, size): an antialiased bicubic resize, torchvision's
-    Resize on tensors (open_clip's eval transform resizes bicubic with antialiasing)."""
-    if pixels.shape[-1] == size and pixels.shape[-2] == size:
-        return pixels
-    x = F.interpolate(pixels.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return x.clamp_(0, 255)
 
 
 class PairAugment:
@@ -74,14 +66,15 @@ class PairAugment:
 
 
 @torch.no_grad()
-def augment_pixels(pixels: torch.Tensor, params: torch.Tensor, size: int | None = None) -> torch.Tensor:
-    """(n, 3, H, W) pixels in 0..255 (uint8 or float) and (n, len(PARAMS)) rows -> float32 in 0..255, of
-    side `size` (default: the input's).
+def augment_pixels(
+    pixels: torch.Tensor, params: torch.Tensor, resize: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """(n, 3, H, W) pixels in 0..255 (uint8 or float) and (n, len(PARAMS)) rows -> float32 in 0..255,
+    resized by `resize` (the training step's: the model's `pixel_pipeline.resize_tensors`).
 
     Row i's flip, then its affine about the centre (a shift of tx, ty image sizes, a zoom of `scale`;
     nearest-pixel sampling as Pillow's affine, the uncovered border filled with the flipped image's
-    top-left pixel: the background extended, not a black frame), then the resize to `size`
-    (`resize_pixels`), then brightness, contrast (about the image's mean grey), saturation and hue, each
+    top-left pixel: the background extended, not a black frame), then `resize`, then brightness, contrast (about the image's mean grey), saturation and hue, each
     clamped to 0..255 as Pillow and torchvision do.
     """
     x = pixels.to(torch.float32)
@@ -96,7 +89,8 @@ def augment_pixels(pixels: torch.Tensor, params: torch.Tensor, size: int | None 
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     fill = torch.where(flip.bool()[:, None], x[:, :, 0, -1], x[:, :, 0, 0])[:, :, None, None]
     x = F.grid_sample(x - fill, grid, mode="nearest", padding_mode="zeros", align_corners=False) + fill
-    x = resize_pixels(x, size or x.shape[-1])
+    if resize is not None:
+        x = resize(x)
 
     x = (x * brightness.view(-1, 1, 1, 1)).clamp_(0, 255)
     luma = torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1)

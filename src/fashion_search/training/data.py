@@ -12,11 +12,11 @@ from torch.utils.data import Dataset, Sampler
 from fashion_search.data.fashioniq import FashionIQ, Triplet, training_caption
 from fashion_search.data.images import load_image
 from fashion_search.errors import FashionSearchError, ImageDecodeError
-from fashion_search.training.augment import PairAugment, resize_pixels
+from fashion_search.training.augment import PairAugment
 
-# Training images are kept in memory, decoded and at the model's input size, when all of them fit in this
-# many bytes (the demo's 1,080 at 64 px take 13 MB; Fashion-IQ's 40k+ at 224 px would not, and are decoded
-# per item).
+# Training images are kept in memory, decoded and at the augmentation's working size, when all of them fit
+# in this many bytes (the demo's 1,080 at 96 px take 30 MB; Fashion-IQ's 40k+ at 336 px would not, and are
+# decoded per item).
 PRELOAD_BYTES = 1 << 30
 
 
@@ -222,15 +222,13 @@ def similar_look_mates(model, dataset: TripletDataset, k: int, batch_size: int =
     ids = sorted({i for members in dataset.group_images.values() for i in members})
     if all(i in dataset.preloaded for i in ids):
         chunks = [ids[a : a + batch_size] for a in range(0, len(ids), batch_size)]
-        size = model.backbone.image_size  # kept at the augmentation's working size when augmenting
-
-        def model_size(pixels: torch.Tensor) -> torch.Tensor:  # uint8 in, uint8 out: the loaders' pixels
-            return (
-                pixels if pixels.shape[-1] == size else resize_pixels(pixels, size).round_().to(torch.uint8)
-            )
-
+        # Kept at the augmentation's working size when augmenting: resized to the model's, as uint8.
+        resize = model.pixel_pipeline.resize_tensors
         vectors = [
-            model.encode_pixels(model_size(torch.stack([dataset.preloaded[i] for i in c]))) for c in chunks
+            model.encode_pixels(
+                resize(torch.stack([dataset.preloaded[i] for i in c])).round_().to(torch.uint8)
+            )
+            for c in chunks
         ]
         found = dict(zip(ids, torch.cat(vectors)))
     else:

@@ -69,7 +69,7 @@ def _augmented(model: RetrievalModel, pixels: torch.Tensor, augment: torch.Tenso
     rows = augment.repeat_interleave(len(pixels) // len(augment), dim=0)
     moved = pixels.to(device, non_blocking=True)
     # The loader ships them at the augmentation's working size; the model gets its own input size.
-    augmented = augment_pixels(moved, rows.to(device, non_blocking=True), size=model.backbone.image_size)
+    augmented = augment_pixels(moved, rows.to(device, non_blocking=True), model.pixel_pipeline.resize_tensors)
     return model.pixel_pipeline.normalise(augmented)
 
 
