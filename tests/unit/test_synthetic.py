@@ -332,3 +332,53 @@ def test_oracle_attribute_match_equals_a_plain_membership_test():
         ref = rng.randrange(200)
         shared = [sum(x[a] == attrs[ref][a] for a in ATTRIBUTES) for x in attrs]
         assert gallery._hits(ref).tolist() == shared
+
+
+def _train_families(root: Path, category: str) -> list[list[dict]]:
+    families: dict[int, list[dict]] = {}
+    for record in json.loads((root / "attributes.json").read_text(encoding="utf-8")).values():
+        if record["split"] == "train" and record["category"] == category:
+            families.setdefault(record["family"], []).append(record)
+    return list(families.values())
+
+
+def test_a_train_design_shoots_the_train_lines_in_more_smaller_looks(tmp_path):
+    """--train-look-size 8 --train-varying 5: each train look samples 8 garments of its line's 32, so there
+    are more looks to learn the look from; val and test, and the number of triplets, stay as they were."""
+    kwargs = dict(images_per_category=520, eval_gallery=100, seed=2, image_size=32, progress=False)
+    plain = generate(tmp_path / "plain", **kwargs)
+    design = syn.TrainDesign(look_size=8, varying=5)
+    made = generate(tmp_path / "design", **kwargs, train_design=design)
+    for category in CATEGORIES:
+        families = _train_families(tmp_path / "design", category)
+        assert made["families"][category]["train"] == len(families) == 40  # 5 lines of 64, 8 looks each
+        assert plain["families"][category]["train"] == 10  # 5 lines of 64 in 2 looks of 32
+        assert all(len(members) == 8 for members in families)
+        lines: dict[int, list[dict]] = {}
+        for members in families:
+            lines.setdefault(members[0]["line"], []).extend(members)
+        for members in lines.values():  # a line's looks draw from all 32 combinations
+            assert all(len({m[a] for m in members}) == 2 for a in ATTRIBUTES)
+        assert made["images"][category] == plain["images"][category]
+        assert made["triplets"][category] == plain["triplets"][category]  # 4 per train image
+    assert json.loads((tmp_path / "design" / "synth.json").read_text())["train_design"] == {
+        "look_size": 8,
+        "varying": 5,
+    }
+    assert "train_design" not in json.loads((tmp_path / "plain" / "synth.json").read_text())
+    assert "--train-look-size 8 --train-varying 5" in (tmp_path / "design" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("design", "message"),
+    [
+        (syn.TrainDesign(look_size=40, varying=5), "exceeds the 32 garments"),
+        (syn.TrainDesign(look_size=1), "train_look_size must be an integer >= 2"),
+        (syn.TrainDesign(varying=6), "at most 5"),
+        (syn.TrainDesign(varying=0), "train_varying must be an integer >= 1"),
+    ],
+)
+def test_a_train_design_that_cannot_be_made_is_refused(tmp_path, design, message):
+    with pytest.raises(FashionSearchError, match=message):
+        generate(tmp_path / "ds", images_per_category=120, progress=False, train_design=design)
+    assert not (tmp_path / "ds").exists()

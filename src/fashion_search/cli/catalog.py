@@ -24,7 +24,7 @@ from fashion_search.errors import FashionSearchError
 
 
 def cmd_synth(args) -> int:
-    from fashion_search.data.synthetic import generate
+    from fashion_search.data.synthetic import TrainDesign, generate
 
     if args.images_per_category < 1:
         raise FashionSearchError("--images-per-category must be positive")
@@ -34,6 +34,7 @@ def cmd_synth(args) -> int:
         seed=args.seed,
         eval_gallery=args.eval_gallery,
         progress=not args.quiet,
+        train_design=TrainDesign(look_size=args.train_look_size, varying=args.train_varying),
     )
     print(json.dumps(summary, indent=2) if args.json else f"synthetic dataset written to {args.out}")
     return 0
@@ -225,6 +226,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="images of each category in val and in test (default: a fifth each); train gets the rest",
+    )
+    p.add_argument(
+        "--train-look-size",
+        type=int,
+        default=None,
+        help="garments per train look (default: ~15): smaller looks make more of them",
+    )
+    p.add_argument(
+        "--train-varying",
+        type=int,
+        default=None,
+        help="attributes each train line varies, 1-5 (default: 4; with --train-look-size, enough for it)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

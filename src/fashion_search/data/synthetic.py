@@ -177,33 +177,75 @@ def _box(rng: random.Random, category: str, k: int, usage: dict[Any, int], seen:
     return [dict(zip(ATTRIBUTES, combo, strict=True)) for combo in itertools.product(*choices)]
 
 
-def _line_sizes(category_size: int, eval_gallery: int | None = None) -> list[tuple[str, int, int, int]]:
-    # (split, size, minimum looks, most varying attributes) for each line of one category.
+@dataclass(frozen=True)
+class TrainDesign:
+    """How the train split's lines are shot: the default lets a line of ~64 vary 4 attributes (a box of 16
+    garments) in 4 looks of ~15. `look_size` sets the garments per look (more, smaller looks: more looks to
+    learn the look from) and `varying` the attributes a line varies (5: each look samples its garments
+    from all 32 combinations, as a val look does)."""
+
+    look_size: int | None = None
+    varying: int | None = None
+
+    def check(self) -> None:
+        for name, value, low in (("train_look_size", self.look_size, 2), ("train_varying", self.varying, 1)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise FashionSearchError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.varying is not None and self.varying > len(ATTRIBUTES):
+            raise FashionSearchError(f"train_varying must be at most {len(ATTRIBUTES)}, got {self.varying}")
+        if self.look_size is not None and self.varying is not None and self.look_size > 2**self.varying:
+            raise FashionSearchError(
+                f"train_look_size {self.look_size} exceeds the {2**self.varying} garments that "
+                f"{self.varying} varying attributes make"
+            )
+
+
+# (split, size, minimum looks, most varying attributes, garments per look or None for the whole box)
+_Line = tuple[str, int, int, int, int | None]
+
+
+def _line_sizes(
+    category_size: int, eval_gallery: int | None = None, design: TrainDesign = TrainDesign()
+) -> list[_Line]:
+    # The lines of one category.
     n_eval = round(category_size * _VAL_SHARE) if eval_gallery is None else eval_gallery
     n_train = category_size - 2 * n_eval
     n_lines = max(1, round(n_train / _TRAIN_LINE))
     train = [n_train // n_lines + (i < n_train % n_lines) for i in range(n_lines)]
     # One line per val/test gallery: every garment in 12+ looks, 2 values per varying attribute, so a
     # caption alone fits many items (other looks) and the reference alone fits many (its copies, neighbours).
-    evaluation = [(s, n_eval, _EVAL_MIN_LOOKS, _EVAL_MAX_VARYING) for s in SPLITS[1:]]
-    return [("train", s, _TRAIN_LOOKS, 5) for s in train] + evaluation
+    evaluation: list[_Line] = [(s, n_eval, _EVAL_MIN_LOOKS, _EVAL_MAX_VARYING, None) for s in SPLITS[1:]]
+    if design.look_size is None and design.varying is None:
+        return [("train", s, _TRAIN_LOOKS, 5, None) for s in train] + evaluation
+    lines: list[_Line] = []
+    for size in train:
+        look_size = min(size, design.look_size or 2 ** (design.varying or 4))
+        varying = design.varying or max(2, min(5, math.ceil(math.log2(look_size))))
+        lines.append(("train", size, math.ceil(size / look_size), varying, look_size))
+    return lines + evaluation
 
 
-def _plan_items(rng: random.Random, images_per_category: int, eval_gallery: int | None) -> list[_Item]:
+def _plan_items(
+    rng: random.Random,
+    images_per_category: int,
+    eval_gallery: int | None,
+    design: TrainDesign = TrainDesign(),
+) -> list[_Item]:
     items: list[_Item] = []
     usage: dict[Any, int] = {}
     # ids are random numbers: they say nothing about family or split
     numbers = {c: rng.sample(range(1, 10**8), images_per_category) for c in CATEGORIES}
-    specs = [(c, *spec) for spec in _line_sizes(images_per_category, eval_gallery) for c in CATEGORIES]
+    lines = _line_sizes(images_per_category, eval_gallery, design)
+    specs = [(c, *spec) for spec in lines for c in CATEGORIES]
     specs.sort(key=lambda spec: spec[1] != "train")  # all train lines first (stable: categories interleave)
     seen: set[tuple[str, str]] = set()
     family = 0
-    for line, (category, split, size, min_looks, max_k) in enumerate(specs):
-        k = max(2, min(max_k, int(math.log2(size / min_looks))))
+    for line, (category, split, size, min_looks, max_k, look_size) in enumerate(specs):
+        k = max(2, min(max_k, int(math.log2(size / min_looks)))) if look_size is None else max_k
         box = _box(rng, category, k, usage, None if split == "train" else seen)
         if split == "train":
             seen.update((a, x[a]) for x in box for a in ATTRIBUTES)
-        looks, hue = math.ceil(size / len(box)), rng.random()
+        looks, hue = math.ceil(size / (look_size or len(box))), rng.random()
         # Several looks share each background (hues spread around the wheel): a search that goes by the
         # background finds the reference's copies in other looks, not its family; the shade, framing and
         # pattern phase still tell the family apart.
@@ -322,6 +364,7 @@ def generate(
     image_size: int = 96,
     progress: bool = True,
     eval_gallery: int | None = None,
+    train_design: TrainDesign = TrainDesign(),
 ) -> dict:
     """Write a synthetic Fashion-IQ dataset to `out`; return counts of images, families and triplets.
 
@@ -332,12 +375,15 @@ def generate(
     `oracle_recalls(out, "val")["mean"]`: how far each modality alone gets on the val triplets.
     """
     _check_args(images_per_category, seed, image_size, eval_gallery)
+    train_design.check()
     started = time.monotonic()
     out = Path(out)
     _prepare(out)
     rng = random.Random(seed)
-    items = _plan_items(rng, images_per_category, eval_gallery)
+    items = _plan_items(rng, images_per_category, eval_gallery, train_design)
     summary: dict[str, Any] = {"root": str(out), "seed": seed, "image_size": image_size}
+    if train_design != TrainDesign():
+        summary["train_design"] = {"look_size": train_design.look_size, "varying": train_design.varying}
     summary["images_per_category"] = images_per_category
     summary["eval_gallery"] = sum(i.split == "val" for i in items) // len(CATEGORIES)
     for key in ("images", "families", "triplets"):
@@ -367,6 +413,12 @@ def generate(
     return summary
 
 
+def _design_flags(summary: dict[str, Any]) -> str:
+    design = summary.get("train_design", {})
+    names = (("look_size", "--train-look-size"), ("varying", "--train-varying"))
+    return "".join(f" {flag} {design[key]}" for key, flag in names if design.get(key))
+
+
 def _write_readme(out: Path, summary: dict[str, Any]) -> None:
     total = {
         key: {s: sum(summary[key][c][s] for c in CATEGORIES) for s in SPLITS}
@@ -384,7 +436,7 @@ the two captions name only the changes. `attributes.json` has every image's attr
 - images train/val/test: {"/".join(str(total["images"][s]) for s in SPLITS)}
 - triplets train/val/test: {"/".join(str(total["triplets"][s]) for s in SPLITS)}
 - val oracle R@10: text-only {oracle["text"]:.2f}, image-only {oracle["image"]:.2f}, composed {oracle["composed"]:.2f}
-- regenerate: `fashion-search synth OUT --images-per-category {summary["images_per_category"]} --eval-gallery {summary["eval_gallery"]} --seed {summary["seed"]}`
+- regenerate: `fashion-search synth OUT --images-per-category {summary["images_per_category"]} --eval-gallery {summary["eval_gallery"]} --seed {summary["seed"]}{_design_flags(summary)}`
 """
     (out / "README.md").write_text(text, encoding="utf-8")
 
