@@ -134,7 +134,7 @@ def test_cli_chain_synth_train_eval_index_search(tmp_path):
         "0",
         "--quiet",
     )
-    run_cli(
+    printed = run_cli(
         "eval",
         "--data",
         str(data),
@@ -146,6 +146,12 @@ def test_cli_chain_synth_train_eval_index_search(tmp_path):
     )
     result = json.loads((tmp_path / "eval.json").read_text())
     assert set(result["modes"]) == {"composed", "image_only", "text_only", "sum"}
+    # A synthetic dataset knows each query's number of changes: composed recall is split by it too.
+    groups = result["modes"]["composed"]["average"]["groups"]
+    assert set(groups) <= {"1", "2", "3"} and sum(g["queries"] for g in groups.values()) == sum(
+        result["modes"]["composed"][c]["queries"] for c in result["categories"]
+    )
+    assert "composed R@10 by attributes changed: 1 -> " in printed
     row = result["modes"]["composed"]["dress"]
     assert {"R@1", "R@5", "R@10", "R@50", "queries", "gallery", "skipped"} <= set(row)
     assert row["queries"] > 0 and row["gallery"] > 0

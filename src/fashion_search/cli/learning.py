@@ -86,6 +86,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _changes_if_synthetic(data: Path):
+    # A synthetic dataset knows how many attributes each query changes: its results are also split by that.
+    from fashion_search.data.synthetic import SUMMARY_FILE, changes_of
+
+    return changes_of(data) if (data / SUMMARY_FILE).is_file() else None
+
+
 def cmd_eval(args) -> int:
     from fashion_search.evaluation.fashioniq import evaluate, format_table, rank_submission
 
@@ -112,8 +119,13 @@ def cmd_eval(args) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         progress=not args.quiet,
+        group_by=_changes_if_synthetic(Path(args.data)),
     )
     print(format_table(result))
+    if "groups" in result["modes"]["composed"]["average"]:
+        from fashion_search.demo import by_changes_line
+
+        print(by_changes_line(result))
     if args.json:
         atomic_write_json(Path(args.json), result)
     return 0
