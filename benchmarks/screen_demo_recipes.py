@@ -63,6 +63,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per run")
+    p.add_argument("--images-per-category", type=int, default=None, help="override the demo's dataset size")
+    p.add_argument("--eval-gallery", type=int, default=None, help="override the demo's val/test gallery")
+    p.add_argument(
+        "--train-flags",
+        default="",
+        help="training flags added to every run's, after the variant's (a quick check: '--epochs 1')",
+    )
     p.add_argument(
         "--summarise-only",
         action="store_true",
@@ -71,17 +78,17 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _synth_flags(variant: str) -> list[str]:
+def _synth_flags(args: argparse.Namespace, variant: str) -> list[str]:
     from fashion_search.demo import demo_dataset
 
     demo = demo_dataset()
-    flags = [
+    sizes = [
         "--images-per-category",
-        str(demo["images_per_category"]),
+        str(args.images_per_category or demo["images_per_category"]),
         "--eval-gallery",
-        str(demo["eval_gallery"]),
+        str(args.eval_gallery or demo["eval_gallery"]),
     ]
-    return flags + shlex.split(VARIANTS[variant][0])  # a variant's own --images-per-category comes last
+    return sizes + shlex.split(VARIANTS[variant][0])  # a variant's own --images-per-category comes last
 
 
 def _dataset_key(flags: list[str], seed: int) -> str:
@@ -115,7 +122,7 @@ class Screen:
             subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT, env=self.env)
 
     def dataset(self, variant: str, seed: int) -> Path:
-        flags = _synth_flags(variant)
+        flags = _synth_flags(self.args, variant)
         key = _dataset_key(flags, seed)
         path = self.out / key
         with self.lock:
@@ -145,7 +152,7 @@ class Screen:
         history_file = run / "history.json"
         if not (history_file.is_file() and json.loads(history_file.read_text()).get("finished")):
             cmd = [*_CLI, "train", "--config", str(self.config), "--data", str(data), "--out", str(run)]
-            cmd += shlex.split(VARIANTS[variant][1])
+            cmd += shlex.split(VARIANTS[variant][1]) + shlex.split(self.args.train_flags)
             cmd += ["--seed", str(self.args.train_seed), "--device", self.args.device, "--quiet"]
             self._run(cmd, log)
         train_s = time.perf_counter() - started

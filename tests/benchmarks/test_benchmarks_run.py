@@ -652,3 +652,26 @@ def test_demo_eval_runtimes_script_scores_each_runtime_of_a_demo_folder(runs, tm
     # fp32 ONNX is the same model: the same ranking up to float noise on 18 queries.
     assert abs(doc["results"]["onnx-fp32"]["modes"]["composed"]["R@10"] - torch_r10) <= 100 / 18 + 1e-6
     assert "--export-dir" in doc["results"]["onnx-int8-calibrated"]["command"]
+
+
+def test_screen_demo_recipes_shares_datasets_and_appends_each_run(tmp_path):
+    out = tmp_path / "screen"
+    quick = "--model fs-micro --epochs 1 --max-steps-per-epoch 2 --workers 0"
+    cmd = [sys.executable, str(BENCH / "screen_demo_recipes.py"), "--out", str(out), "--data-seeds", "0"]
+    cmd += ["--variants", "base,gn7,look8v5", "--jobs", "2", "--threads", "1", "--images-per-category", "120"]
+    cmd += ["--eval-gallery", "24", f"--train-flags={quick}"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(done.stdout)
+    assert not doc["errors"] and sorted(r["variant"] for r in doc["runs"]) == ["base", "gn7", "look8v5"]
+    for row in doc["runs"]:
+        assert 0 <= row["composed_R@10"] <= 100 and row["epochs_run"] == 1
+    # base and gn7 train on the demo's design, made once; look8v5 on its own
+    made = {p.name: json.loads((p / "synth.json").read_text()) for p in out.glob("data-*") if p.is_dir()}
+    assert len(made) == 2 and sorted("train_design" in m for m in made.values()) == [False, True]
+    config = json.loads((out / "run-gn7-d0-t0" / "history.json").read_text())["config"]
+    assert (config["group_negatives"], config["model"], config["epochs"]) == (7, "fs-micro", 1)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3
+    again = subprocess.run([*cmd, "--summarise-only"], capture_output=True, text=True, env=env, timeout=120)
+    assert json.loads(again.stdout)["summary"] == doc["summary"]
