@@ -223,9 +223,9 @@ DEMO_OVERRIDES = dict(
     # ... and beside each target 3 of its look-mates, as negatives of the composed loss only: the look
     # is easy, the attributes within a look are what the demo's queries get wrong (docs/TRAINING.md).
     group_negatives=3,
-    epochs=14,  # the demo's 12-minute budget: on 2 Xeon cores the whole demo takes 9 minutes (docs/TRAINING.md)
-    # No early stopping: the best epochs come near the end of the cosine schedule (12-13 of 14), and a
-    # patience of 4 ended runs on other data seeds at epochs 12-13 with an epoch-8 model (docs/TRAINING.md).
-    patience=14,
+    epochs=7,  # over 720 train images per category: the demo's 12-minute budget on 2 cores (docs/TRAINING.md)
+    # No early stopping: the best epochs come at the end of the cosine schedule, and a patience of 4 ended
+    # runs on other data seeds with a model from well before it (docs/TRAINING.md).
+    patience=7,
     workers=1,
 )

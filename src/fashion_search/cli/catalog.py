@@ -231,13 +231,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--train-look-size",
         type=int,
         default=None,
-        help="garments per train look (default: ~15): smaller looks make more of them",
+        help="garments per train look (default: all of a line's, 15-32): smaller looks make more of them",
     )
     p.add_argument(
         "--train-varying",
         type=int,
         default=None,
-        help="attributes each train line varies, 1-5 (default: 4; with --train-look-size, enough for it)",
+        help="attributes each train line varies, 1-5 (default: as many as fit 2 looks of a ~64-garment "
+        "line, 4 or 5; with --train-look-size, enough for it)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -179,10 +179,11 @@ def _box(rng: random.Random, category: str, k: int, usage: dict[Any, int], seen:
 
 @dataclass(frozen=True)
 class TrainDesign:
-    """How the train split's lines are shot: the default lets a line of ~64 vary 4 attributes (a box of 16
-    garments) in 4 looks of ~15. `look_size` sets the garments per look (more, smaller looks: more looks to
-    learn the look from) and `varying` the attributes a line varies (5: each look samples its garments
-    from all 32 combinations, as a val look does)."""
+    """How the train split's lines (~64 garments each) are shot. By default a line varies as many
+    attributes as fit in 2 looks, log2(line / 2): 4 for lines of 60 (4 looks of 15, as 360 train images per
+    category make), 5 for lines of 64 or more (2-3 looks of up to 32, as 720 make; every attribute then
+    varies within a look, as in a val look). `look_size` sets the garments per look (more, smaller
+    looks) and `varying` the attributes a line varies; each look samples its garments from the line's."""
 
     look_size: int | None = None
     varying: int | None = None
