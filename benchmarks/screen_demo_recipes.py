@@ -2,8 +2,8 @@
 
 Each variant is a name with extra `fashion-search synth` flags and extra `fashion-search train` flags on
 top of the demo's (`config.DEMO_OVERRIDES`, the combiner). For every variant and data seed the script
-makes the dataset (shared by the variants with the same synth flags), trains with the given training
-seed and evaluates on val (`fashion-search eval`, which splits a synthetic dataset's composed R@10 by
+makes the dataset (shared by the variants with the same synth flags), trains with each training seed
+and evaluates on val (`fashion-search eval`, which splits a synthetic dataset's composed R@10 by
 the number of changes). Runs go to --jobs worker processes at a time, each limited to --threads CPU
 threads; every finished run is appended to OUT/results.jsonl at once, so a run cut short still leaves
 the finished ones. A run already finished in OUT is reused.
@@ -59,7 +59,7 @@ def parse_args() -> argparse.Namespace:
         "--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}"
     )
     p.add_argument("--data-seeds", default="0,1")
-    p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--train-seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per run")
@@ -144,16 +144,16 @@ class Screen:
             raise RuntimeError(f"dataset {key} failed: {self.failed[key]}")
         return path
 
-    def run(self, variant: str, seed: int) -> dict:
+    def run(self, variant: str, seed: int, train_seed: int) -> dict:
         data = self.dataset(variant, seed)
-        run = self.out / f"run-{variant}-d{seed}-t{self.args.train_seed}"
+        run = self.out / f"run-{variant}-d{seed}-t{train_seed}"
         log = self.out / f"{run.name}.log"
         started = time.perf_counter()
         history_file = run / "history.json"
         if not (history_file.is_file() and json.loads(history_file.read_text()).get("finished")):
             cmd = [*_CLI, "train", "--config", str(self.config), "--data", str(data), "--out", str(run)]
             cmd += shlex.split(VARIANTS[variant][1]) + shlex.split(self.args.train_flags)
-            cmd += ["--seed", str(self.args.train_seed), "--device", self.args.device, "--quiet"]
+            cmd += ["--seed", str(train_seed), "--device", self.args.device, "--quiet"]
             self._run(cmd, log)
         train_s = time.perf_counter() - started
         result_file = run / "eval.json"
@@ -164,7 +164,7 @@ class Screen:
         row = {
             "variant": variant,
             "data_seed": seed,
-            "train_seed": self.args.train_seed,
+            "train_seed": train_seed,
             "train_s": round(train_s, 1),
             "epochs_run": len(history["epochs"]),
             "best_epoch": history.get("best_epoch"),
@@ -180,6 +180,7 @@ class Screen:
 
 
 def summarise(rows: list[dict]) -> dict:
+    """Per variant: the mean (and, over several runs, std and minimum) of each headline R@10."""
     out: dict = {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
@@ -187,8 +188,11 @@ def summarise(rows: list[dict]) -> dict:
         for key in ("composed_R@10", "changes_3_R@10", "image_only_R@10", "text_only_R@10", "sum_R@10"):
             values = [r[key] for r in mine if key in r]
             if values:
-                out[variant][key] = round(statistics.fmean(values), 2)
-        out[variant]["per_seed"] = {r["data_seed"]: r["composed_R@10"] for r in mine}
+                stats = {"mean": round(statistics.fmean(values), 2), "min": min(values), "max": max(values)}
+                if len(values) > 1:
+                    stats["std"] = round(statistics.stdev(values), 2)
+                out[variant][key] = stats
+        out[variant]["per_run"] = {f"d{r['data_seed']}-t{r['train_seed']}": r["composed_R@10"] for r in mine}
     return out
 
 
@@ -205,15 +209,17 @@ def main() -> int:
         print(json.dumps({"summary": summarise(rows), "runs": rows}, indent=1))
         return 0
     screen = Screen(args)
-    jobs = [(v, s) for v in variants for s in seeds]  # in the order given: the first finish first
+    train_seeds = [int(s) for s in args.train_seeds.split(",")]
+    # In the order given, so the first variants finish first.
+    jobs = [(v, s, t) for v in variants for s in seeds for t in train_seeds]
     rows, errors = [], []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(screen.run, v, s): (v, s) for v, s in jobs}
-        for future, (v, s) in futures.items():
+        futures = {pool.submit(screen.run, *job): job for job in jobs}
+        for future, (v, s, t) in futures.items():
             try:
                 rows.append(future.result())
             except Exception as exc:  # one failed run must not lose the others
-                errors.append(f"{v} d{s}: {exc}")
+                errors.append(f"{v} d{s} t{t}: {exc}")
     print(
         json.dumps(
             {"device": args.device, "summary": summarise(rows), "runs": rows, "errors": errors}, indent=1

@@ -659,19 +659,30 @@ def test_screen_demo_recipes_shares_datasets_and_appends_each_run(tmp_path):
     quick = "--model fs-micro --epochs 1 --max-steps-per-epoch 2 --workers 0"
     cmd = [sys.executable, str(BENCH / "screen_demo_recipes.py"), "--out", str(out), "--data-seeds", "0"]
     cmd += ["--variants", "base,gn7,look8v5", "--jobs", "2", "--threads", "1", "--images-per-category", "120"]
+    cmd += ["--train-seeds", "0,1"]
     cmd += ["--eval-gallery", "24", f"--train-flags={quick}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads(done.stdout)
-    assert not doc["errors"] and sorted(r["variant"] for r in doc["runs"]) == ["base", "gn7", "look8v5"]
+    runs = sorted((r["variant"], r["train_seed"]) for r in doc["runs"])
+    assert not doc["errors"] and runs == [(v, t) for v in ("base", "gn7", "look8v5") for t in (0, 1)]
     for row in doc["runs"]:
         assert 0 <= row["composed_R@10"] <= 100 and row["epochs_run"] == 1
+    stats = doc["summary"]["gn7"]["composed_R@10"]
+    values = [r["composed_R@10"] for r in doc["runs"] if r["variant"] == "gn7"]
+    assert (stats["min"], stats["max"]) == (min(values), max(values)) and "std" in stats
+    assert set(doc["summary"]["gn7"]["per_run"]) == {"d0-t0", "d0-t1"}
     # base and gn7 train on the demo's design, made once; look8v5 on its own
     made = {p.name: json.loads((p / "synth.json").read_text()) for p in out.glob("data-*") if p.is_dir()}
     assert len(made) == 2 and sorted("train_design" in m for m in made.values()) == [False, True]
-    config = json.loads((out / "run-gn7-d0-t0" / "history.json").read_text())["config"]
-    assert (config["group_negatives"], config["model"], config["epochs"]) == (7, "fs-micro", 1)
-    assert len((out / "results.jsonl").read_text().splitlines()) == 3
+    config = json.loads((out / "run-gn7-d0-t1" / "history.json").read_text())["config"]
+    assert (config["group_negatives"], config["model"], config["epochs"], config["seed"]) == (
+        7,
+        "fs-micro",
+        1,
+        1,
+    )
+    assert len((out / "results.jsonl").read_text().splitlines()) == 6
     again = subprocess.run([*cmd, "--summarise-only"], capture_output=True, text=True, env=env, timeout=120)
     assert json.loads(again.stdout)["summary"] == doc["summary"]
