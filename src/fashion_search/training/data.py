@@ -15,7 +15,7 @@ from fashion_search.errors import FashionSearchError, ImageDecodeError
 from fashion_search.training.augment import PairAugment
 
 # Training images are kept in memory, decoded and at the augmentation's working size, when all of them fit
-# in this many bytes (the demo's 1,080 at 96 px take 30 MB; Fashion-IQ's 40k+ at 336 px would not, and are
+# in this many bytes (the demo's 2,160 at 96 px take 60 MB; Fashion-IQ's 40k+ at 336 px would not, and are
 # decoded per item).
 PRELOAD_BYTES = 1 << 30
 
