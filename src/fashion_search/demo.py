@@ -142,13 +142,6 @@ def write_catalog_metadata(data_dir: Path, catalog: Path, out: Path, seed: int =
     return len(products)
 
 
-def by_changes_line(result: dict) -> str:
-    """'composed R@10 by attributes changed: 1 -> 85.6 (412 queries), ...' from an evaluate(group_by=...)."""
-    groups = result["modes"]["composed"]["average"].get("groups", {})
-    parts = [f"{g} -> {r['R@10']:.1f} ({r['queries']} queries)" for g, r in sorted(groups.items())]
-    return "composed R@10 by attributes changed: " + ", ".join(parts)
-
-
 def demo_config(directory: Path) -> TrainConfig:
     return TrainConfig(
         data=str(directory / "data"), out=str(directory / "run"), fusion="combiner", **DEMO_OVERRIDES
@@ -271,7 +264,7 @@ def run_demo(directory: Path, serve: bool = True, port: int = 8501, seed: int = 
 
     _stage("3/5 evaluation (Fashion-IQ protocol, val split)")
     from fashion_search.data.synthetic import changes_of
-    from fashion_search.evaluation.fashioniq import evaluate, format_table
+    from fashion_search.evaluation.fashioniq import by_changes_line, evaluate, format_table
 
     result = evaluate(model, data_dir, "val", workers=0, group_by=changes_of(data_dir))
     atomic_write_json(directory / "eval.json", result)

@@ -94,7 +94,7 @@ def _changes_if_synthetic(data: Path):
 
 
 def cmd_eval(args) -> int:
-    from fashion_search.evaluation.fashioniq import evaluate, format_table, rank_submission
+    from fashion_search.evaluation.fashioniq import by_changes_line, evaluate, format_table, rank_submission
 
     for output in (args.json, args.submission):  # checked before minutes of evaluation, not after
         if output:
@@ -123,8 +123,6 @@ def cmd_eval(args) -> int:
     )
     print(format_table(result))
     if "groups" in result["modes"]["composed"]["average"]:
-        from fashion_search.demo import by_changes_line
-
         print(by_changes_line(result))
     if args.json:
         atomic_write_json(Path(args.json), result)

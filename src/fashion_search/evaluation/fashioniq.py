@@ -237,6 +237,13 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def by_changes_line(result: dict) -> str:
+    """'composed R@10 by attributes changed: 1 -> 85.6 (412 queries), ...' from an evaluate(group_by=...)."""
+    groups = result["modes"]["composed"]["average"].get("groups", {})
+    parts = [f"{g} -> {r['R@10']:.1f} ({r['queries']} queries)" for g, r in sorted(groups.items())]
+    return "composed R@10 by attributes changed: " + ", ".join(parts)
+
+
 def rank_submission(
     model: RetrievalModel,
     data_root: str | Path,
