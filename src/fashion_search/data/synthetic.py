@@ -201,8 +201,13 @@ class TrainDesign:
             )
 
 
-# (split, size, minimum looks, most varying attributes, garments per look or None for the whole box)
-_Line = tuple[str, int, int, int, int | None]
+# (split, size, varying attributes, garments per look or None for the whole box of 2^varying)
+_Line = tuple[str, int, int, int | None]
+
+
+def _varying(size: int, min_looks: int, max_k: int) -> int:
+    # As many attributes as leave room for min_looks looks of the whole box.
+    return max(2, min(max_k, int(math.log2(size / min_looks))))
 
 
 def _line_sizes(
@@ -215,14 +220,16 @@ def _line_sizes(
     train = [n_train // n_lines + (i < n_train % n_lines) for i in range(n_lines)]
     # One line per val/test gallery: every garment in 12+ looks, 2 values per varying attribute, so a
     # caption alone fits many items (other looks) and the reference alone fits many (its copies, neighbours).
-    evaluation: list[_Line] = [(s, n_eval, _EVAL_MIN_LOOKS, _EVAL_MAX_VARYING, None) for s in SPLITS[1:]]
+    evaluation: list[_Line] = [
+        (s, n_eval, _varying(n_eval, _EVAL_MIN_LOOKS, _EVAL_MAX_VARYING), None) for s in SPLITS[1:]
+    ]
     if design.look_size is None and design.varying is None:
-        return [("train", s, _TRAIN_LOOKS, 5, None) for s in train] + evaluation
+        return [("train", s, _varying(s, _TRAIN_LOOKS, 5), None) for s in train] + evaluation
     lines: list[_Line] = []
     for size in train:
         look_size = min(size, design.look_size or 2 ** (design.varying or 4))
         varying = design.varying or max(2, min(5, math.ceil(math.log2(look_size))))
-        lines.append(("train", size, math.ceil(size / look_size), varying, look_size))
+        lines.append(("train", size, varying, look_size))
     return lines + evaluation
 
 
@@ -241,8 +248,7 @@ def _plan_items(
     specs.sort(key=lambda spec: spec[1] != "train")  # all train lines first (stable: categories interleave)
     seen: set[tuple[str, str]] = set()
     family = 0
-    for line, (category, split, size, min_looks, max_k, look_size) in enumerate(specs):
-        k = max(2, min(max_k, int(math.log2(size / min_looks)))) if look_size is None else max_k
+    for line, (category, split, size, k, look_size) in enumerate(specs):
         box = _box(rng, category, k, usage, None if split == "train" else seen)
         if split == "train":
             seen.update((a, x[a]) for x in box for a in ATTRIBUTES)
