@@ -148,14 +148,15 @@ class Screen:
         data = self.dataset(variant, seed)
         run = self.out / f"run-{variant}-d{seed}-t{train_seed}"
         log = self.out / f"{run.name}.log"
-        started = time.perf_counter()
         history_file = run / "history.json"
+        train_s = None  # a run finished earlier is reused, not timed
         if not (history_file.is_file() and json.loads(history_file.read_text()).get("finished")):
             cmd = [*_CLI, "train", "--config", str(self.config), "--data", str(data), "--out", str(run)]
             cmd += shlex.split(VARIANTS[variant][1]) + shlex.split(self.args.train_flags)
             cmd += ["--seed", str(train_seed), "--device", self.args.device, "--quiet"]
+            started = time.perf_counter()
             self._run(cmd, log)
-        train_s = time.perf_counter() - started
+            train_s = round(time.perf_counter() - started, 1)
         result_file = run / "eval.json"
         cmd = [*_CLI, "eval", "--data", str(data), "--checkpoint", str(run), "--split", "val"]
         self._run([*cmd, "--device", self.args.device, "--json", str(result_file), "--quiet"], log)
@@ -165,7 +166,7 @@ class Screen:
             "variant": variant,
             "data_seed": seed,
             "train_seed": train_seed,
-            "train_s": round(train_s, 1),
+            "train_s": train_s,
             "epochs_run": len(history["epochs"]),
             "best_epoch": history.get("best_epoch"),
         }
