@@ -168,3 +168,20 @@ def serve_cmd(index_dir: Path, port: int, *extra: str) -> list[str]:
         str(port),
     ]
     return cmd + list(extra)
+
+
+def open_page(monkeypatch, index: Path | str, timeout: float = 30):
+    """The Streamlit page on `index`, run once under Streamlit's AppTest.
+
+    AppTest installs the page as `sys.modules["__main__"]` and never puts the interpreter's back, so a
+    later multiprocessing spawn in this process (torch's `mp.spawn`) would run the page as its
+    children's main script: monkeypatch restores it when the test ends.
+    """
+    from streamlit.testing.v1 import AppTest
+
+    import fashion_search.service.ui_launch as ui_launch
+
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
+    monkeypatch.setenv("FASHION_SEARCH_INDEX", str(index))
+    page = Path(ui_launch.__file__).with_name("ui.py")
+    return AppTest.from_file(str(page), default_timeout=timeout).run()

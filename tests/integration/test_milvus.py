@@ -22,6 +22,7 @@ from test_cli_index import MODEL, cli  # noqa: E402
 from conftest import write_image  # noqa: E402
 from fashion_search import load_engine  # noqa: E402
 from fashion_search.index.store import load_version  # noqa: E402
+from service_fixtures import open_page  # noqa: E402
 
 BRANDS = ("Acme", "O'Neil", 'Say "hi"')  # quotes of both kinds must survive the trip into Milvus's filter
 BUILD = [*MODEL, "--workers", "0", "--quiet"]
@@ -309,17 +310,10 @@ def test_the_http_api_serves_a_milvus_index_as_it_serves_faiss(shop, engines):
 
 
 def test_the_web_page_searches_and_filters_a_milvus_index(shop, monkeypatch):
-    from pathlib import Path
-
-    from streamlit.testing.v1 import AppTest
-
-    import fashion_search.service.ui_launch as ui_launch
-
     base, _ = shop
     pages = {}
     for name in ("faiss", "milvus"):
-        monkeypatch.setenv("FASHION_SEARCH_INDEX", str(base / name))
-        at = AppTest.from_file(str(Path(ui_launch.__file__).with_name("ui.py")), default_timeout=60).run()
+        at = open_page(monkeypatch, base / name, timeout=60)
         at.text_input(key="text").input("a red garment").run()
         at.toggle(key="group").set_value(False).run()
         at.multiselect(key="flt_brand").set_value(["Acme", "O'Neil"]).run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from service_fixtures import (  # noqa: F401  (fixtures)
     empty_index,
     garment_image,
     make_catalog,
+    open_page,
     service_engine,
     service_index,
     shop_index,
@@ -27,8 +29,7 @@ UI = Path(ui_launch.__file__).with_name("ui.py")
 
 
 def page(monkeypatch, index: Path | str) -> AppTest:
-    monkeypatch.setenv("FASHION_SEARCH_INDEX", str(index))
-    at = AppTest.from_file(str(UI), default_timeout=30).run()
+    at = open_page(monkeypatch, index)
     assert not at.exception, [e.value for e in at.exception]
     return at
 
@@ -130,6 +131,14 @@ def test_upload_good_and_bad(app, service_engine):  # noqa: F811
     assert result_ids(app)[0] == "dress/item06.jpg" and scores(app)[0] == pytest.approx(1.0, abs=1e-3)
     app.button(key="clear_ref").click().run()
     assert app.session_state.ref is None and app.info
+
+
+def test_the_page_leaves_the_interpreters_main_module_in_place(service_index):  # noqa: F811
+    main = sys.modules["__main__"]
+    with pytest.MonkeyPatch.context() as mp:
+        page(mp, service_index)
+    # else a later multiprocessing spawn (torch's mp.spawn) re-runs the page as its children's main
+    assert sys.modules["__main__"] is main
 
 
 def test_empty_index_warns(monkeypatch, empty_index):  # noqa: F811
