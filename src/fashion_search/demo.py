@@ -18,9 +18,10 @@ from fashion_search.atomic import atomic_open, atomic_write_json
 from fashion_search.config import DEMO_OVERRIDES, TrainConfig
 from fashion_search.errors import FashionSearchError
 
-# Train images per category: twice 360 at the same number of steps (7 epochs against 14) lifts composed
-# R@10 by about 10 points (docs/TRAINING.md, "What limits the demo's score"): 72 looks of 15 garments
-# were too few to learn what a look is from.
+# Train images per category: 720 make train lines of 65+ garments, which vary all five attributes
+# within a look as val looks do (360 made lines of 60 varying four). At the same number of steps
+# (7 epochs against 14) that lifts composed R@10 by about 10 points (docs/TRAINING.md, "The train
+# split moves the score most").
 DEMO_TRAIN_IMAGES = 720
 # Val (and test) gallery per category: large enough that R@50 is not 100 by default and a seed's
 # R@10 is measured on 500 queries per category (Fashion-IQ's galleries hold 3,817-6,346 images).
